@@ -1,0 +1,61 @@
+"""The exceptions tempest raises.
+
+::
+
+    BaseException
+     ├── TaskTimeout            raised inside a task's thread when it outruns its limit
+     └── Exception
+          └── TempestError      base of the library's own errors
+               ├── ConfigurationError   a bad configure block, option or extra
+               ├── UnknownTask          a task name that no Task class registered
+               └── TooManyAbandoned     more stuck threads than ``max_abandoned``
+
+``TaskTimeout`` derives from ``BaseException`` on purpose: task code that says
+``except Exception`` must not swallow the engine's request to stop.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "TaskTimeout",
+    "TempestError",
+    "TooManyAbandoned",
+    "UnknownTask",
+]
+
+
+class TempestError(Exception):
+    """Base class of every error that tempest itself raises."""
+
+
+class ConfigurationError(TempestError):
+    """A configure block, an option value or an optional dependency is wrong.
+
+    Raised when the offending class is created, so a typo fails at import time
+    and not hours later in production. The message names the option and, for an
+    unknown one, the closest valid name.
+    """
+
+
+class UnknownTask(TempestError):
+    """No registered Task has the given name."""
+
+
+class TooManyAbandoned(TempestError):
+    """More task threads ignored their timeout than ``max_abandoned`` allows.
+
+    The engine drains and stops so that its supervisor (systemd, a container
+    runtime) can start a clean process: threads stuck in C code cannot be
+    killed from inside Python.
+    """
+
+
+class TaskTimeout(BaseException):
+    """Raised inside a task's thread when ``process`` outruns its timeout.
+
+    A ``BaseException``, so ``except Exception`` in task code does not swallow it.
+    """
+
+    def __str__(self) -> str:
+        return super().__str__() or "the task outran its timeout"

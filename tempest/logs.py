@@ -1,0 +1,373 @@
+"""The main log and the task log.
+
+Each engine writes two files in its ``log_dir``: ``<name>.log`` (the main log:
+start-up, one line per outcome, stats, stop) and ``<name>.task.log`` (what the
+tasks themselves logged, every line, traceback lines included, starting with
+the task id so that ``grep <task_id>`` tells one task's story).
+
+Lines are rendered in the thread that logs them and handed to one writer
+thread per file, which does the I/O in batches. Rendering in the caller keeps
+the line's content exact (its timestamp, the exception being handled); moving
+the I/O out of the worker threads keeps a slow disk, or many threads logging
+at once, from serialising the pool on a file lock.
+
+Records that code running inside a task sends to the standard ``logging``
+module land in the task log too. tempest does this by wrapping the log record
+factory (``logging.setLogRecordFactory``) while an engine runs, *not* by adding
+a handler to the root logger: the root logger's level and handlers, each
+logger's propagation and ``logging.lastResort`` all stay exactly as the
+application set them, and loggers with ``propagate = False`` are captured too.
+Only records that pass their logger's level are created, hence captured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+__all__ = ["LogFile", "Logs", "current_task", "task_scope"]
+
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+           "ERROR": logging.ERROR}
+
+_CLOSE = object()
+_REOPEN = object()
+
+
+class LogFile:
+    """An append-only text file written by a thread of its own.
+
+    ``write`` only queues the line; ``reopen`` makes the writer close and
+    reopen the path (after logrotate renamed the file); ``flush`` waits until
+    every line queued before it is on disk.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.errors = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._file = self._open()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._write_loop, name=f"tempest-log:{path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _open(self) -> Any:
+        return open(self.path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+
+    def write(self, text: str) -> None:
+        """Queue *text* (one or more whole lines, newline-terminated)."""
+        # After close() the writer is gone: a late line (from a thread that
+        # outlived the engine) is dropped rather than queued forever.
+        if not self._closed:
+            self._queue.put(text)
+
+    def reopen(self) -> None:
+        """Reopen the file by its path once the lines queued so far are written."""
+        self._queue.put(_REOPEN)
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Wait until every line queued so far is written; False on timeout."""
+        if self._closed:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Write what is queued, close the file and end the writer thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_CLOSE)
+        self._thread.join(timeout)
+
+    def _write_loop(self) -> None:
+        get_nowait = self._queue.get_nowait
+        while True:
+            item = self._queue.get()
+            batch: list[str] = []
+            while True:
+                if isinstance(item, str):
+                    batch.append(item)
+                else:
+                    self._write(batch)
+                    batch = []
+                    if item is _CLOSE:
+                        self._file.close()
+                        return
+                    if item is _REOPEN:
+                        self._reopen()
+                    elif isinstance(item, threading.Event):
+                        item.set()
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+            self._write(batch)
+
+    def _write(self, batch: list[str]) -> None:
+        if not batch:
+            return
+        try:
+            self._file.write("".join(batch))
+            self._file.flush()
+        except (OSError, ValueError) as exc:  # disk full, file closed under us
+            self.errors += 1
+            if self.errors == 1:
+                print(f"tempest: cannot write {self.path}: {exc}", file=sys.stderr)
+
+    def _reopen(self) -> None:
+        try:
+            new = self._open()
+        except OSError as exc:
+            self.errors += 1
+            print(f"tempest: cannot reopen {self.path}: {exc}", file=sys.stderr)
+            return
+        old, self._file = self._file, new
+        try:
+            old.close()
+        except OSError:
+            pass
+
+
+# -- rendering ----------------------------------------------------------------
+
+_ts_cache: list[Any] = [-1, ""]
+
+
+def _timestamp(now: float) -> str:
+    """ISO 8601 UTC with microseconds; the seconds part is cached."""
+    second = int(now)
+    if second != _ts_cache[0]:
+        _ts_cache[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_ts_cache[1]}.{int((now - second) * 1_000_000):06d}Z"
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str):
+        if value and not any(c in value for c in ' "=\n\t\\') and value.isprintable():
+            return value
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return f"{value:.6f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    try:
+        return json.dumps(value, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError):
+        return json.dumps(repr(value), ensure_ascii=False)
+
+
+def _exc_text(exc_info: Any) -> str:
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if not exc_info or exc_info[0] is None:
+        return ""
+    return "".join(traceback.format_exception(*exc_info)).rstrip("\n")
+
+
+def render_text(event_dict: dict[str, Any], prefix: str = "") -> str:
+    """``[prefix ]<timestamp> <LEVEL> <event> key=value ...`` plus traceback lines."""
+    ts = event_dict.pop("timestamp")
+    level = event_dict.pop("level").upper()
+    event = str(event_dict.pop("event", ""))
+    exc = _exc_text(event_dict.pop("exc_info", None))
+    parts = [f"{prefix}{ts} {level:<7} {event}"]
+    parts.extend(f"{k}={_text_value(v)}" for k, v in event_dict.items())
+    line = " ".join(parts).replace("\n", "\\n") + "\n"
+    if exc:
+        line += "".join(f"{prefix}{tb_line}\n" for tb_line in exc.split("\n"))
+    return line
+
+
+def render_json(event_dict: dict[str, Any]) -> str:
+    """One JSON object; a traceback goes under the ``exception`` key."""
+    exc = _exc_text(event_dict.pop("exc_info", None))
+    if exc:
+        event_dict["exception"] = exc
+    return json.dumps(event_dict, ensure_ascii=False, default=repr) + "\n"
+
+
+class _Sink:
+    """The structlog "logger" at the end of the chain: writes a rendered line."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write = write
+
+    def msg(self, line: str) -> None:
+        self.write(line)
+
+    debug = info = warning = warn = error = err = critical = exception = msg
+
+
+def _add_meta(_logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict["timestamp"] = _timestamp(time.time())
+    event_dict["level"] = "warning" if method == "warn" else method
+    return event_dict
+
+
+def _text_main(_logger: Any, _method: str, event_dict: dict[str, Any]) -> str:
+    return render_text(event_dict)
+
+
+def _text_task(_logger: Any, _method: str, event_dict: dict[str, Any]) -> str:
+    return render_text(event_dict, f"{event_dict.pop('task_id', None)} ")
+
+
+def _json(_logger: Any, _method: str, event_dict: dict[str, Any]) -> str:
+    return render_json(event_dict)
+
+
+def _ordered(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    # JSON lines read best as timestamp, level, event, then the fields.
+    head = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
+    head.update(event_dict)
+    return head
+
+
+# -- the engine's two logs --------------------------------------------------------
+
+
+class Logs:
+    """The main log and the task log of one running engine."""
+
+    def __init__(self, name: str, directory: Path, level: str, fmt: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.level = _LEVELS[level]
+        self.main_file = LogFile(directory / f"{name}.log")
+        self.task_file = LogFile(directory / f"{name}.task.log")
+        main_render = _text_main if fmt == "text" else _json
+        task_render = _text_task if fmt == "text" else _json
+        main_chain = [_add_meta, main_render] if fmt == "text" else [
+            _add_meta, _ordered, main_render]
+        task_chain = [_add_meta, task_render] if fmt == "text" else [
+            _add_meta, _ordered, task_render]
+        self._task_chain = task_chain
+        self._task_sink = _Sink(self.task_file.write)
+        self._task_cls = structlog.make_filtering_bound_logger(self.level)
+        self.main = structlog.make_filtering_bound_logger(self.level)(
+            _Sink(self.main_file.write), main_chain, {}
+        )
+        """Main-log logger, filtered at the engine's log_level."""
+        self.always = structlog.make_filtering_bound_logger(logging.DEBUG)(
+            _Sink(self.main_file.write), main_chain, {}
+        )
+        """Main-log logger for start-up and stop lines, written at any log_level."""
+        self._capture_renderer = task_render
+        self._capture_chain_head = task_chain[:-1]
+
+    def enabled(self, level: int) -> bool:
+        """Whether lines at *level* are written."""
+        return level >= self.level
+
+    def task_logger(self, task_id: str | None) -> Any:
+        """A structlog logger whose lines go to the task log, prefixed with *task_id*."""
+        return self._task_cls(self._task_sink, self._task_chain, {"task_id": task_id})
+
+    def capture(self, record: logging.LogRecord, task_id: str) -> None:
+        """Write a standard-library log record to the task log."""
+        if record.levelno < self.level:
+            return
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad %-format must not break the task
+            message = f"{record.msg!r} % {record.args!r}"
+        event_dict: dict[str, Any] = {
+            "task_id": task_id,
+            "timestamp": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "event": message,
+            "logger": record.name,
+        }
+        if record.exc_info:
+            event_dict["exc_info"] = record.exc_info
+        if self._capture_chain_head[-1] is _ordered:
+            event_dict = _ordered(None, "", event_dict)
+        self.task_file.write(self._capture_renderer(None, "", event_dict))
+
+    def reopen(self) -> None:
+        """Reopen both files by path (after logrotate renamed them)."""
+        self.main_file.reopen()
+        self.task_file.reopen()
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Wait until every line logged so far is written to both files."""
+        return self.main_file.flush(timeout) and self.task_file.flush(timeout)
+
+    def close(self) -> None:
+        """Write what is queued and close both files."""
+        self.main_file.close()
+        self.task_file.close()
+
+
+# -- capturing the logging module -----------------------------------------------
+
+_local = threading.local()
+_capture_lock = threading.Lock()
+_capture_users = 0
+_previous_factory: Callable[..., logging.LogRecord] | None = None
+
+
+def _capturing_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    assert _previous_factory is not None
+    record = _previous_factory(*args, **kwargs)
+    scope = getattr(_local, "scope", None)
+    if scope is not None:
+        scope[0].capture(record, scope[1])
+    return record
+
+
+def install_capture() -> None:
+    """Start sending task threads' logging records to their task log."""
+    global _capture_users, _previous_factory
+    with _capture_lock:
+        _capture_users += 1
+        if logging.getLogRecordFactory() is not _capturing_factory:
+            _previous_factory = logging.getLogRecordFactory()
+            logging.setLogRecordFactory(_capturing_factory)
+
+
+def uninstall_capture() -> None:
+    """Undo one install_capture; the last one restores the previous factory."""
+    global _capture_users
+    with _capture_lock:
+        _capture_users -= 1
+        # If someone wrapped our factory since, leave it: unwrapping would drop
+        # theirs. With no scope set, ours merely passes records through.
+        if _capture_users == 0 and logging.getLogRecordFactory() is _capturing_factory:
+            assert _previous_factory is not None
+            logging.setLogRecordFactory(_previous_factory)
+
+
+def task_scope(logs: Logs | None, task_id: str | None = None) -> None:
+    """Mark the calling thread as running *task_id* (None: running no task)."""
+    _local.scope = None if logs is None else (logs, task_id)
+
+
+def current_task() -> str | None:
+    """The id of the task the calling thread is running, if any."""
+    scope = getattr(_local, "scope", None)
+    return None if scope is None else scope[1]
+
+
+def log_path(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    """The main log's and the task log's paths for engine *name* in *directory*."""
+    base = Path(directory)
+    return base / f"{name}.log", base / f"{name}.task.log"

@@ -1,0 +1,80 @@
+"""Messages: ``[task_id, task_name, *args]``, their ids and their checks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+from tempest.exceptions import UnknownTask
+from tempest.task import Task, lookup
+
+__all__ = ["BadMessage", "encode", "new_task_id", "parse"]
+
+
+def new_task_id() -> str:
+    """A new task id: 12 characters of base32, 60 random bits.
+
+    Random rather than sequential so that producers in many processes and on
+    many machines never coordinate; 60 bits keeps a collision unlikely across
+    billions of ids while the id stays short enough to type into grep.
+    """
+    return base64.b32encode(os.urandom(8)).decode("ascii")[:12].lower()
+
+
+class BadMessage(Exception):
+    """A message that cannot be run. ``reason`` is a short CamelCase word."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def encode(task_id: str, name: str, args: tuple[Any, ...]) -> str:
+    """The message as JSON; TypeError naming the first argument that isn't JSON."""
+    message = [task_id, name, *args]
+    try:
+        return json.dumps(message, allow_nan=False)
+    except (TypeError, ValueError):
+        pass
+    for index, arg in enumerate(args):
+        try:
+            json.dumps(arg, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"argument {index} of {name} ({type(arg).__name__}: {arg!r:.80}) is not "
+                f"JSON-serializable: {exc}. Messages must be JSON (str, int, float, bool, "
+                f"None, list, dict with str keys); pass an id and load the object in the task."
+            ) from None
+    raise TypeError(f"the message for {name} is not JSON-serializable")  # pragma: no cover
+
+
+def parse(raw: Any) -> tuple[str | None, type[Task], tuple[Any, ...]]:
+    """Check a dequeued message; return its id (None: assign one), class and args.
+
+    Raises BadMessage with the reason the engine logs and passes to ``reject``.
+    """
+    if isinstance(raw, (str, bytes, bytearray)):
+        raise BadMessage("Undecodable", "the queue could not decode this message")
+    if not isinstance(raw, (list, tuple)):
+        raise BadMessage("NotAList", f"a message is a list, not {type(raw).__name__}")
+    if len(raw) < 2:
+        raise BadMessage("TooShort", "a message is [task_id, task_name, *args]")
+    task_id, name = raw[0], raw[1]
+    if task_id is not None and (not isinstance(task_id, str) or not task_id):
+        raise BadMessage("BadTaskId", f"the task id must be a non-empty string or null, "
+                                      f"not {task_id!r}")
+    if not isinstance(name, str):
+        raise BadMessage("UnknownTask", f"the task name must be a string, not {name!r}")
+    try:
+        cls = lookup(name)
+    except UnknownTask as exc:
+        raise BadMessage("UnknownTask", str(exc)) from None
+    args = tuple(raw[2:])
+    try:
+        cls.check_args(args)
+    except TypeError as exc:
+        raise BadMessage("BadArguments", f"{name}.process{cls._signature}: {exc}") from None
+    return task_id, cls, args

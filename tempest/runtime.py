@@ -1,0 +1,473 @@
+"""One run of an engine: its threads, its counters, its logs.
+
+Dispatch: leader and followers
+------------------------------
+Worker threads take turns at the queue: the one holding ``_dequeue_lock``
+(the leader) dequeues, counts the message as running while it still holds
+the lock, releases it and runs the message itself; the free workers wait for
+the lock. So
+
+- a message is dequeued only when a worker is free to run it (no prefetch:
+  waiting messages stay where other engines can take them);
+- there is no hand-off between a dispatcher and a worker;
+- one dequeue at a time reaches the queue, so an outage is retried with one
+  shared backoff, and a queue without a blocking ``dequeue`` is polled by one
+  thread with one backoff;
+- ``burst`` can tell "drained" exactly: the leader saw ``running == 0`` before
+  a dequeue that came back empty, and no one else could have taken a message
+  meanwhile because only the leader dequeues.
+
+Where a message can be lost or run twice
+----------------------------------------
+Between ``dequeue`` returning and the outcome: a crash there loses the message
+on an at-most-once queue and redelivers it on a queue with ``ack``. The ack is
+sent after the outcome is logged and the callbacks ran, so a crash in between
+runs the task again (at-least-once, never at-most-once, where the queue acks).
+A task still running when a drain ends is *interrupted*: not acked, given back
+(``requeue`` where the queue has it, else left for the queue's redelivery, or
+for a queue with neither re-enqueued), so at worst it runs twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tempest import config
+from tempest.exceptions import ConfigurationError, TaskTimeout, TooManyAbandoned
+from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
+from tempest.messages import BadMessage, new_task_id, parse
+from tempest.pool import ABANDONED, INTERRUPTED, TIMEOUT, WORKER, Slot, Supervisor
+from tempest.task import UNSET, Task
+
+if TYPE_CHECKING:
+    from tempest.engine import Engine
+
+__all__ = ["Runtime"]
+
+DEQUEUE_WAIT = 0.25
+"""Seconds one blocking dequeue waits before the leader looks for a stop request."""
+
+POLL_MIN, POLL_MAX = 0.001, 0.5
+"""Backoff between polls of a queue whose dequeue cannot block (doubles while empty)."""
+
+ERROR_MIN, ERROR_MAX = 0.1, 5.0
+"""Backoff after a dequeue raised (doubles per consecutive failure)."""
+
+ABANDON_GRACE = 1.0
+"""Seconds after its deadline a task's thread has to unwind before it is abandoned."""
+
+
+def _accepts_timeout(dequeue: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(dequeue).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "timeout" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Runtime:
+    """The state of one started engine; made by Engine.run/start, used once."""
+
+    def __init__(self, engine: type[Engine], *, burst: bool,
+                 overrides: dict[str, Any] | None = None) -> None:
+        self.engine = engine
+        options = dict(engine._options)
+        if overrides:
+            options.update(config.read_block(
+                engine.__name__, type("overrides", (), overrides), engine._OPTIONS, options))
+        self.options = options
+        self.name: str = options["name"]
+        self.threads: int = options["threads"]
+        self.queue = options["queue"]
+        self.default_timeout: float | None = options["timeout"]
+        self.burst = burst
+        self.wake: Callable[[], None] = lambda: None
+        """Set by the engine's loop: wakes it to look at the state."""
+
+        self.logs: Logs = None  # type: ignore[assignment]  # set in start()
+        self._dequeue = self.queue.dequeue
+        self._blocking = _accepts_timeout(self._dequeue)
+        self._ack = getattr(self.queue, "ack", None)
+        self._reject_to = getattr(self.queue, "reject", None)
+        self.guarantee = "at-least-once" if callable(self._ack) else "at-most-once"
+
+        # Lock order: a Slot's lock may be held while taking _lock (the timeout
+        # is counted under the slot lock), never the other way round.
+        self._lock = threading.Lock()  # counters, slots, closed
+        self._dequeue_lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self._poll = POLL_MIN
+        self._errors = 0
+        self.stopping = False
+        self.stop_reason = ""
+        self.immediate = False
+        self.closed = False
+        self.error: BaseException | None = None
+
+        self.started_at = time.monotonic()
+        self.last_progress = self.started_at
+        self.processed = self.succeeded = self.failed = self.timed_out = 0
+        self.rejected = self.running = self.abandoned = 0
+        self.slots: list[Slot] = []
+        self.supervisor = Supervisor(self._on_timeout, self._on_abandon, ABANDON_GRACE)
+
+    # -- start and stop ------------------------------------------------------------
+
+    def start(self) -> None:
+        """before_initialize, open the logs, after_initialize, start the threads.
+
+        An exception from a hook or a bad callable option propagates to the
+        caller of run()/start() after whatever was opened is closed again.
+        """
+        options = self.options
+        if options["before_initialize"] is not None:
+            options["before_initialize"](self.engine)
+        log_dir = options["log_dir"]
+        level = options["log_level"]
+        try:
+            log_dir = log_dir() if callable(log_dir) else log_dir
+            config.log_dir(log_dir)
+            level = config.log_level(level() if callable(level) else level)
+            if callable(level):
+                raise ConfigurationError(f"returned a callable: {level!r}")
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{self.engine.__name__}.configure: {exc}") from None
+        self.logs = Logs(self.name, Path(os.fspath(log_dir)), str(level),
+                         options["log_format"])
+        install_capture()
+        try:
+            self.logs.always.info(
+                "starting", engine=self.name, pid=os.getpid(), threads=self.threads,
+                queue=type(self.queue).__name__, guarantee=self.guarantee,
+                timeout=self.default_timeout, burst=self.burst,
+                log_dir=str(Path(os.fspath(log_dir)).resolve()), log_level=level)
+            if options["after_initialize"] is not None:
+                options["after_initialize"](self.engine)
+        except BaseException as exc:
+            self.logs.always.error("start-up failed", error=_describe(exc), exc_info=exc)
+            self.finish()
+            raise
+        self.started_at = self.last_progress = time.monotonic()
+        self.logs.always.info("started", engine=self.name, threads=self.threads,
+                              queue=type(self.queue).__name__, guarantee=self.guarantee)
+        self.supervisor.start()
+        for _ in range(self.threads):
+            self._spawn(Slot())
+
+    def request_stop(self, reason: str, *, immediate: bool = False,
+                     error: BaseException | None = None) -> None:
+        """Stop dequeuing; *immediate*: do not wait for running tasks."""
+        with self._lock:
+            if error is not None and self.error is None:
+                self.error = error
+            if not self.stopping:
+                self.stopping = True
+                self.stop_reason = reason
+            if immediate:
+                self.immediate = True
+        self._stop_event.set()
+        self.wake()
+
+    def workers_done(self) -> bool:
+        """True once every worker thread (abandoned ones aside) has exited."""
+        with self._lock:
+            return all(not s.thread.is_alive() for s in self.slots if s.thread is not None)
+
+    def finish(self) -> None:
+        """End of the drain: interrupt what still runs, write the last lines, close."""
+        with self._lock:
+            self.closed = True
+            slots = list(self.slots)
+        for slot in slots:
+            taken = slot.interrupt()
+            if taken is not None:
+                self._interrupted(*taken)
+        self.supervisor.stop()
+        logs = self.logs
+        if logs is not None:
+            logs.always.info("stopped", engine=self.name, reason=self.stop_reason or None,
+                             **self.stats())
+            uninstall_capture()
+            logs.close()
+
+    def _is_closed(self) -> bool:
+        return self.closed
+
+    # -- worker threads --------------------------------------------------------------
+
+    def _spawn(self, slot: Slot) -> None:
+        thread = threading.Thread(target=self._work, args=(slot,), daemon=True,
+                                  name=f"tempest-worker:{self.name}")
+        slot.thread = thread
+        with self._lock:
+            self.slots.append(slot)
+        thread.start()
+
+    def _work(self, slot: Slot) -> None:
+        slot.ident = threading.get_ident()
+        try:
+            if slot.handover is not None:
+                task, message = slot.handover
+                slot.handover = None
+                self._after_timeout(task, message)
+            while True:
+                message = self._next_message()
+                if message is None:
+                    return
+                claim = self._handle(slot, message)
+                if claim in (ABANDONED, INTERRUPTED):
+                    return  # the replacement thread or the drain took over
+        except BaseException as exc:  # noqa: BLE001 - a bug of ours must not pass silently
+            self.logs.always.critical("worker crashed", error=_describe(exc), exc_info=exc)
+            self.request_stop("a worker crashed", error=exc)
+        finally:
+            task_scope(None)
+            if self.stopping:
+                self.wake()
+
+    def _next_message(self) -> Any:
+        """Dequeue as the leader; None once stopping (see the module docstring)."""
+        with self._dequeue_lock:
+            while not self.stopping:
+                self.last_progress = time.monotonic()
+                idle = self.running == 0
+                try:
+                    if self._blocking:
+                        message = self._dequeue(timeout=0 if self.burst and idle
+                                                else DEQUEUE_WAIT)
+                    else:
+                        message = self._dequeue()
+                except Exception as exc:  # noqa: BLE001 - any queue error is retried
+                    self._errors += 1
+                    delay = min(ERROR_MIN * 2 ** (self._errors - 1), ERROR_MAX)
+                    self.logs.main.error("dequeue failed", error=_describe(exc),
+                                         attempt=self._errors, retry_in=delay)
+                    self._stop_event.wait(delay)
+                    continue
+                if self._errors:
+                    self.logs.main.info("dequeue recovered", attempts=self._errors)
+                    self._errors = 0
+                if message is None:
+                    if self.burst and idle:
+                        self.request_stop("drained")
+                        return None
+                    if not self._blocking:
+                        self._stop_event.wait(self._poll)
+                        self._poll = min(self._poll * 2, POLL_MAX)
+                    continue
+                self._poll = POLL_MIN
+                with self._lock:
+                    self.running += 1
+                return message
+        return None
+
+    def _handle(self, slot: Slot, message: Any) -> str:
+        """Run one message in this worker; return who claimed its outcome."""
+        try:
+            task_id, cls, args = parse(message)
+        except BadMessage as bad:
+            self._reject(message, bad.reason, bad.detail)
+            return WORKER
+        task = cls.__new__(cls)
+        task.task_id = task_id or new_task_id()
+        task.args = args
+        task.engine = self.engine
+        task._logs = self.logs
+        timeout = self.default_timeout if cls.timeout is UNSET else cls.timeout
+        run = slot.begin(task, message, timeout, self._is_closed)
+        if run is None:  # the drain ended between dequeue and start
+            self._give_back(message)
+            self._done()
+            return INTERRUPTED
+        if slot.deadline is not None:
+            self.supervisor.watch(slot, run, slot.deadline)
+        task_scope(self.logs, task.task_id)
+        if self.logs.enabled(10):
+            task.task_logger.debug("started", task=cls.task_name, args=list(args))
+        started = time.perf_counter()
+        try:
+            try:
+                task.__init__()
+                result, error = task.process(*args), None
+            except BaseException as exc:  # noqa: BLE001 - every outcome is reported
+                result, error = None, exc
+            claim = slot.settle()
+        except TaskTimeout as late:  # injected, fired after process had ended
+            result, error = None, late
+            claim = slot.settle()
+        duration = time.perf_counter() - started
+        if claim == WORKER:
+            self._finish(task, message, result, error, duration)
+        elif claim == TIMEOUT:
+            self._after_timeout(task, message)
+        task_scope(None)
+        return claim
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def _finish(self, task: Task, message: Any, result: Any, error: BaseException | None,
+                duration: float) -> None:
+        name = task.task_name
+        if error is None:
+            self._count("succeeded")
+            self.logs.main.info("task ended", task_id=task.task_id, task=name,
+                                outcome="success", duration=round(duration, 6))
+            self._callback(task, "after_success", result)
+        else:
+            self._count("failed")
+            self.logs.main.error("task ended", task_id=task.task_id, task=name,
+                                 outcome="failure", duration=round(duration, 6),
+                                 error=_describe(error))
+            task.task_logger.error("failed", error=_describe(error), exc_info=error)
+            self._callback(task, "after_failure", error)
+        self._acknowledge(task.task_id, message)
+        self._done()
+
+    def _on_timeout(self, slot: Slot) -> None:
+        """Supervisor thread, under the slot lock: log the timeout outcome."""
+        task = slot.task
+        limit = None if slot.deadline is None else round(slot.deadline - slot.started, 6)
+        self._count("timed_out")
+        self.logs.main.warning("task ended", task_id=task.task_id, task=task.task_name,
+                               outcome="timeout", duration=round(time.monotonic() - slot.started, 6),
+                               timeout=limit)
+        task.task_logger.warning("timed out", timeout=limit)
+
+    def _after_timeout(self, task: Task, message: Any) -> None:
+        task_scope(self.logs, task.task_id)
+        self._callback(task, "after_timeout")
+        self._acknowledge(task.task_id, message)
+        self._done()
+
+    def _on_abandon(self, slot: Slot, task: Task, message: Any) -> None:
+        """Supervisor thread: *slot*'s thread ignored its TaskTimeout."""
+        limit = self.options["max_abandoned"]
+        with self._lock:
+            self.abandoned += 1
+            count = self.abandoned
+            self.slots.remove(slot)
+        self.logs.main.error(
+            "thread abandoned", task_id=task.task_id, task=task.task_name,
+            thread=slot.thread.name if slot.thread else None, abandoned=count,
+            max_abandoned=limit,
+            hint="the task is blocked in C code or a system call; give it a timeout of its own")
+        if count > limit:
+            self.request_stop("too many abandoned threads", error=TooManyAbandoned(
+                f"{count} task threads ignored their timeout (max_abandoned={limit}); "
+                f"restart the process to get rid of them"))
+        replacement = Slot()
+        replacement.handover = (task, message)
+        self._spawn(replacement)
+
+    def _interrupted(self, previous: str | None, task: Task, message: Any,
+                     started: float) -> None:
+        """The drain ended while *task* still ran."""
+        duration = round(time.monotonic() - started, 6)
+        if previous == TIMEOUT:
+            # Timed out and logged, but its thread never unwound: its outcome is
+            # final, so it is acked; after_timeout runs here, in the stopping thread.
+            self.logs.main.error("thread abandoned", task_id=task.task_id,
+                                 task=task.task_name, during="drain")
+            self._after_timeout(task, message)
+            return
+        self.logs.always.warning("interrupted", task_id=task.task_id, task=task.task_name,
+                                 duration=duration, redelivery=self._give_back(message))
+        self._done()
+
+    def _reject(self, message: Any, reason: str, detail: str) -> None:
+        self._count("rejected")
+        self.logs.main.error("rejected", reason=reason, detail=detail, message=repr(message))
+        if callable(self._reject_to):
+            try:
+                self._reject_to(message, reason)
+            except Exception as exc:  # noqa: BLE001
+                self.logs.main.error("reject failed", reason=reason, error=_describe(exc),
+                                     message=repr(message))
+        self._done()
+
+    def _give_back(self, message: Any) -> str:
+        """Return an unstarted or interrupted message to the queue; say how."""
+        requeue = getattr(self.queue, "requeue", None)
+        try:
+            if callable(requeue):
+                requeue(message)
+                return "requeued"
+            if callable(self._ack):
+                return "after the queue's lease"
+            self.queue.enqueue(list(message))
+            return "enqueued again"
+        except Exception as exc:  # noqa: BLE001
+            self.logs.always.error("give back failed", error=_describe(exc),
+                                   message=repr(message))
+            return "failed"
+
+    def _acknowledge(self, task_id: str, message: Any) -> None:
+        if callable(self._ack):
+            try:
+                self._ack(message)
+            except Exception as exc:  # noqa: BLE001
+                self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
+
+    def _callback(self, task: Task, which: str, *args: Any) -> None:
+        """The task's own callback, then the engine-wide one; failures are logged."""
+        engine_cb = self.options[which]
+        for label, fn, fn_args in (
+            (f"{task.task_name}.{which}", getattr(task, which), args),
+            (f"{self.engine.__name__}.configure.{which}", engine_cb, (task, *args)),
+        ):
+            if fn is None:
+                continue
+            try:
+                fn(*fn_args)
+            except BaseException as exc:  # noqa: BLE001 - a callback never stops the engine
+                self.logs.main.error("callback failed", task_id=task.task_id,
+                                     task=task.task_name, callback=label,
+                                     error=_describe(exc))
+                task.task_logger.error("callback failed", callback=label, exc_info=exc)
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+            if outcome != "rejected":
+                self.processed += 1
+
+    def _done(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+    def healthy(self, now: float, limit: float) -> bool:
+        """Whether the dispatcher made progress within *limit* seconds.
+
+        Every worker busy with a task counts as progress: nobody needs to dequeue.
+        """
+        return now - self.last_progress < limit or self.running >= self.threads
+
+    # -- stats ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The counters; see Engine.stats."""
+        with self._lock:
+            stats: dict[str, Any] = {
+                "processed": self.processed, "succeeded": self.succeeded,
+                "failed": self.failed, "timed_out": self.timed_out,
+                "rejected": self.rejected, "running": self.running,
+                "threads": self.threads, "abandoned": self.abandoned,
+                "uptime": round(time.monotonic() - self.started_at, 3),
+            }
+        if hasattr(type(self.queue), "__len__"):
+            try:
+                stats["queued"] = len(self.queue)
+            except Exception:  # noqa: BLE001 - stats must not fail on a flaky queue
+                stats["queued"] = None
+        return stats

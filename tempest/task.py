@@ -1,0 +1,156 @@
+"""Task: the unit of work, and the registry that maps names to Task classes.
+
+A message names its task by a string. That string is resolved *only* through
+the registry filled by defining Task subclasses, so a message can never import
+or instantiate anything that is not a registered Task.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import structlog
+
+from tempest import config
+from tempest.exceptions import ConfigurationError, UnknownTask
+
+if TYPE_CHECKING:
+    from tempest.engine import Engine
+    from tempest.logs import Logs
+
+__all__ = ["Task", "lookup"]
+
+
+class _Unset:
+    """The engine's default timeout applies (distinct from None: no limit)."""
+
+    def __repr__(self) -> str:
+        return "<engine default>"
+
+
+UNSET: Any = _Unset()
+
+_OPTIONS = {
+    "name": config.Option("name", None, config.task_name, inherited=False),
+    "timeout": config.Option(
+        "timeout",
+        UNSET,
+        lambda v: UNSET if v is UNSET else config.seconds_or_none(v),
+    ),
+}
+
+_registry: dict[str, type[Task]] = {}
+_registry_lock = threading.Lock()
+
+
+def lookup(name: str) -> type[Task]:
+    """Return the Task class registered under *name*, or raise UnknownTask."""
+    try:
+        return _registry[name]
+    except (KeyError, TypeError):
+        raise UnknownTask(f"no Task class is registered under the name {name!r}") from None
+
+
+class Task:
+    """Base class of tasks: subclass it and define ``process``.
+
+    Defining a subclass registers it under its name (the class name, or the
+    ``name`` option of its configure block). A fresh instance handles each
+    message; inside ``process`` and the callbacks these are set:
+
+    - ``self.task_id``: the message's id (a str);
+    - ``self.args``: the message's arguments (a tuple);
+    - ``self.engine``: the Engine class running the task;
+    - ``self.task_logger``: a structlog logger writing to the task log, every
+      line prefixed with the task id.
+
+    Options of the ``class configure:`` block: ``name`` (default: the class
+    name) and ``timeout`` (seconds, overriding the engine's default; ``None``
+    means no limit even where the engine sets one).
+    """
+
+    task_name: ClassVar[str]
+    """The name under which the class is registered and that messages carry."""
+
+    timeout: ClassVar[float | None]
+    """Resolved timeout option (UNSET: the engine's default applies)."""
+
+    task_id: str
+    args: tuple[Any, ...]
+    engine: type[Engine]
+
+    _options: ClassVar[dict[str, Any]] = {}
+    _signature: ClassVar[inspect.Signature | None] = None
+    _logs: Logs | None = None
+    _task_logger: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        block = cls.__dict__.get("configure")
+        options = config.read_block(cls.__qualname__, block, _OPTIONS, cls._options)
+        cls._options = options
+        cls.task_name = options["name"] or cls.__name__
+        cls.timeout = options["timeout"]
+        try:
+            cls._signature = inspect.signature(cls.process)
+        except (TypeError, ValueError):  # a builtin without a signature: accept anything
+            cls._signature = None
+        _register(cls)
+
+    @property
+    def task_logger(self) -> Any:
+        """A structlog logger bound to this task's id, writing to the task log.
+
+        Outside a running engine (a unit test calling ``process`` directly) it
+        is structlog's default logger with the same ``task_id`` binding.
+        """
+        if self._task_logger is None:
+            task_id = getattr(self, "task_id", None)
+            if self._logs is not None:
+                self._task_logger = self._logs.task_logger(task_id)
+            else:
+                self._task_logger = structlog.get_logger("tempest.task").bind(
+                    task_id=task_id
+                )
+        return self._task_logger
+
+    @classmethod
+    def check_args(cls, args: tuple[Any, ...]) -> None:
+        """Raise TypeError if ``process`` cannot be called with *args*."""
+        if cls._signature is not None:
+            cls._signature.bind(None, *args)
+
+    def process(self, *args: Any) -> Any:
+        """Do the work. Called with the message's arguments; return a result."""
+        raise NotImplementedError(f"{type(self).__name__} must define process()")
+
+    def after_success(self, result: Any) -> None:
+        """Called after ``process`` returned *result*. Does nothing by default."""
+
+    def after_failure(self, exc: BaseException) -> None:
+        """Called after ``process`` raised *exc*. Does nothing by default."""
+
+    def after_timeout(self) -> None:
+        """Called after ``process`` outran its timeout. Does nothing by default."""
+
+
+def _register(cls: type[Task]) -> None:
+    name = cls.task_name
+    with _registry_lock:
+        existing = _registry.get(name)
+        # Re-running a class statement (a module reloaded, or the same test
+        # defining its task twice) replaces the entry; a *different* class
+        # claiming the name is a configuration error.
+        if existing is not None and (
+            existing.__module__,
+            existing.__qualname__,
+        ) != (cls.__module__, cls.__qualname__):
+            raise ConfigurationError(
+                f"two Task classes are named {name!r}: "
+                f"{existing.__module__}.{existing.__qualname__} and "
+                f"{cls.__module__}.{cls.__qualname__}; give one of them "
+                f"another name (class configure: name = '...')"
+            )
+        _registry[name] = cls
