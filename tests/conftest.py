@@ -1,0 +1,102 @@
+"""Shared fixtures: a fresh engine class per test, bounded waits, a thread-leak guard."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tempest import Engine
+from tempest.queues import MemoryQueue
+
+_counter = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "leaks_threads: the test deliberately leaves a stuck (abandoned) thread"
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005
+             ) -> Any:
+    """Wait until *predicate()* is truthy and return it; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        pause.wait(interval)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves threads running (engines must stop cleanly)."""
+    before = set(threading.enumerate())
+    yield
+    if request.node.get_closest_marker("leaks_threads"):
+        return
+    deadline = time.monotonic() + 5.0
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        leaked[0].join(0.05)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path) -> Iterator[Callable[..., type[Engine]]]:
+    """Build an Engine subclass with a unique name, logging into tmp_path.
+
+    Options are the configure block's; defaults here: ``threads=2``, a fresh
+    MemoryQueue, ``report_every=None``. Every engine made is stopped afterwards.
+    """
+    made: list[type[Engine]] = []
+
+    def factory(**options: Any) -> type[Engine]:
+        options.setdefault("threads", 2)
+        options.setdefault("queue", MemoryQueue())
+        options.setdefault("log_dir", str(tmp_path))
+        options.setdefault("report_every", None)
+        name = options.pop("class_name", f"TestEngine{next(_counter)}")
+        block = type("configure", (), options)
+        engine = type(name, (Engine,), {"configure": block})
+        made.append(engine)
+        return engine
+
+    yield factory
+    for engine in made:
+        try:
+            engine.stop(timeout=10)
+        except Exception:  # noqa: BLE001 - the test itself reports the failure
+            pass
+
+
+def main_log(engine: type[Engine]) -> str:
+    """The engine's main log, after the lines logged so far are written."""
+    return _read(engine, "log")
+
+
+def task_log(engine: type[Engine]) -> str:
+    """The engine's task log, after the lines logged so far are written."""
+    return _read(engine, "task.log")
+
+
+def _read(engine: type[Engine], suffix: str) -> str:
+    control = engine._state.control
+    if control is not None:
+        control.runtime.logs.flush()
+    opts = engine._options
+    log_dir = opts["log_dir"]() if callable(opts["log_dir"]) else opts["log_dir"]
+    path = Path(os.fspath(log_dir)) / f"{opts['name']}.{suffix}"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
