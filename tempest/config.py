@@ -31,7 +31,7 @@ Validator = Callable[[Any], Any]
 class Option:
     """One option of a configure block: its name, default and validator."""
 
-    __slots__ = ("name", "default", "validate", "inherited")
+    __slots__ = ("default", "inherited", "name", "validate")
 
     def __init__(
         self, name: str, default: Any, validate: Validator, *, inherited: bool = True
@@ -69,10 +69,9 @@ def read_block(
             continue
         if name not in options:
             raise ConfigurationError(_unknown(owner, name, options))
-        if isinstance(raw, (staticmethod, classmethod)):
-            raw = raw.__func__
+        value = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
         try:
-            values[name] = options[name].validate(raw)
+            values[name] = options[name].validate(value)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{owner}.configure.{name}: {exc}") from None
     return values
@@ -131,7 +130,7 @@ def callable_or_none(value: Any) -> Callable[..., Any] | None:
     """None, or something callable."""
     if value is not None and not callable(value):
         raise ConfigurationError(f"must be a callable or None, not {value!r}")
-    return value
+    return value  # type: ignore[no-any-return]
 
 
 def name(value: Any) -> str:

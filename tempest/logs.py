@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -65,7 +66,7 @@ class LogFile:
         self._thread.start()
 
     def _open(self) -> Any:
-        return open(self.path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        return open(self.path, "a", encoding="utf-8", errors="backslashreplace")
 
     def write(self, text: str) -> None:
         """Queue *text* (one or more whole lines, newline-terminated)."""
@@ -161,7 +162,7 @@ def _text_value(value: Any) -> str:
         if value and not any(c in value for c in ' "=\n\t\\') and value.isprintable():
             return value
         return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+    if isinstance(value, float) and math.isfinite(value):
         return f"{value:.6f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
     if value is None or isinstance(value, (bool, int, float)):
         return json.dumps(value)
@@ -237,12 +238,25 @@ def _json(_logger: Any, _method: str, event_dict: dict[str, Any]) -> str:
 
 def _ordered(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     # JSON lines read best as timestamp, level, event, then the fields.
-    head = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
+    head: dict[str, Any] = {
+        k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
     head.update(event_dict)
     return head
 
 
 # -- the engine's two logs --------------------------------------------------------
+
+
+def _make_logger(level: int, sink: _Sink, chain: list[Any], context: dict[str, Any]) -> Any:
+    # make_filtering_bound_logger gives a class whose methods below *level*
+    # are no-ops: a filtered line costs one method call. Built once per level.
+    cls: Any = _bound_classes.get(level)
+    if cls is None:
+        cls = _bound_classes[level] = structlog.make_filtering_bound_logger(level)
+    return cls(sink, chain, context)
+
+
+_bound_classes: dict[int, Any] = {}
 
 
 class Logs:
@@ -251,27 +265,22 @@ class Logs:
     def __init__(self, name: str, directory: Path, level: str, fmt: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.level = _LEVELS[level]
-        self.main_file = LogFile(directory / f"{name}.log")
-        self.task_file = LogFile(directory / f"{name}.task.log")
-        main_render = _text_main if fmt == "text" else _json
-        task_render = _text_task if fmt == "text" else _json
-        main_chain = [_add_meta, main_render] if fmt == "text" else [
-            _add_meta, _ordered, main_render]
-        task_chain = [_add_meta, task_render] if fmt == "text" else [
-            _add_meta, _ordered, task_render]
-        self._task_chain = task_chain
+        self.json = fmt == "json"
+        main_path, task_path = log_path(directory, name)
+        self.main_file = LogFile(main_path)
+        self.task_file = LogFile(task_path)
+        if self.json:
+            main_chain: list[Any] = [_add_meta, _ordered, _json]
+            self._task_chain: list[Any] = [_add_meta, _ordered, _json]
+        else:
+            main_chain = [_add_meta, _text_main]
+            self._task_chain = [_add_meta, _text_task]
         self._task_sink = _Sink(self.task_file.write)
-        self._task_cls = structlog.make_filtering_bound_logger(self.level)
-        self.main = structlog.make_filtering_bound_logger(self.level)(
-            _Sink(self.main_file.write), main_chain, {}
-        )
+        main_sink = _Sink(self.main_file.write)
+        self.main = _make_logger(self.level, main_sink, main_chain, {})
         """Main-log logger, filtered at the engine's log_level."""
-        self.always = structlog.make_filtering_bound_logger(logging.DEBUG)(
-            _Sink(self.main_file.write), main_chain, {}
-        )
+        self.always = _make_logger(logging.DEBUG, main_sink, main_chain, {})
         """Main-log logger for start-up and stop lines, written at any log_level."""
-        self._capture_renderer = task_render
-        self._capture_chain_head = task_chain[:-1]
 
     def enabled(self, level: int) -> bool:
         """Whether lines at *level* are written."""
@@ -279,7 +288,7 @@ class Logs:
 
     def task_logger(self, task_id: str | None) -> Any:
         """A structlog logger whose lines go to the task log, prefixed with *task_id*."""
-        return self._task_cls(self._task_sink, self._task_chain, {"task_id": task_id})
+        return _make_logger(self.level, self._task_sink, self._task_chain, {"task_id": task_id})
 
     def capture(self, record: logging.LogRecord, task_id: str) -> None:
         """Write a standard-library log record to the task log."""
@@ -298,9 +307,11 @@ class Logs:
         }
         if record.exc_info:
             event_dict["exc_info"] = record.exc_info
-        if self._capture_chain_head[-1] is _ordered:
-            event_dict = _ordered(None, "", event_dict)
-        self.task_file.write(self._capture_renderer(None, "", event_dict))
+        if self.json:
+            line = _json(None, "", _ordered(None, "", event_dict))
+        else:
+            line = _text_task(None, "", event_dict)
+        self.task_file.write(line)
 
     def reopen(self) -> None:
         """Reopen both files by path (after logrotate renamed them)."""

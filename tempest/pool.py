@@ -64,7 +64,7 @@ _clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void
 
 def inject(thread_id: int, exc_type: type[BaseException]) -> bool:
     """Ask thread *thread_id* to raise *exc_type* at its next bytecode."""
-    return _set_async_exc(thread_id, exc_type) == 1
+    return bool(_set_async_exc(thread_id, exc_type) == 1)
 
 
 def clear_pending(thread_id: int) -> None:
@@ -80,8 +80,17 @@ class Slot:
     """
 
     __slots__ = (
-        "lock", "ident", "thread", "run", "busy", "claim", "task", "message",
-        "started", "deadline", "handover",
+        "busy",
+        "claim",
+        "deadline",
+        "handover",
+        "ident",
+        "lock",
+        "message",
+        "run",
+        "started",
+        "task",
+        "thread",
     )
 
     def __init__(self) -> None:
@@ -158,7 +167,7 @@ class Slot:
             self.claim = ABANDONED
             return self.task, self.message
 
-    def interrupt(self) -> tuple[str, Any, Any, float] | None:
+    def interrupt(self) -> tuple[str | None, Any, Any, float] | None:
         """At the end of a drain: take over a run still going.
 
         Returns (previous claim, task, message, started) or None if idle. A run

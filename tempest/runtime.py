@@ -83,9 +83,10 @@ class Runtime:
                  overrides: dict[str, Any] | None = None) -> None:
         self.engine = engine
         options = dict(engine._options)
-        if overrides:
-            options.update(config.read_block(
-                engine.__name__, type("overrides", (), overrides), engine._OPTIONS, options))
+        if overrides:  # validated like a configure block; only the named options change
+            checked = config.read_block(
+                engine.__name__, type("overrides", (), overrides), engine._OPTIONS, options)
+            options.update({key: checked[key] for key in overrides})
         self.options = options
         self.name: str = options["name"]
         self.threads: int = options["threads"]
@@ -298,7 +299,7 @@ class Runtime:
         started = time.perf_counter()
         try:
             try:
-                task.__init__()
+                task.__init__()  # type: ignore[misc]  # deliberately after task_id is set
                 result, error = task.process(*args), None
             except BaseException as exc:  # noqa: BLE001 - every outcome is reported
                 result, error = None, exc
@@ -339,9 +340,9 @@ class Runtime:
         task = slot.task
         limit = None if slot.deadline is None else round(slot.deadline - slot.started, 6)
         self._count("timed_out")
+        duration = round(time.monotonic() - slot.started, 6)
         self.logs.main.warning("task ended", task_id=task.task_id, task=task.task_name,
-                               outcome="timeout", duration=round(time.monotonic() - slot.started, 6),
-                               timeout=limit)
+                               outcome="timeout", duration=duration, timeout=limit)
         task.task_logger.warning("timed out", timeout=limit)
 
     def _after_timeout(self, task: Task, message: Any) -> None:
@@ -430,7 +431,7 @@ class Runtime:
                 continue
             try:
                 fn(*fn_args)
-            except BaseException as exc:  # noqa: BLE001 - a callback never stops the engine
+            except BaseException as exc:  # a callback never stops the engine
                 self.logs.main.error("callback failed", task_id=task.task_id,
                                      task=task.task_name, callback=label,
                                      error=_describe(exc))
