@@ -137,8 +137,8 @@ class Control:
                 f"{stats['failed']} failed, {stats['timed_out']} timed out")
 
     def _sleep(self, timeout: float) -> None:
-        if timeout > 0:
-            select.select([self._reader], [], [], timeout)
+        if timeout > 0:  # inf (nothing scheduled) means: until woken
+            select.select([self._reader], [], [], None if timeout == float("inf") else timeout)
         try:
             while self._reader.recv(4096):
                 pass
