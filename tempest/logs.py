@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -41,6 +42,8 @@ __all__ = ["LogFile", "Logs", "current_task", "task_scope"]
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
            "ERROR": logging.ERROR}
+
+_NAMES = {number: name.lower() for name, number in _LEVELS.items()}
 
 _CLOSE = object()
 _REOPEN = object()
@@ -157,9 +160,13 @@ def _timestamp(now: float) -> str:
     return f"{_ts_cache[1]}.{int((now - second) * 1_000_000):06d}Z"
 
 
+_BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
+"""A value written without quotes: no space, quote, equals sign, backslash or control."""
+
+
 def _text_value(value: Any) -> str:
     if isinstance(value, str):
-        if value and not any(c in value for c in ' "=\n\t\\') and value.isprintable():
+        if _BARE.fullmatch(value):
             return value
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, float) and math.isfinite(value):
@@ -281,6 +288,18 @@ class Logs:
         """Main-log logger, filtered at the engine's log_level."""
         self.always = _make_logger(logging.DEBUG, main_sink, main_chain, {})
         """Main-log logger for start-up and stop lines, written at any log_level."""
+
+    def main_line(self, level: int, event: str, **fields: Any) -> None:
+        """Write one main-log line at *level* (a logging level number).
+
+        The same rendering as ``main``, without structlog's per-call chain:
+        the engine's hot path (one outcome line per task) goes through here.
+        """
+        if level < self.level:
+            return
+        event_dict = {"timestamp": _timestamp(time.time()), "level": _NAMES[level],
+                      "event": event, **fields}
+        self.main_file.write(render_json(event_dict) if self.json else render_text(event_dict))
 
     def enabled(self, level: int) -> bool:
         """Whether lines at *level* are written."""

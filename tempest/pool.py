@@ -107,11 +107,11 @@ class Slot:
         self.handover: Any = None
         """Work a replacement thread finishes first: the abandoned run's timeout."""
 
-    def begin(self, task: Any, message: Any, timeout: float | None, closed: Callable[[], bool]
+    def begin(self, task: Any, message: Any, timeout: float | None, engine: Any
               ) -> int | None:
-        """Mark a run as started; None if the engine closed meanwhile."""
+        """Mark a run as started; None if *engine* (a Runtime) closed meanwhile."""
         with self.lock:
-            if closed():
+            if engine.closed:
                 return None
             self.run += 1
             self.busy = True

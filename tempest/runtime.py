@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -202,9 +203,6 @@ class Runtime:
             uninstall_capture()
             logs.close()
 
-    def _is_closed(self) -> bool:
-        return self.closed
-
     # -- worker threads --------------------------------------------------------------
 
     def _spawn(self, slot: Slot) -> None:
@@ -286,7 +284,7 @@ class Runtime:
         task.engine = self.engine
         task._logs = self.logs
         timeout = self.default_timeout if cls.timeout is UNSET else cls.timeout
-        run = slot.begin(task, message, timeout, self._is_closed)
+        run = slot.begin(task, message, timeout, self)
         if run is None:  # the drain ended between dequeue and start
             self._give_back(message)
             self._done()
@@ -294,7 +292,7 @@ class Runtime:
         if slot.deadline is not None:
             self.supervisor.watch(slot, run, slot.deadline)
         task_scope(self.logs, task.task_id)
-        if self.logs.enabled(10):
+        if self.logs.level <= DEBUG:
             task.task_logger.debug("started", task=cls.task_name, args=list(args))
         started = time.perf_counter()
         try:
@@ -321,19 +319,25 @@ class Runtime:
                 duration: float) -> None:
         name = task.task_name
         if error is None:
-            self._count("succeeded")
-            self.logs.main.info("task ended", task_id=task.task_id, task=name,
+            self.logs.main_line(INFO, "task ended", task_id=task.task_id, task=name,
                                 outcome="success", duration=round(duration, 6))
             self._callback(task, "after_success", result)
         else:
-            self._count("failed")
-            self.logs.main.error("task ended", task_id=task.task_id, task=name,
-                                 outcome="failure", duration=round(duration, 6),
-                                 error=_describe(error))
+            self.logs.main_line(ERROR, "task ended", task_id=task.task_id, task=name,
+                                outcome="failure", duration=round(duration, 6),
+                                error=_describe(error))
             task.task_logger.error("failed", error=_describe(error), exc_info=error)
             self._callback(task, "after_failure", error)
         self._acknowledge(task.task_id, message)
-        self._done()
+        # Counted once everything about the message is done, so that a stats()
+        # reader never sees it processed while its callbacks still run.
+        with self._lock:
+            self.processed += 1
+            if error is None:
+                self.succeeded += 1
+            else:
+                self.failed += 1
+            self.running -= 1
 
     def _on_timeout(self, slot: Slot) -> None:
         """Supervisor thread, under the slot lock: log the timeout outcome."""
@@ -341,8 +345,8 @@ class Runtime:
         limit = None if slot.deadline is None else round(slot.deadline - slot.started, 6)
         self._count("timed_out")
         duration = round(time.monotonic() - slot.started, 6)
-        self.logs.main.warning("task ended", task_id=task.task_id, task=task.task_name,
-                               outcome="timeout", duration=duration, timeout=limit)
+        self.logs.main_line(WARNING, "task ended", task_id=task.task_id, task=task.task_name,
+                            outcome="timeout", duration=duration, timeout=limit)
         task.task_logger.warning("timed out", timeout=limit)
 
     def _after_timeout(self, task: Task, message: Any) -> None:

@@ -83,6 +83,7 @@ class Task:
 
     _options: ClassVar[dict[str, Any]] = {}
     _signature: ClassVar[inspect.Signature | None] = None
+    _arity: ClassVar[tuple[int, float] | None] = None
     _logs: Logs | None = None
     _task_logger: Any = None
 
@@ -97,6 +98,7 @@ class Task:
             cls._signature = inspect.signature(cls.process)
         except (TypeError, ValueError):  # a builtin without a signature: accept anything
             cls._signature = None
+        cls._arity = _arity(cls._signature)
         _register(cls)
 
     @property
@@ -119,6 +121,9 @@ class Task:
     @classmethod
     def check_args(cls, args: tuple[Any, ...]) -> None:
         """Raise TypeError if ``process`` cannot be called with *args*."""
+        arity = cls._arity
+        if arity is not None and arity[0] <= len(args) <= arity[1]:
+            return  # the common case, without Signature.bind's cost
         if cls._signature is not None:
             cls._signature.bind(None, *args)
 
@@ -134,6 +139,28 @@ class Task:
 
     def after_timeout(self) -> None:
         """Called after ``process`` outran its timeout. Does nothing by default."""
+
+
+def _arity(signature: inspect.Signature | None) -> tuple[int, float] | None:
+    """(fewest, most) positional arguments ``process`` takes after self.
+
+    None where a quick count cannot decide (keyword-only parameters without
+    defaults): then Signature.bind decides.
+    """
+    if signature is None:
+        return None
+    params = list(signature.parameters.values())[1:]  # drop self
+    low, high = 0, 0.0
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            high += 1
+            if p.default is p.empty:
+                low += 1
+        elif p.kind is p.VAR_POSITIONAL:
+            high = float("inf")
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return None
+    return low, high
 
 
 def _register(cls: type[Task]) -> None:
