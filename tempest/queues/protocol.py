@@ -1,0 +1,170 @@
+"""The queue protocol, in one place: what each method buys.
+
+A queue is any object with ``enqueue`` and ``dequeue``. Everything else is
+optional; the engine looks for each method and uses it when present.
+
+===================  =============================================================
+method               what it buys
+===================  =============================================================
+``enqueue(m)``       store message *m*, a list ``[task_id, task_name, *args]``
+``dequeue()``        one message (list or tuple), or None when empty; a durable
+                     queue returns what it cannot decode raw (str or bytes), and
+                     the engine rejects it as bad input
+``dequeue(timeout)`` wait up to *timeout* seconds for a message instead of
+                     returning None at once: an idle engine wakes the moment work
+                     arrives, without polling
+``ack(m)``           *m*'s outcome is final (success, failure or timeout): delete
+                     it. A queue with ack *leases* what it hands out and gives a
+                     message whose lease ran out to another consumer: the engine
+                     announces at-least-once delivery
+``reject(m, why)``   *m* cannot be run (malformed, unknown task, poison): keep it
+                     aside, listed by ``rejected()``, instead of dropping it
+``requeue(m)``       give *m* back now, unrun (the engine stopped before running it,
+                     or interrupted it at the end of a drain)
+``heartbeat()``      renew the leases of what this queue object holds, and recover
+                     what dead consumers held; the engine calls it every
+                     ``heartbeat_interval`` seconds (an attribute, default 10)
+``__len__()``        messages waiting (not leased), shown in ``stats()``
+``close()``          release connections; the engine never calls it (the queue may
+                     be shared and outlive a run): the application does
+===================  =============================================================
+
+The engine passes ``ack``, ``reject`` and ``requeue`` the very object that
+``dequeue`` returned. Durable queues use that identity to find the stored
+row (see :class:`Leases`), so the message itself needs no hidden fields.
+
+Leases and redelivery
+---------------------
+A reliable queue leases a message to the consumer that dequeued it for
+``lease`` seconds (default 30), renewed by ``heartbeat()`` while the engine
+lives, so a task may run far longer than the lease. When an engine dies
+(``kill -9``, a lost machine), its heartbeats stop, its leases expire, and
+its messages return to the queue within ``lease`` seconds. A message is
+delivered again only then: at-least-once, and at most once per lease.
+
+Poison messages
+---------------
+Each delivery is counted with the stored message. A message delivered more
+than ``max_deliveries`` times (default 5) without an outcome -- it keeps
+killing the engines that take it -- is rejected with the reason
+``TooManyDeliveries`` instead of being handed out again.
+
+Room to grow
+------------
+Stored messages carry an ``available_at`` time and a ``priority`` (always now
+and 0 today) so that delayed and prioritised messages can come later without
+a change of schema.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_LEASE",
+    "DEFAULT_MAX_DELIVERIES",
+    "Leases",
+    "POISON_REASON",
+    "Queue",
+    "ReliableQueue",
+    "decode",
+    "encode",
+]
+
+DEFAULT_LEASE = 30.0
+"""Seconds a dequeued message stays leased without a heartbeat."""
+
+DEFAULT_HEARTBEAT = 10.0
+"""Seconds between heartbeats (a third of the default lease)."""
+
+DEFAULT_MAX_DELIVERIES = 5
+"""Deliveries without an outcome before a message is set aside as poison."""
+
+POISON_REASON = "TooManyDeliveries"
+"""The reason a poison message is rejected with."""
+
+
+@runtime_checkable
+class Queue(Protocol):
+    """What every queue has."""
+
+    def enqueue(self, message: list[Any]) -> None:
+        """Store *message*."""
+
+    def dequeue(self) -> Any:
+        """Return one message, or None when empty."""
+
+
+@runtime_checkable
+class ReliableQueue(Queue, Protocol):
+    """A queue that leases messages until they are acked: at-least-once."""
+
+    def ack(self, message: Any) -> None:
+        """The message's outcome is final: forget it."""
+
+    def reject(self, message: Any, reason: str) -> None:
+        """Keep an unrunnable message aside."""
+
+    def requeue(self, message: Any) -> None:
+        """Give a leased message back now, unrun."""
+
+
+def encode(message: Any) -> str:
+    """The stored form of *message*: compact JSON."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+def decode(stored: str | bytes) -> Any:
+    """The message from its stored form, or *stored* itself if it is not a JSON list.
+
+    Returning what cannot be decoded raw lets the engine reject it as bad input
+    (reason ``Undecodable``) instead of the queue dropping or crashing on it.
+    """
+    try:
+        message = json.loads(stored)
+    except (ValueError, UnicodeDecodeError):
+        return stored
+    return message if isinstance(message, list) else stored
+
+
+class Leases:
+    """The messages a queue object handed out and not yet settled, by identity.
+
+    ``add`` remembers the stored row's key for the object ``dequeue`` returns;
+    ``pop`` finds it again when the engine acks, rejects or requeues that same
+    object. Holding the object keeps its ``id()`` from being reused meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[Any, Any]] = {}
+
+    def add(self, message: Any, key: Any) -> Any:
+        """Remember *key* for *message*; return *message*."""
+        with self._lock:
+            self._held[id(message)] = (message, key)
+        return message
+
+    def pop(self, message: Any) -> Any:
+        """The key of *message*, forgotten; KeyError if it is not held."""
+        with self._lock:
+            held, key = self._held.pop(id(message))
+        if held is not message:  # pragma: no cover - ids are unique while held
+            raise KeyError(message)
+        return key
+
+    def keys(self) -> list[Any]:
+        """Keys of every message held."""
+        with self._lock:
+            return [key for _, key in self._held.values()]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
