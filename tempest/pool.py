@@ -80,6 +80,7 @@ class Slot:
     """
 
     __slots__ = (
+        "armed",
         "busy",
         "claim",
         "deadline",
@@ -88,6 +89,7 @@ class Slot:
         "lock",
         "message",
         "run",
+        "scheduled",
         "started",
         "task",
         "thread",
@@ -106,6 +108,10 @@ class Slot:
         self.deadline: float | None = None
         self.handover: Any = None
         """Work a replacement thread finishes first: the abandoned run's timeout."""
+        self.scheduled: float | None = None
+        """When the supervisor will look at this slot next (its lock guards this)."""
+        self.armed = False
+        """Whether the current run asked to be watched (only then may it time out)."""
 
     def begin(self, task: Any, message: Any, timeout: float | None, engine: Any
               ) -> int | None:
@@ -115,6 +121,7 @@ class Slot:
                 return None
             self.run += 1
             self.busy = True
+            self.armed = False
             self.claim = None
             self.task = task
             self.message = message
@@ -141,20 +148,29 @@ class Slot:
             except TaskTimeout:
                 continue
 
-    def expire(self, run: int, on_timeout: Callable[[Slot], None]) -> bool:
-        """At the deadline: claim *run* as timed out and raise TaskTimeout in it.
+    def expire(self, now: float, on_timeout: Callable[[Slot], None]) -> float | None:
+        """The supervisor's look at the slot: time out its run if past the deadline.
 
-        *on_timeout* (which logs the outcome) runs inside the critical section,
-        so the timeout line is written before the worker can settle and run
-        ``after_timeout``: the log reads in the order things happened.
+        Claims the run as timed out and raises TaskTimeout in it, then returns
+        None; returns the current run's later deadline if it has not come yet
+        (the look was scheduled for an earlier run), None if there is nothing
+        to watch. *on_timeout* (which logs the outcome) runs inside the critical
+        section, so the timeout line is written before the worker can settle
+        and run ``after_timeout``: the log reads in the order things happened.
         """
         with self.lock:
-            if self.run != run or not self.busy or self.claim is not None:
-                return False
+            # Not armed: the look was scheduled for an earlier run and the
+            # current one has not reached its try block yet; its own watch()
+            # schedules the next look.
+            if (not self.busy or self.claim is not None or self.deadline is None
+                    or not self.armed):
+                return None
+            if self.deadline > now:
+                return self.deadline
             self.claim = TIMEOUT
             on_timeout(self)
             inject(self.ident, TaskTimeout)
-            return True
+            return None
 
     def try_abandon(self, run: int) -> tuple[Any, Any] | None:
         """After the grace: if *run* still has not unwound, abandon it.
@@ -185,8 +201,13 @@ class Slot:
 class Supervisor:
     """One thread that enforces deadlines, sleeping until the next one.
 
-    ``watch`` costs one heap push; an entry whose run ended is skipped when
-    its time comes (cheaper than removing it when the task finishes).
+    The heap holds at most about one entry per slot: a worker starting a run
+    adds an entry only if the slot has none due by its deadline. An entry
+    left by an earlier run (which finished in time) is not removed; when it
+    comes due the supervisor finds the slot's current deadline later and
+    moves the entry there. So the heap stays as small as the pool however
+    many tasks per second run with however long a timeout, and starting a
+    task costs one lock and, at most, one push.
     """
 
     def __init__(
@@ -198,7 +219,9 @@ class Supervisor:
         self._on_timeout = on_timeout
         self._on_abandon = on_abandon
         self.grace = grace
-        self._heap: list[tuple[float, int, Slot, int, bool]] = []
+        # (when, seq, slot, run): run is None for a deadline look, else the
+        # run whose grace ends then.
+        self._heap: list[tuple[float, int, Slot, int | None]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._stopped = False
@@ -209,12 +232,23 @@ class Supervisor:
         """Start the supervising thread."""
         self._thread.start()
 
-    def watch(self, slot: Slot, run: int, deadline: float, *, grace: bool = False) -> None:
-        """Check *run* of *slot* at *deadline* (monotonic seconds)."""
+    def watch(self, slot: Slot, deadline: float) -> None:
+        """Look at *slot* at *deadline* (monotonic seconds), unless a look is due sooner.
+
+        Called by the worker inside the block that handles TaskTimeout: from
+        here on its run may be timed out.
+        """
         with self._cond:
-            heapq.heappush(self._heap, (deadline, next(self._seq), slot, run, grace))
-            if self._heap[0][2] is slot and self._heap[0][3] == run:
-                self._cond.notify()
+            slot.armed = True
+            if slot.scheduled is not None and slot.scheduled <= deadline:
+                return
+            slot.scheduled = deadline
+            self._push(deadline, slot, None)
+
+    def _push(self, when: float, slot: Slot, run: int | None) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), slot, run))
+        if self._heap[0][2] is slot:
+            self._cond.notify()
 
     def stop(self) -> None:
         """Stop supervising and end the thread."""
@@ -223,6 +257,11 @@ class Supervisor:
             self._cond.notify()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(5.0)
+
+    def pending(self) -> int:
+        """Entries in the heap (bounded by about the number of slots)."""
+        with self._cond:
+            return len(self._heap)
 
     def _loop(self) -> None:
         while True:
@@ -237,12 +276,19 @@ class Supervisor:
                     self._cond.wait(delay)
                 if self._stopped:
                     return
-                _, _, slot, run, is_grace = heapq.heappop(self._heap)
+                when, _, slot, run = heapq.heappop(self._heap)
+                if run is None and slot.scheduled == when:
+                    slot.scheduled = None
             # Outside the condition's lock: the handlers take the slot's lock
             # and log; watch() must never wait behind them.
-            if is_grace:
+            if run is not None:
                 taken = slot.try_abandon(run)
                 if taken is not None:
                     self._on_abandon(slot, *taken)
-            elif slot.expire(run, self._on_timeout):
-                self.watch(slot, run, time.monotonic() + self.grace, grace=True)
+                continue
+            later = slot.expire(time.monotonic(), self._on_timeout)
+            if later is not None:
+                self.watch(slot, later)
+            elif slot.claim == TIMEOUT:
+                with self._cond:
+                    self._push(time.monotonic() + self.grace, slot, slot.run)

@@ -118,6 +118,7 @@ class Runtime:
         self.error: BaseException | None = None
 
         self.started_at = time.monotonic()
+        self.stopped_at: float | None = None  # set by finish(): uptime stops growing
         self.last_progress = self.started_at
         self.processed = self.succeeded = self.failed = self.timed_out = 0
         self.rejected = self.running = self.abandoned = 0
@@ -196,6 +197,7 @@ class Runtime:
             if taken is not None:
                 self._interrupted(*taken)
         self.supervisor.stop()
+        self.stopped_at = time.monotonic()
         logs = self.logs
         if logs is not None:
             logs.always.info("stopped", engine=self.name, reason=self.stop_reason or None,
@@ -252,6 +254,9 @@ class Runtime:
                     delay = min(ERROR_MIN * 2 ** (self._errors - 1), ERROR_MAX)
                     self.logs.main.error("dequeue failed", error=_describe(exc),
                                          attempt=self._errors, retry_in=delay)
+                    # A backoff is progress (healthy() must not stop the watchdog
+                    # during a queue outage): the dispatcher is due back after it.
+                    self.last_progress = time.monotonic() + delay
                     self._stop_event.wait(delay)
                     continue
                 if self._errors:
@@ -289,14 +294,16 @@ class Runtime:
             self._give_back(message)
             self._done()
             return INTERRUPTED
-        if slot.deadline is not None:
-            self.supervisor.watch(slot, run, slot.deadline)
         task_scope(self.logs, task.task_id)
         if self.logs.level <= DEBUG:
             task.task_logger.debug("started", task=cls.task_name, args=list(args))
         started = time.perf_counter()
         try:
             try:
+                # Armed inside the try: from here on a TaskTimeout may fire at any
+                # bytecode, and outside these handlers it would kill the worker.
+                if slot.deadline is not None:
+                    self.supervisor.watch(slot, slot.deadline)
                 task.__init__()  # type: ignore[misc]  # deliberately after task_id is set
                 result, error = task.process(*args), None
             except BaseException as exc:  # noqa: BLE001 - every outcome is reported
@@ -382,8 +389,12 @@ class Runtime:
         if previous == TIMEOUT:
             # Timed out and logged, but its thread never unwound: its outcome is
             # final, so it is acked; after_timeout runs here, in the stopping thread.
+            # It ignored its timeout like any abandoned thread: stats count it.
+            with self._lock:
+                self.abandoned += 1
+                count = self.abandoned
             self.logs.main.error("thread abandoned", task_id=task.task_id,
-                                 task=task.task_name, during="drain")
+                                 task=task.task_name, during="drain", abandoned=count)
             self._after_timeout(task, message)
             return
         self.logs.always.warning("interrupted", task_id=task.task_id, task=task.task_name,
@@ -468,7 +479,7 @@ class Runtime:
                 "failed": self.failed, "timed_out": self.timed_out,
                 "rejected": self.rejected, "running": self.running,
                 "threads": self.threads, "abandoned": self.abandoned,
-                "uptime": round(time.monotonic() - self.started_at, 3),
+                "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
             }
         if hasattr(type(self.queue), "__len__"):
             try:
