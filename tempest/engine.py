@@ -90,7 +90,7 @@ class Engine:
         is not JSON-serializable or, for a Task class, if ``process`` cannot
         take these arguments. Works whether or not the engine is running.
         """
-        if isinstance(task, type) and issubclass(task, Task):
+        if isinstance(task, type) and issubclass(task, Task) and task is not Task:
             name = task.task_name
             try:
                 task.check_args(args)

@@ -35,7 +35,7 @@ class MemoryQueue:
     def dequeue(self, timeout: float | None = None) -> Any:
         """Take the oldest message, waiting up to *timeout* seconds; None if empty."""
         try:
-            if timeout:
+            if timeout is not None and timeout > 0:
                 return self._queue.get(timeout=timeout)
             return self._queue.get_nowait()
         except queue.Empty:
