@@ -197,9 +197,11 @@ def render_text(event_dict: dict[str, Any], prefix: str = "") -> str:
     exc = _exc_text(event_dict.pop("exc_info", None))
     parts = [f"{prefix}{ts} {level:<7} {event}"]
     parts.extend(f"{k}={_text_value(v)}" for k, v in event_dict.items())
-    line = " ".join(parts).replace("\n", "\\n") + "\n"
+    # "\r" too: text-mode readers (Python's universal newlines) split on it.
+    line = " ".join(parts).replace("\n", "\\n").replace("\r", "\\r") + "\n"
     if exc:
-        line += "".join(f"{prefix}{tb_line}\n" for tb_line in exc.split("\n"))
+        line += "".join(f"{prefix}{tb_line}\n"
+                        for tb_line in exc.replace("\r", "\\r").split("\n"))
     return line
 
 
@@ -311,7 +313,9 @@ class Logs:
 
     def capture(self, record: logging.LogRecord, task_id: str) -> None:
         """Write a standard-library log record to the task log."""
-        if record.levelno < self.level:
+        # logging.makeLogRecord() calls the factory with level None and fills
+        # the record in afterwards: such a rebuilt record is not captured.
+        if not isinstance(record.levelno, int) or record.levelno < self.level:
             return
         try:
             message = record.getMessage()
@@ -352,38 +356,49 @@ class Logs:
 _local = threading.local()
 _capture_lock = threading.Lock()
 _capture_users = 0
-_previous_factory: Callable[..., logging.LogRecord] | None = None
+_active_factory: Any = None
+"""The capturing factory installed by the first of the running engines, if any."""
 
 
-def _capturing_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-    assert _previous_factory is not None
-    record = _previous_factory(*args, **kwargs)
-    scope = getattr(_local, "scope", None)
-    if scope is not None:
-        scope[0].capture(record, scope[1])
-    return record
+def _make_factory(previous: Callable[..., logging.LogRecord]) -> Any:
+    # A new wrapper per installation, each calling the factory it replaced: one
+    # left behind inside an application's wrapper (see uninstall_capture) then
+    # passes records through to its own predecessor, instead of a later
+    # installation calling the application's wrapper, which calls us, forever.
+    def capturing_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if _active_factory is capturing_factory:
+            scope = getattr(_local, "scope", None)
+            if scope is not None:
+                scope[0].capture(record, scope[1])
+        return record
+
+    capturing_factory.previous = previous  # type: ignore[attr-defined]
+    return capturing_factory
 
 
 def install_capture() -> None:
     """Start sending task threads' logging records to their task log."""
-    global _capture_users, _previous_factory
+    global _capture_users, _active_factory
     with _capture_lock:
         _capture_users += 1
-        if logging.getLogRecordFactory() is not _capturing_factory:
-            _previous_factory = logging.getLogRecordFactory()
-            logging.setLogRecordFactory(_capturing_factory)
+        if _capture_users == 1:
+            _active_factory = _make_factory(logging.getLogRecordFactory())
+            logging.setLogRecordFactory(_active_factory)
 
 
 def uninstall_capture() -> None:
     """Undo one install_capture; the last one restores the previous factory."""
-    global _capture_users
+    global _capture_users, _active_factory
     with _capture_lock:
         _capture_users -= 1
-        # If someone wrapped our factory since, leave it: unwrapping would drop
-        # theirs. With no scope set, ours merely passes records through.
-        if _capture_users == 0 and logging.getLogRecordFactory() is _capturing_factory:
-            assert _previous_factory is not None
-            logging.setLogRecordFactory(_previous_factory)
+        if _capture_users == 0:
+            factory, _active_factory = _active_factory, None
+            previous = factory.previous
+            # If someone wrapped our factory since, leave it: unwrapping would
+            # drop theirs. No longer active, ours merely passes records through.
+            if logging.getLogRecordFactory() is factory:
+                logging.setLogRecordFactory(previous)
 
 
 def task_scope(logs: Logs | None, task_id: str | None = None) -> None:

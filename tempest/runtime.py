@@ -73,7 +73,10 @@ def _accepts_timeout(dequeue: Callable[..., Any]) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a task's broken __str__ must not kill the worker
+        text = "<exception str() failed>"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

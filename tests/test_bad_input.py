@@ -1,4 +1,4 @@
-"""Bad input: malformed messages are never run, never dropped silently, and never stop the engine."""
+"""Bad input: malformed messages are never run, never silently dropped, never stop the engine."""
 
 from __future__ import annotations
 

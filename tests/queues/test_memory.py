@@ -119,7 +119,7 @@ def test_many_producers_and_consumers_each_message_once():
         try:
             for i in range(2000):
                 queue.enqueue([f"{p}-{i}", "MemQTask", p, i])
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             errors.append(exc)
 
     def consume(c):
