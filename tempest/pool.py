@@ -232,14 +232,16 @@ class Supervisor:
         """Start the supervising thread."""
         self._thread.start()
 
-    def watch(self, slot: Slot, deadline: float) -> None:
+    def watch(self, slot: Slot, deadline: float, *, arm: bool = True) -> None:
         """Look at *slot* at *deadline* (monotonic seconds), unless a look is due sooner.
 
         Called by the worker inside the block that handles TaskTimeout: from
-        here on its run may be timed out.
+        here on its run may be timed out. The supervisor moving a look passes
+        ``arm=False``: by then the slot may hold a newer run, not armed yet.
         """
         with self._cond:
-            slot.armed = True
+            if arm:
+                slot.armed = True
             if slot.scheduled is not None and slot.scheduled <= deadline:
                 return
             slot.scheduled = deadline
@@ -288,7 +290,7 @@ class Supervisor:
                 continue
             later = slot.expire(time.monotonic(), self._on_timeout)
             if later is not None:
-                self.watch(slot, later)
+                self.watch(slot, later, arm=False)
             elif slot.claim == TIMEOUT:
                 with self._cond:
                     self._push(time.monotonic() + self.grace, slot, slot.run)
