@@ -65,7 +65,7 @@ class MeasureWord(Task):
 
 
 if __name__ == "__main__":
-    for word in "the quick brown fox jumps over the lazy dog".split():
+    for word in ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]:
         WordTempest.submit(MeasureWord, word)
     WordTempest.run(burst=True)
     rows = app.db.execute("SELECT COUNT(*), SUM(length) FROM words").fetchone()

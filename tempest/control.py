@@ -9,6 +9,12 @@ signals themselves, through ``signal.set_wakeup_fd``.
 Signal handlers only append the signal number to a list; the loop does the
 rest (logging, stopping, reopening files) in ordinary code. Logging or taking
 a lock inside a handler could deadlock against the code it interrupted.
+
+The worker threads start before the loop does (``Runtime.start``), but no
+task can: the Control holds the dispatcher's lock (the one a worker takes to
+dequeue) from its creation until the loop has installed the signal handlers
+and sent READY=1. So a SIGTERM can never find a task running with no handler
+in place, and systemd hears READY before the first message leaves the queue.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ STATUS_EVERY = 2.0
 DRAIN_TICK = 1.0
 """Seconds between checks (and EXTEND_TIMEOUT_USEC) while draining."""
 
+WATCHDOG_SLACK = 5.0
+"""Least time without dispatcher progress before WATCHDOG=1 pings stop.
+
+The limit is ``WatchdogSec`` (twice the ping interval) but never less than
+this, so a slow queue call on a short watchdog does not get the engine killed.
+"""
+
 
 class Control:
     """Drives one Runtime from start to stop."""
@@ -48,6 +61,9 @@ class Control:
         self._reader.setblocking(False)
         self._writer.setblocking(False)
         runtime.wake = self.wake
+        # The gate (see the module docstring): released by loop() once in charge.
+        self._gate: threading.Lock | None = runtime._dequeue_lock
+        self._gate.acquire()
 
     def wake(self) -> None:
         """Make the loop look at the state now (any thread)."""
@@ -73,11 +89,17 @@ class Control:
         notifier = Notifier.from_environ() if signals else Notifier(None)
         previous = self._install() if signals else None
         try:
+            if signals:  # the line after which SIGTERM/SIGINT/SIGHUP are handled
+                runtime.logs.always.info(
+                    "ready", signals=",".join(s.name for s in _HANDLED),
+                    systemd=notifier.enabled, watchdog=notifier.watchdog_interval)
             notifier.ready(self._status())
+            self._open_gate()
             self._serve(notifier)
             notifier.stopping(f"stopping: {runtime.stop_reason}")
             self._drain(notifier)
         finally:
+            self._open_gate()
             try:
                 runtime.finish()
             finally:
@@ -87,6 +109,12 @@ class Control:
                 self._reader.close()
                 self._writer.close()
                 self.stopped.set()
+
+    def _open_gate(self) -> None:
+        """Let the workers dequeue (once)."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.release()
 
     def _serve(self, notifier: Notifier) -> None:
         runtime = self.runtime
@@ -106,7 +134,7 @@ class Control:
             if now >= next_ping:
                 # Ping only while the dispatcher makes progress: a wedged engine
                 # stops pinging and systemd restarts it.
-                if runtime.healthy(now, max(2 * ping, 5.0)):  # type: ignore[operator]
+                if runtime.healthy(now, max(2 * ping, WATCHDOG_SLACK)):  # type: ignore[operator]
                     notifier.watchdog()
                 next_ping = now + ping  # type: ignore[operator]
             if now >= next_status:
@@ -127,7 +155,9 @@ class Control:
             notifier.extend_timeout(remaining + 2 * DRAIN_TICK)
             notifier.status(f"draining: {runtime.running} running, "
                             f"{remaining:.0f}s left")
-            self._sleep(min(remaining, DRAIN_TICK))
+            # A worker wakes us just before its thread ends, so workers_done()
+            # can still be False then: with no task running, look again soon.
+            self._sleep(min(remaining, DRAIN_TICK if runtime.running else 0.01))
             self._handle_signals()
 
     def _status(self) -> str:
