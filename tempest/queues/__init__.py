@@ -5,6 +5,24 @@ A queue is any object with ``enqueue(message)`` and ``dequeue()``; see
 a queue has them, and the delivery guarantee each one buys.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tempest.queues.memory import MemoryQueue
 
-__all__ = ["MemoryQueue"]
+if TYPE_CHECKING:
+    from tempest.queues.postgres import PostgresQueue
+
+__all__ = ["MemoryQueue", "PostgresQueue"]
+
+# Backends that need a client library load on first use, so that
+# ``import tempest.queues`` works without their extras installed.
+_LAZY = {
+    "PostgresQueue": "tempest.queues.postgres",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,570 @@
+"""PostgresQueue: a durable queue in a PostgreSQL table, shared by many engines.
+
+Needs the ``postgres`` extra (psycopg 3.2 or newer)::
+
+    pip install 'task-tempest[postgres]'
+
+Schema
+------
+The queue creates its tables and indexes itself on first use (under a
+transaction-scoped advisory lock, so engines starting together do not race),
+unless they already exist. A DBA who prefers to create them in a migration
+(the application's role then needs no CREATE privilege) prints the SQL with::
+
+    python -c "from tempest.queues.postgres import schema_sql; print(schema_sql())" | psql "$DSN"
+
+which, for the default table ``tempest_messages``, is::
+
+    CREATE TABLE IF NOT EXISTS "tempest_messages" (
+        id bigserial PRIMARY KEY,
+        queue text NOT NULL,
+        body text NOT NULL,
+        priority integer NOT NULL DEFAULT 0,
+        available_at timestamptz NOT NULL DEFAULT now(),
+        enqueued_at timestamptz NOT NULL DEFAULT now(),
+        deliveries integer NOT NULL DEFAULT 0,
+        leased_by text,
+        lease_until timestamptz
+    );
+    CREATE INDEX IF NOT EXISTS "tempest_messages_dequeue"
+        ON "tempest_messages" (queue, priority DESC, id);
+    CREATE INDEX IF NOT EXISTS "tempest_messages_leased"
+        ON "tempest_messages" (leased_by) WHERE leased_by IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS "tempest_messages_rejected" (
+        id bigint PRIMARY KEY,
+        queue text NOT NULL,
+        body text NOT NULL,
+        reason text NOT NULL,
+        rejected_at timestamptz NOT NULL DEFAULT now()
+    );
+
+``body`` is the message as JSON text (not ``jsonb``: a body that is not valid
+JSON can be stored, and comes back raw for the engine to reject). One table
+holds any number of named queues (the ``queue`` column).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from tempest.exceptions import ConfigurationError
+from tempest.queues import protocol
+
+try:
+    import psycopg
+    from psycopg import sql
+except ImportError:  # the extra is not installed: PostgresQueue() says how to fix it
+    _DRIVER_MISSING = True
+else:
+    _DRIVER_MISSING = False
+
+__all__ = ["PostgresQueue", "schema_sql"]
+
+_TABLE = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")
+# Lowercase only: the name is quoted in every statement, and a DBA typing it
+# unquoted in psql gets the same table. 48 characters leaves room for the
+# "_rejected" and index suffixes within PostgreSQL's 63-byte identifiers.
+
+_MAX_IDENTIFIER = 63
+"""PostgreSQL's longest identifier (and LISTEN channel), in bytes."""
+
+_CONNECT_TIMEOUT = 10
+_WORK_CONNECTIONS = 4
+"""Connections a queue object uses at once for its statements (waiting dequeues aside).
+
+Every statement is one short round trip, so a few connections keep up with many
+threads, and a hundred engines stay within a server's max_connections.
+"""
+"""Seconds to wait for a connection unless the DSN says otherwise (libpq: forever)."""
+
+_SCHEMA = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    id bigserial PRIMARY KEY,
+    queue text NOT NULL,
+    body text NOT NULL,
+    priority integer NOT NULL DEFAULT 0,
+    available_at timestamptz NOT NULL DEFAULT now(),
+    enqueued_at timestamptz NOT NULL DEFAULT now(),
+    deliveries integer NOT NULL DEFAULT 0,
+    leased_by text,
+    lease_until timestamptz
+);
+CREATE INDEX IF NOT EXISTS {dequeue_index}
+    ON {table} (queue, priority DESC, id);
+CREATE INDEX IF NOT EXISTS {leased_index}
+    ON {table} (leased_by) WHERE leased_by IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {rejected} (
+    id bigint PRIMARY KEY,
+    queue text NOT NULL,
+    body text NOT NULL,
+    reason text NOT NULL,
+    rejected_at timestamptz NOT NULL DEFAULT now()
+);"""
+
+# Every time below comes from the database's clock (now()), never from the
+# engines' machines: engines whose clocks disagree still agree on which
+# leases have run out.
+
+_CLAIM = """\
+WITH candidate AS (
+    SELECT id, deliveries FROM {table}
+    WHERE queue = %(queue)s AND available_at <= now()
+      AND (lease_until IS NULL OR lease_until < now())
+    ORDER BY priority DESC, id
+    FOR UPDATE SKIP LOCKED
+    LIMIT 1
+), claimed AS (
+    UPDATE {table}
+    SET leased_by = %(consumer)s, lease_until = now() + make_interval(secs => %(lease)s),
+        deliveries = deliveries + 1
+    WHERE id = (SELECT id FROM candidate WHERE deliveries < %(max_deliveries)s)
+    RETURNING id, body
+), poison AS (
+    DELETE FROM {table}
+    WHERE id = (SELECT id FROM candidate WHERE deliveries >= %(max_deliveries)s)
+    RETURNING id, queue, body
+), kept AS (
+    INSERT INTO {rejected} (id, queue, body, reason)
+    SELECT id, queue, body, %(poison)s FROM poison
+)
+SELECT id, body, false FROM claimed
+UNION ALL
+SELECT id, NULL, true FROM poison"""
+# One statement, so one round trip and one transaction: the oldest available
+# row, locked with SKIP LOCKED (concurrent engines skip it instead of waiting),
+# is either leased to this consumer with one more delivery counted or -- when
+# this delivery would exceed max_deliveries -- moved to the rejected table as
+# poison. The UPDATE and the DELETE take the candidate in cases that exclude
+# each other: one statement must not modify a row twice.
+
+_MOVE = """\
+WITH moved AS (DELETE FROM {table} WHERE id = %(id)s RETURNING id, queue, body)
+INSERT INTO {rejected} (id, queue, body, reason)
+SELECT id, queue, body, %(reason)s FROM moved"""
+
+_ENQUEUE = """\
+WITH stored AS (INSERT INTO {table} (queue, body) VALUES (%(queue)s, %(body)s) RETURNING id)
+SELECT pg_notify(%(channel)s, '') FROM stored"""
+
+_REQUEUE = """\
+WITH freed AS (
+    UPDATE {table} SET leased_by = NULL, lease_until = NULL,
+                       deliveries = greatest(deliveries - 1, 0)
+    WHERE id = %(id)s AND leased_by = %(consumer)s
+    RETURNING id)
+SELECT pg_notify(%(channel)s, '') FROM freed"""
+
+_ACK = "DELETE FROM {table} WHERE id = %(id)s"
+
+_HEARTBEAT = """\
+UPDATE {table} SET lease_until = now() + make_interval(secs => %(lease)s)
+WHERE leased_by = %(consumer)s AND id = ANY(%(ids)s::bigint[])"""
+
+_WAITING = """\
+SELECT count(*) FROM {table}
+WHERE queue = %(queue)s AND available_at <= now()
+  AND (lease_until IS NULL OR lease_until < now())"""
+
+_REJECTED = """\
+SELECT body, reason FROM {rejected} WHERE queue = %(queue)s ORDER BY rejected_at, id"""
+
+_EXISTING = """\
+SELECT to_regclass(%(table)s) IS NOT NULL AND to_regclass(%(rejected)s) IS NOT NULL
+   AND to_regclass(%(dequeue_index)s) IS NOT NULL AND to_regclass(%(leased_index)s) IS NOT NULL"""
+
+
+def _names(table: str) -> dict[str, str]:
+    return {"table": table, "rejected": f"{table}_rejected",
+            "dequeue_index": f"{table}_dequeue", "leased_index": f"{table}_leased"}
+
+
+def _check_table(table: object) -> str:
+    if not isinstance(table, str) or not _TABLE.match(table):
+        raise ConfigurationError(
+            f"PostgresQueue: table must be a plain lowercase identifier (a letter or _, "
+            f"then letters, digits or _, at most 48 characters), not {table!r}")
+    return table
+
+
+def schema_sql(table: str = "tempest_messages") -> str:
+    """The SQL that creates *table*, its ``_rejected`` table and indexes (idempotent).
+
+    For a migration, or a DBA's ``psql``; PostgresQueue runs the same
+    statements itself on first use when the tables are missing.
+    """
+    names = _names(_check_table(table))
+    return _SCHEMA.format(**{key: f'"{name}"' for key, name in names.items()})
+
+
+class _Raw(str):
+    """A stored body that is not a message, handed to the engine as it was stored.
+
+    A fresh object each time (``str`` caches short strings): the queue finds
+    the row again by the identity of what ``dequeue`` returned.
+    """
+
+    __slots__ = ()
+
+
+class PostgresQueue:
+    """A durable queue in a PostgreSQL table, shared by many engines on many machines.
+
+    ``dsn`` is a libpq connection string (``postgresql://user@host/db`` or
+    ``"host=... dbname=..."``); ``table`` names the table (created on first
+    use, see :func:`schema_sql`), and ``name`` the queue within it, so one
+    table can hold several queues. Delivery is **at-least-once**: a message
+    stays in the table, leased to the engine that dequeued it, until that
+    engine acks it (its outcome is final: success, failure or timeout).
+
+    Leases
+        A dequeued message is leased for ``lease`` seconds (default 30),
+        renewed by ``heartbeat()`` every ``heartbeat_interval`` seconds
+        (default a third of the lease). When an engine dies (``kill -9``, a
+        lost machine), its leases run out and another engine takes its
+        messages: a message runs again only then. Lease times use the
+        database's clock, so engines on machines with skewed clocks agree.
+    Poison
+        A message delivered more than ``max_deliveries`` times (default 5)
+        without an outcome, which keeps killing its engines, is moved to the
+        ``<table>_rejected`` table with the reason ``TooManyDeliveries``
+        instead of being handed out again.
+    Waiting
+        ``dequeue(timeout=...)`` LISTENs for the ``pg_notify`` that every
+        ``enqueue`` sends in its transaction: an idle engine wakes the moment
+        work arrives, without polling, and claims again when its timeout
+        ends (a lease that ran out sends no notification).
+    Many engines
+        Each dequeue claims the oldest available row with ``FOR UPDATE SKIP
+        LOCKED``: engines never block each other and never take the same row.
+
+    Connections are opened lazily and kept in a small pool that every method
+    borrows from for one statement, so any number of threads may share the
+    queue: workers ack while the engine's leader waits for a message. (One
+    connection per thread would cost an engine of 50 threads 50 connections,
+    and leak those of threads that end; one connection behind a lock would
+    make every ack wait behind a dequeue that waits for work.) At most four
+    connections run statements at once, plus one per waiting ``dequeue``,
+    which LISTENs on a connection of its own. A connection error (a restart,
+    a failover, a terminated backend) propagates as
+    ``psycopg.OperationalError`` -- the engine logs it and retries with a
+    backoff -- and the queue discards its pooled connections, so the next
+    call reconnects. Unless the DSN sets them, connections get
+    ``connect_timeout=10`` and an ``application_name`` naming this consumer
+    (see :attr:`consumer`). Fork-safe: a child process opens its own.
+    """
+
+    table: str
+    """The table holding the messages; rejected ones are in ``<table>_rejected``."""
+
+    name: str
+    """The queue's name within the table (its ``queue`` column)."""
+
+    lease: float
+    """Seconds a dequeued message stays leased without a heartbeat."""
+
+    max_deliveries: int
+    """Deliveries without an outcome before a message is set aside as poison."""
+
+    heartbeat_interval: float
+    """Seconds between the engine's calls to ``heartbeat()``; a third of the lease."""
+
+    consumer: str
+    """Who holds this queue object's leases: ``host:pid:random``, stored in
+    ``leased_by`` and shown as ``application_name`` in ``pg_stat_activity``."""
+
+    def __init__(self, dsn: str, table: str = "tempest_messages", *,
+                 name: str = "tempest", lease: float = protocol.DEFAULT_LEASE,
+                 max_deliveries: int = protocol.DEFAULT_MAX_DELIVERIES,
+                 heartbeat_interval: float | None = None) -> None:
+        if _DRIVER_MISSING:
+            raise ConfigurationError(
+                "PostgresQueue needs the psycopg driver: pip install 'task-tempest[postgres]'")
+        if tuple(int(part) for part in re.findall(r"\d+", psycopg.__version__)[:2]) < (3, 2):
+            raise ConfigurationError(
+                f"PostgresQueue needs psycopg 3.2 or newer, not {psycopg.__version__}: "
+                f"pip install -U 'task-tempest[postgres]'")
+        self.table = _check_table(table)
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"PostgresQueue: name must be a non-empty str, not {name!r}")
+        self.name = name
+        self.lease = _seconds("lease", lease)
+        self.heartbeat_interval = (self.lease / 3 if heartbeat_interval is None
+                                   else _seconds("heartbeat_interval", heartbeat_interval))
+        if self.heartbeat_interval >= self.lease:
+            raise ConfigurationError(
+                f"PostgresQueue: heartbeat_interval ({self.heartbeat_interval}) must be "
+                f"shorter than lease ({self.lease}), or leases run out between heartbeats")
+        if isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) \
+                or max_deliveries < 1:
+            raise ConfigurationError(
+                f"PostgresQueue: max_deliveries must be an int >= 1, not {max_deliveries!r}")
+        self.max_deliveries = max_deliveries
+        if not isinstance(dsn, str):
+            raise ConfigurationError(f"PostgresQueue: dsn must be a str, not {type(dsn).__name__}")
+        try:
+            given = psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as exc:
+            # libpq's message names the faulty part; the DSN itself may hold a password.
+            raise ConfigurationError(f"PostgresQueue: the dsn cannot be parsed: {exc}") from None
+        self._dsn = dsn
+        self._connect_timeout = "connect_timeout" not in given
+        self._application_name = "application_name" not in given
+
+        channel = f"{table}:{name}"
+        if len(channel.encode()) > _MAX_IDENTIFIER:
+            channel = "tempest:" + hashlib.sha1(f"{table}\0{name}".encode()).hexdigest()
+        self._channel = channel
+        names = _names(self.table)
+        ids = {key: sql.Identifier(value) for key, value in names.items()}
+
+        def render(text: str) -> bytes:
+            # Rendered once: table names are fixed per queue.
+            return sql.SQL(text).format(**ids).as_bytes(None)
+
+        self._sql = {key: render(text) for key, text in (
+            ("claim", _CLAIM), ("move", _MOVE), ("enqueue", _ENQUEUE),
+            ("requeue", _REQUEUE), ("ack", _ACK), ("heartbeat", _HEARTBEAT),
+            ("waiting", _WAITING), ("rejected", _REJECTED))}
+        self._sql["listen"] = sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_bytes(None)
+        self._sql["unlisten"] = sql.SQL("UNLISTEN {}").format(
+            sql.Identifier(channel)).as_bytes(None)
+        self._names = names
+
+        self._pool_lock = threading.Lock()
+        self._idle: list[tuple[psycopg.Connection[Any], int]] = []
+        self._generation = 0  # bumped to discard every connection made before
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+        self._new_identity()
+
+    def _new_identity(self) -> None:
+        self._pid = os.getpid()
+        self._work_slots = threading.BoundedSemaphore(_WORK_CONNECTIONS)
+        self.consumer = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"
+        self._leases = protocol.Leases()
+
+    # -- the queue protocol ---------------------------------------------------------
+
+    def enqueue(self, message: Any) -> None:
+        """Store *message* (as JSON) and wake the engines waiting for one."""
+        body = protocol.encode(message)
+        with self._connection() as conn:
+            conn.execute(self._sql["enqueue"], {"queue": self.name, "body": body,
+                                                "channel": self._channel})
+
+    def dequeue(self, timeout: float | None = None) -> Any:
+        """Lease the next message; wait up to *timeout* seconds for one; None if none.
+
+        What the queue cannot decode is returned raw (a str), for the engine
+        to reject.
+        """
+        message = self._claim()
+        if message is not None or timeout is None or timeout <= 0:
+            return message
+        deadline = time.monotonic() + timeout
+        # The listening connection only listens: claims borrow another, so a
+        # notification is never read in the middle of a query. It LISTENs
+        # *before* the next claim, so a message enqueued between the empty
+        # claim above and the wait still wakes it.
+        with self._connection(listen=True) as listener:
+            listener.execute(self._sql["listen"])
+            try:
+                while True:
+                    message = self._claim()
+                    remaining = deadline - time.monotonic()
+                    if message is not None or remaining <= 0:
+                        break
+                    # One notification (or a stale one from before this wait, which
+                    # costs a claim) is enough: the claim decides, not the payload.
+                    for _ in listener.notifies(timeout=remaining, stop_after=1):
+                        break
+            except BaseException:
+                listener.close()  # closing ends the LISTEN; the pool drops it
+                raise
+            # A connection left listening and unread would hold back the server's
+            # notification queue while it idles in the pool.
+            try:
+                listener.execute(self._sql["unlisten"])
+            except psycopg.Error:
+                listener.close()  # the message in hand must not be lost to this
+        return message
+
+    def ack(self, message: Any) -> None:
+        """The message's outcome is final: delete it."""
+        row = self._settle(message, "ack")
+        with self._connection() as conn:
+            conn.execute(self._sql["ack"], {"id": row})
+
+    def reject(self, message: Any, reason: str) -> None:
+        """Move the message (raw bodies too) to ``<table>_rejected`` with *reason*."""
+        row = self._settle(message, "reject")
+        with self._connection() as conn:
+            conn.execute(self._sql["move"], {"id": row, "reason": reason})
+
+    def requeue(self, message: Any) -> None:
+        """Give a leased message back now, unrun; this delivery does not count."""
+        row = self._settle(message, "requeue")
+        with self._connection() as conn:
+            conn.execute(self._sql["requeue"], {"id": row, "consumer": self.consumer,
+                                                "channel": self._channel})
+
+    def heartbeat(self) -> None:
+        """Renew the leases of the messages this queue object holds.
+
+        Leases that dead engines held need no recovery step: they simply run
+        out and the next dequeue takes the message.
+        """
+        held = self._leases.keys()
+        if not held:
+            return
+        with self._connection() as conn:
+            conn.execute(self._sql["heartbeat"], {"lease": self.lease, "ids": held,
+                                                  "consumer": self.consumer})
+
+    def rejected(self) -> list[tuple[Any, str]]:
+        """The rejected messages of this queue, oldest first, as (message or raw, reason)."""
+        with self._connection() as conn:
+            rows = conn.execute(self._sql["rejected"], {"queue": self.name}).fetchall()
+        return [(protocol.decode(body), reason) for body, reason in rows]
+
+    def __len__(self) -> int:
+        """Messages waiting: available now and not leased."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["waiting"], {"queue": self.name}).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        """Close every connection (those in use, when they are given back).
+
+        The queue stays usable: a later call opens new connections. A waiting
+        ``dequeue`` is not interrupted; it returns within its timeout.
+        """
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+            self._generation += 1
+        for conn, _ in idle:
+            conn.close()
+
+    def __repr__(self) -> str:
+        return (f"<PostgresQueue table={self.table!r} name={self.name!r} "
+                f"consumer={self.consumer!r}>")  # never the DSN: it may hold a password
+
+    # -- internals ------------------------------------------------------------------
+
+    def _claim(self) -> Any:
+        """Lease the next message, setting poison aside; None if there is none."""
+        params = {"consumer": self.consumer, "lease": self.lease, "queue": self.name,
+                  "max_deliveries": self.max_deliveries, "poison": protocol.POISON_REASON}
+        while True:
+            with self._connection() as conn:
+                row = conn.execute(self._sql["claim"], params).fetchone()
+            if row is None:
+                return None
+            key, body, poisoned = row
+            if poisoned:
+                continue  # set aside; look for the next message
+            message = protocol.decode(body)
+            if message is body:
+                message = _Raw(body)
+            return self._leases.add(message, key)
+
+    def _settle(self, message: Any, action: str) -> Any:
+        try:
+            return self._leases.pop(message)
+        except KeyError:
+            raise ValueError(
+                f"PostgresQueue.{action}: {message!r:.80} is not a message this queue "
+                f"object dequeued, or it was already acked, rejected or requeued") from None
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        options: dict[str, Any] = {}
+        if self._connect_timeout:
+            options["connect_timeout"] = _CONNECT_TIMEOUT
+        if self._application_name:
+            options["application_name"] = f"tempest {self.consumer}"[:_MAX_IDENTIFIER]
+        return psycopg.connect(self._dsn, autocommit=True, **options)
+
+    @contextmanager
+    def _connection(self, *, listen: bool = False) -> Iterator[psycopg.Connection[Any]]:
+        """Borrow a pooled connection; each is used by one thread at a time.
+
+        A statement waits for one of the ``_WORK_CONNECTIONS`` slots; a waiting
+        dequeue's listener takes none, so waiters can never starve the claims
+        they depend on.
+        """
+        if os.getpid() != self._pid:
+            # A forked child must not touch its parent's sockets, nor hold its
+            # leases: drop them unclosed (psycopg never closes a parent's
+            # connection from a child) and become a consumer of its own.
+            with self._pool_lock:
+                self._idle = []
+                self._generation += 1
+            self._new_identity()
+        slots = None if listen else self._work_slots
+        if slots is not None:
+            slots.acquire()
+        try:
+            with self._pool_lock:
+                conn, generation = self._idle.pop() if self._idle else (None, self._generation)
+            if conn is None:
+                conn = self._connect()
+            try:
+                if not self._schema_ready:
+                    self._create_schema(conn)
+                yield conn
+            except psycopg.OperationalError:
+                if conn.broken or conn.closed:
+                    # The server went away, most likely for every pooled connection
+                    # (a restart, a failover): drop them all; the next call reconnects.
+                    self.close()
+                raise
+            finally:
+                self._give_back(conn, generation)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def _give_back(self, conn: psycopg.Connection[Any], generation: int) -> None:
+        reusable = (not conn.closed and not conn.broken
+                    and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
+        with self._pool_lock:
+            if reusable and generation == self._generation:
+                self._idle.append((conn, generation))
+                return
+        conn.close()
+
+    def _create_schema(self, conn: psycopg.Connection[Any]) -> None:
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            exists = conn.execute(_EXISTING.encode(), self._names).fetchone()
+            if not (exists and exists[0]):
+                # Concurrent engines serialise here, and the second finds everything
+                # created; without the lock, two CREATE TABLE IF NOT EXISTS can both
+                # miss the table and one fails on the catalog's unique index.
+                lock_key = int.from_bytes(
+                    hashlib.sha1(f"tempest:{self.table}".encode()).digest()[:8],
+                    "big", signed=True)
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+                    conn.execute(schema_sql(self.table).encode())
+            self._schema_ready = True
+
+
+
+def _seconds(option: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < math.inf:
+        raise ConfigurationError(
+            f"PostgresQueue: {option} must be a number of seconds > 0, not {value!r}")
+    return float(value)

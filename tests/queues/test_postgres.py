@@ -1,0 +1,397 @@
+"""PostgresQueue: the queue contract, then what only a shared PostgreSQL table gives."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tempest import ConfigurationError, Task
+from tempest.queues import PostgresQueue
+from tempest.queues import postgres as postgres_module
+from tempest.testing import QueueContract
+
+from ..conftest import main_log, wait_for
+
+try:
+    import psycopg
+except ImportError:  # the postgres_dsn fixture skips (on CI: fails) the tests needing it
+    psycopg = None
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tests" / "scripts" / "postgres_engine.py"
+
+
+def drop_tables(dsn: str, table: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_rejected")
+
+
+def rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def with_app_name(dsn: str, name: str) -> str:
+    """*dsn* with an application_name, to find (and kill) the queue's backends."""
+    return psycopg.conninfo.make_conninfo(dsn, application_name=name)
+
+
+def terminate(dsn: str, app_name: str) -> int:
+    """pg_terminate_backend every backend of *app_name*; wait until they are gone."""
+    killed = rows(dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name = %s", app_name)
+    wait_for(lambda: not rows(dsn, "SELECT 1 FROM pg_stat_activity "
+                                   "WHERE application_name = %s", app_name), 5)
+    return len(killed)
+
+
+class TestPostgresQueueContract(QueueContract):
+    """PostgresQueue: each handle is a new consumer on this test's own table."""
+
+    @pytest.fixture(autouse=True)
+    def _postgres(self, postgres_dsn: str, _contract_storage: None) -> Iterator[None]:
+        self.dsn = postgres_dsn
+        self.table = self.storage_name.replace("-", "_")
+        yield
+        for queue in self._made:
+            queue.close()
+        drop_tables(self.dsn, self.table)
+
+    def make_queue(self, **options: Any) -> PostgresQueue:
+        return PostgresQueue(self.dsn, table=self.table, **options)
+
+    def put_raw(self, queue: PostgresQueue, raw: bytes) -> None:
+        len(queue)  # the queue creates its tables on first use
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f"INSERT INTO {self.table} (queue, body) VALUES (%s, %s)",
+                         (queue.name, raw.decode("utf-8", "replace")))
+
+
+# -- PostgreSQL only ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def table(postgres_dsn: str) -> Iterator[str]:
+    """A fresh table name, dropped after the test."""
+    name = f"pgtest_{uuid.uuid4().hex[:12]}"
+    yield name
+    drop_tables(postgres_dsn, name)
+
+
+@pytest.fixture
+def queues(postgres_dsn: str, table: str) -> Iterator[Callable[..., PostgresQueue]]:
+    """Make PostgresQueues on the test's table; all are closed afterwards."""
+    made: list[PostgresQueue] = []
+
+    def factory(dsn: str | None = None, **options: Any) -> PostgresQueue:
+        queue = PostgresQueue(dsn or postgres_dsn, table, **options)
+        made.append(queue)
+        return queue
+
+    yield factory
+    for queue in made:
+        queue.close()
+
+
+def test_waiting_dequeue_wakes_within_a_second_of_an_enqueue(postgres_dsn, queues):
+    """LISTEN/NOTIFY: an idle dequeue(timeout=10) returns as soon as another process enqueues."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    consumer = queues(with_app_name(postgres_dsn, app))
+    producer = queues()
+    len(consumer)  # the tables exist before anyone waits
+    got: list[tuple[Any, float]] = []
+    thread = threading.Thread(
+        target=lambda: got.append((consumer.dequeue(timeout=10), time.monotonic())))
+    thread.start()
+    try:
+        # Enqueue only once the consumer sits in LISTEN, so the wake-up is the NOTIFY's.
+        wait_for(lambda: rows(postgres_dsn, "SELECT 1 FROM pg_stat_activity WHERE "
+                                            "application_name = %s AND state = 'idle' "
+                                            "AND query LIKE 'LISTEN%%'", app), 5)
+        sent = time.monotonic()
+        producer.enqueue(["id-n", "Task", 1])
+    finally:
+        thread.join(15)
+    message, received = got[0]
+    assert list(message) == ["id-n", "Task", 1]
+    assert received - sent < 1.0
+
+
+def test_reconnects_after_the_backend_is_terminated(postgres_dsn, queues):
+    """A terminated connection fails one call (OperationalError); the next reconnects."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    queue.enqueue(["id-1", "Task"])
+    assert terminate(postgres_dsn, app) >= 1
+    with pytest.raises(psycopg.OperationalError):
+        queue.enqueue(["id-lost", "Task"])
+    queue.enqueue(["id-2", "Task"])
+    first, second = queue.dequeue(), queue.dequeue()
+    assert [first[0], second[0]] == ["id-1", "id-2"]
+    assert terminate(postgres_dsn, app) >= 1  # a lease held across an outage is kept
+    with pytest.raises(psycopg.OperationalError):
+        queue.ack(first)
+    queue.ack(second)
+    assert rows(postgres_dsn, f"SELECT body FROM {queue.table}") == [('["id-1","Task"]',)]
+
+
+class PgSum(Task):
+    def process(self, a: int, b: int) -> int:
+        return a + b
+
+
+def test_engine_with_four_threads_drains_500_messages(postgres_dsn, queues, make_engine):
+    """An engine in burst mode processes and acks 500 messages, at-least-once."""
+    queue = queues()
+    engine = make_engine(threads=4, queue=queue)
+    for i in range(500):
+        engine.submit(PgSum, i, 1)
+    engine.run(burst=True)
+    stats = engine.stats()
+    assert (stats["processed"], stats["succeeded"], stats["queued"]) == (500, 500, 0)
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(0,)]
+    assert "guarantee=at-least-once" in main_log(engine).splitlines()[0]
+
+
+def test_engine_rides_out_a_lost_connection(postgres_dsn, queues, make_engine):
+    """The engine logs a failed dequeue, the queue reconnects, and the work goes on."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    producer = queues()
+    engine = make_engine(threads=2, queue=queue)
+    engine.submit(PgSum, 1, 2)
+    engine.start()
+    try:
+        wait_for(lambda: engine.stats()["processed"] == 1, 10)
+        terminate(postgres_dsn, app)
+        for i in range(5):
+            producer.enqueue([f"after-{i}", "PgSum", i, i])
+        wait_for(lambda: engine.stats()["processed"] == 6, 15)
+    finally:
+        assert engine.stop(timeout=10)
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(0,)]
+    log = main_log(engine)
+    assert "dequeue failed" in log and "dequeue recovered" in log
+
+
+def test_requeue_does_not_count_a_delivery(queues):
+    """A message given back unrun is never taken for poison."""
+    queue = queues(max_deliveries=1)
+    queue.enqueue(["id-r", "Task"])
+    for _ in range(3):
+        message = queue.dequeue()
+        assert message is not None
+        queue.requeue(message)
+    assert queue.dequeue() is not None
+    assert queue.rejected() == []
+
+
+def test_named_queues_share_a_table_apart(queues):
+    """Queues with different names in one table never see each other's messages."""
+    mail, video = queues(name="mail"), queues(name="video")
+    mail.enqueue(["id-m", "Send"])
+    assert video.dequeue() is None and len(video) == 0
+    assert list(mail.dequeue()) == ["id-m", "Send"]
+
+
+def test_settling_a_message_twice_is_an_error(queues):
+    """ack/reject/requeue accept only what this queue object dequeued and did not settle."""
+    queue = queues()
+    queue.enqueue(["id-a", "Task"])
+    message = queue.dequeue()
+    queue.ack(message)
+    with pytest.raises(ValueError, match="already acked"):
+        queue.ack(message)
+
+
+def test_engines_starting_together_create_the_schema_once(postgres_dsn, queues):
+    """Concurrent first uses of a new table all succeed (the advisory lock serialises DDL)."""
+    handles = [queues() for _ in range(8)]
+    barrier = threading.Barrier(len(handles))
+    errors: list[BaseException] = []
+
+    def first_use(queue: PostgresQueue) -> None:
+        barrier.wait(5)
+        try:
+            queue.enqueue(["id", "Task"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use, args=(h,)) for h in handles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert errors == []
+    assert len(handles[0]) == 8
+
+
+def test_schema_sql_is_the_documented_one():
+    """The SQL printed for a DBA is the SQL in the module's docstring."""
+    assert textwrap.indent(postgres_module.schema_sql(), "    ") in postgres_module.__doc__
+    assert '"jobs_rejected"' in postgres_module.schema_sql("jobs")
+
+
+@pytest.mark.parametrize("bad", ["Jobs", "jobs-1", "x; DROP TABLE y", "", "a" * 49, 7])
+def test_table_must_be_a_plain_identifier(postgres_dsn, bad):
+    """A table name that is not a plain lowercase identifier is refused at construction."""
+    with pytest.raises(ConfigurationError, match="plain lowercase identifier"):
+        PostgresQueue(postgres_dsn, bad)
+
+
+@pytest.mark.parametrize("options", [{"lease": 0}, {"lease": "30"}, {"max_deliveries": 0},
+                                     {"lease": 3, "heartbeat_interval": 3}])
+def test_bad_options_are_refused(postgres_dsn, options):
+    """Out-of-range leases, delivery limits and heartbeats raise ConfigurationError."""
+    with pytest.raises(ConfigurationError):
+        PostgresQueue(postgres_dsn, **options)
+
+
+def test_repr_never_shows_the_dsn(postgres_dsn):
+    """The DSN (which may hold a password) stays out of repr()."""
+    queue = PostgresQueue("postgresql://app:s3cret@db.invalid/x", heartbeat_interval=1)
+    assert "s3cret" not in repr(queue) and queue.heartbeat_interval == 1.0
+    assert PostgresQueue("postgresql://db.invalid/x", lease=9).heartbeat_interval == 3.0
+
+
+def test_without_psycopg_the_error_names_the_extra():
+    """tempest.queues imports without psycopg; PostgresQueue() says which extra to install."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["psycopg"] = None  # as if the extra were not installed
+        from tempest import ConfigurationError
+        from tempest.queues import PostgresQueue
+        try:
+            PostgresQueue("postgresql://localhost/x")
+        except ConfigurationError as exc:
+            print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=30, check=True).stdout
+    assert "pip install 'task-tempest[postgres]'" in out
+
+
+# -- engines in processes of their own -----------------------------------------------------
+
+
+class EngineProcesses:
+    """postgres_engine.py processes sharing one table and one results file."""
+
+    def __init__(self, tmp_path: Path, dsn: str, table: str) -> None:
+        self.tmp_path, self.dsn, self.table = tmp_path, dsn, table
+        self.results = tmp_path / "results.txt"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+    def start(self, threads: int, lease: float) -> tuple[subprocess.Popen[bytes], Path]:
+        folder = self.tmp_path / f"engine{len(self.procs)}"
+        folder.mkdir()
+        out = folder / "out.txt"
+        with open(out, "wb") as stdout, open(folder / "err.txt", "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, str(SCRIPT), self.dsn, self.table, str(self.results),
+                 str(folder), str(threads), str(lease)],
+                stdout=stdout, stderr=stderr, cwd=folder, env=self.env)
+        self.procs.append(proc)
+        return proc, out
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], out: Path) -> None:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                err = (out.parent / "err.txt").read_text()
+                raise AssertionError(f"the engine exited early ({proc.returncode}):\n{err}")
+            return "ready" in out.read_text()
+        wait_for(ready, 15)
+
+    def done(self) -> list[tuple[str, int]]:
+        if not self.results.exists():
+            return []
+        lines = self.results.read_text().split("\n")[:-1]  # a line being written: later
+        return [(task_id, int(pid)) for task_id, pid in (line.split() for line in lines)]
+
+    def left(self) -> int:
+        return rows(self.dsn, f"SELECT count(*) FROM {self.table}")[0][0]
+
+    def wait_all_processed(self, ids: list[str], timeout: float) -> None:
+        wait_for(lambda: {t for t, _ in self.done()} >= set(ids) and self.left() == 0, timeout)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            assert proc.wait(15) in (0, -signal.SIGKILL)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def engines(tmp_path: Path, postgres_dsn: str, table: str) -> Iterator[EngineProcesses]:
+    """Engine processes on the test's table; any still running is killed afterwards."""
+    processes = EngineProcesses(tmp_path, postgres_dsn, table)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+
+
+def enqueue(queue: PostgresQueue, count: int, pause: float) -> list[str]:
+    ids = [f"m{i:04d}" for i in range(count)]
+    for task_id in ids:
+        queue.enqueue([task_id, "PgRecord", pause])
+    return ids
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_kill_9_loses_nothing(engines, queues):
+    """An engine killed with SIGKILL mid-run: another takes over once its leases expire."""
+    ids = enqueue(queues(), 200, 0.02)
+    first, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(first, out)
+    wait_for(lambda: len(engines.done()) >= 40, 15)
+    first.kill()
+    first.wait(10)
+    killed_at = len(engines.done())
+    assert killed_at < len(ids), "the first engine finished before it could be killed"
+    second, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(second, out)
+    engines.wait_all_processed(ids, 20)
+    engines.stop_all()
+    done = [task_id for task_id, _ in engines.done()]
+    print(f"killed after {killed_at} of {len(ids)}; run twice: {len(done) - len(ids)}")
+    assert set(done) == set(ids)  # at least once: none lost
+    # Run twice: only what the dead engine had leased (four threads' worth).
+    assert len(done) - len(ids) <= 4
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_three_engines_share_one_table(engines, queues):
+    """Three engine processes on one table run each of 300 messages exactly once."""
+    started = [engines.start(threads=2, lease=30) for _ in range(3)]
+    for proc, out in started:
+        engines.wait_ready(proc, out)
+    ids = enqueue(queues(), 300, 0.005)
+    engines.wait_all_processed(ids, 30)
+    engines.stop_all()
+    done = engines.done()
+    counts = collections.Counter(task_id for task_id, _ in done)
+    assert sorted(counts) == ids and set(counts.values()) == {1}
+    print("per engine:", collections.Counter(pid for _, pid in done))
+    assert len({pid for _, pid in done}) >= 2  # the work was shared
