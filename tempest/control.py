@@ -56,6 +56,9 @@ class Control:
         self.report_every = report_every
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
+        """The background thread of a start()ed engine (None under run())."""
+        self.holding: set[threading.Thread] = set()
+        """Threads that stop() must not wait in: see cannot_wait()."""
         self._signals: list[int] = []
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
@@ -72,10 +75,23 @@ class Control:
         except OSError:  # full (a wake-up is pending anyway) or closed (stopped)
             pass
 
-    def in_worker(self) -> bool:
-        """Whether the calling thread is one of the engine's workers."""
+    def cannot_wait(self) -> bool:
+        """Whether the calling thread is one the stop it asks for waits on.
+
+        A worker (a task or callback calling stop()), the thread running the
+        loop (a callback run during the drain), or the thread starting the
+        engine (``after_initialize``): each would wait for itself forever.
+        """
         current = threading.current_thread()
-        return any(slot.thread is current for slot in list(self.runtime.slots))
+        return (current in self.holding
+                or any(slot.thread is current for slot in list(self.runtime.slots)))
+
+    def discard(self) -> None:
+        """Close what __init__ opened, for a run whose start-up failed."""
+        self._open_gate()
+        self._reader.close()
+        self._writer.close()
+        self.stopped.set()
 
     # -- the loop --------------------------------------------------------------------
 
@@ -86,6 +102,7 @@ class Control:
         the systemd notify protocol where ``NOTIFY_SOCKET`` is set.
         """
         runtime = self.runtime
+        self.holding.add(threading.current_thread())
         notifier = Notifier.from_environ() if signals else Notifier(None)
         previous = self._install() if signals else None
         try:

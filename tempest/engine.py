@@ -168,12 +168,13 @@ class Engine:
             control = state.control
         if control is not None:
             control.runtime.request_stop("stop() called")
-            if not wait or control.in_worker():
+            if not wait or control.cannot_wait():
                 return control.stopped.is_set()
             if not control.stopped.wait(timeout):
                 return False
-            if control.thread is not None and control.thread is not threading.current_thread():
-                control.thread.join()
+            # Forget the run here rather than wait for the loop's own thread to:
+            # once stop() returns, start() may be called again at once.
+            cls._end(control, keep_error=control.thread is not None)
         with state.lock:
             error, state.error = state.error, None
         if error is not None:
@@ -213,12 +214,16 @@ class Engine:
             runtime = Runtime(cls, burst=burst, overrides=overrides)
             control = Control(runtime, report_every=runtime.options["report_every"])
             state.control = control
+        control.holding.add(threading.current_thread())  # after_initialize may call stop()
         try:
             runtime.start()
         except BaseException:
+            control.discard()
             with state.lock:
                 state.control = None
             raise
+        finally:
+            control.holding.discard(threading.current_thread())
         return control
 
     @classmethod

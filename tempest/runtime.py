@@ -44,6 +44,7 @@ from tempest.exceptions import ConfigurationError, TaskTimeout, TooManyAbandoned
 from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
 from tempest.messages import BadMessage, new_task_id, parse
 from tempest.pool import ABANDONED, INTERRUPTED, TIMEOUT, WORKER, Slot, Supervisor
+from tempest.queues.protocol import DEFAULT_HEARTBEAT
 from tempest.task import UNSET, Task
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ POLL_MIN, POLL_MAX = 0.001, 0.5
 
 ERROR_MIN, ERROR_MAX = 0.1, 5.0
 """Backoff after a dequeue raised (doubles per consecutive failure)."""
+
+HEARTBEAT_JOIN = 5.0
+"""Seconds finish() waits for a heartbeat in progress before closing the logs."""
 
 ABANDON_GRACE = 1.0
 """Seconds after its deadline a task's thread has to unwind before it is abandoned."""
@@ -78,6 +82,17 @@ def _describe(exc: BaseException) -> str:
     except Exception:  # noqa: BLE001 - a task's broken __str__ must not kill the worker
         text = "<exception str() failed>"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _heartbeat_interval(queue: Any) -> float:
+    """The queue's ``heartbeat_interval`` (seconds), checked; see tempest.queues.protocol."""
+    interval = getattr(queue, "heartbeat_interval", DEFAULT_HEARTBEAT)
+    if (isinstance(interval, bool) or not isinstance(interval, (int, float))
+            or not interval > 0 or interval == float("inf")):
+        raise ConfigurationError(
+            f"{type(queue).__name__}.heartbeat_interval must be a positive number of "
+            f"seconds, not {interval!r}")
+    return float(interval)
 
 
 class Runtime:
@@ -106,12 +121,16 @@ class Runtime:
         self._ack = getattr(self.queue, "ack", None)
         self._reject_to = getattr(self.queue, "reject", None)
         self.guarantee = "at-least-once" if callable(self._ack) else "at-most-once"
+        self._heartbeat = getattr(self.queue, "heartbeat", None)
+        self.heartbeat_interval = _heartbeat_interval(self.queue)
+        self._heartbeat_thread: threading.Thread | None = None
 
         # Lock order: a Slot's lock may be held while taking _lock (the timeout
         # is counted under the slot lock), never the other way round.
         self._lock = threading.Lock()  # counters, slots, closed
         self._dequeue_lock = threading.Lock()
         self._stop_event = threading.Event()
+        self._heartbeat_stop = threading.Event()
         self._poll = POLL_MIN
         self._errors = 0
         self.stopping = False
@@ -168,6 +187,10 @@ class Runtime:
         self.logs.always.info("started", engine=self.name, threads=self.threads,
                               queue=type(self.queue).__name__, guarantee=self.guarantee)
         self.supervisor.start()
+        if callable(self._heartbeat):
+            self._heartbeat_thread = threading.Thread(
+                target=self._beat, daemon=True, name=f"tempest-heartbeat:{self.name}")
+            self._heartbeat_thread.start()
         for _ in range(self.threads):
             self._spawn(Slot())
 
@@ -200,6 +223,11 @@ class Runtime:
             if taken is not None:
                 self._interrupted(*taken)
         self.supervisor.stop()
+        self._heartbeat_stop.set()
+        if self._heartbeat_thread is not None:
+            # Bounded: a heartbeat stuck on a dead server must not hold up the
+            # exit (the thread is a daemon; the leases simply run out).
+            self._heartbeat_thread.join(HEARTBEAT_JOIN)
         self.stopped_at = time.monotonic()
         logs = self.logs
         if logs is not None:
@@ -207,6 +235,30 @@ class Runtime:
                              **self.stats())
             uninstall_capture()
             logs.close()
+
+    def _beat(self) -> None:
+        """Heartbeat thread: renew the queue's leases until the run has finished.
+
+        Its own thread, not the control loop's: a heartbeat waiting on a slow
+        server must delay neither signals nor the watchdog. It beats through
+        the drain too (tasks still running keep their leases) and stops only
+        in finish(), once they are done or given back. The first beat is at
+        once: it also recovers what dead consumers of the queue left leased.
+        """
+        failures = 0
+        while True:
+            try:
+                self._heartbeat()  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - retried at the next beat
+                failures += 1
+                self.logs.main.error("heartbeat failed", error=_describe(exc),
+                                     attempt=failures, retry_in=self.heartbeat_interval)
+            else:
+                if failures:
+                    self.logs.main.info("heartbeat recovered", attempts=failures)
+                    failures = 0
+            if self._heartbeat_stop.wait(self.heartbeat_interval):
+                return
 
     # -- worker threads --------------------------------------------------------------
 
@@ -407,9 +459,15 @@ class Runtime:
     def _reject(self, message: Any, reason: str, detail: str) -> None:
         self._count("rejected")
         self.logs.main.error("rejected", reason=reason, detail=detail, message=repr(message))
-        if callable(self._reject_to):
+        # Kept aside by the queue's reject where it has one. A queue that acks
+        # but cannot reject gets an ack: the message is logged whole above, and
+        # left unacked its lease would bring it back to be rejected forever.
+        if callable(self._reject_to) or callable(self._ack):
             try:
-                self._reject_to(message, reason)
+                if callable(self._reject_to):
+                    self._reject_to(message, reason)
+                else:
+                    self._ack(message)  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001
                 self.logs.main.error("reject failed", reason=reason, error=_describe(exc),
                                      message=repr(message))

@@ -479,3 +479,40 @@ def test_failing_engine_callback_is_logged_and_engine_goes_on(make_engine):
     assert engine.stats()["succeeded"] == 2
     text = main_log(engine)
     assert text.count("callback failed") == 2 and "RuntimeError: callback bug" in text
+
+
+# -- stop() from awkward places ----------------------------------------------------------
+
+
+def test_start_right_after_stop_of_a_run_in_another_thread(make_engine):
+    """Once stop() returned True, the run is forgotten: start() works at once."""
+    engine = make_engine()
+    thread = threading.Thread(target=engine.run)
+    thread.start()
+    try:
+        wait_for(lambda: engine._state.control is not None
+                 and engine._state.control.runtime.logs is not None, 5)
+        assert engine.stop(timeout=5) is True
+        engine.start()  # no "already running", though run() may not have returned yet
+        assert engine.stop(timeout=5) is True
+    finally:
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("how", ["start", "run"])
+def test_stop_from_after_initialize_does_not_deadlock(make_engine, how):
+    """after_initialize runs in the starting thread: its stop() only requests the stop."""
+    answers: list[bool] = []
+    engine = make_engine(after_initialize=lambda eng: answers.append(eng.stop()))
+    engine.submit(EngAdd, 1, 2)
+    if how == "start":
+        engine.start()
+        assert engine.stop(timeout=5) is True
+    else:
+        thread = threading.Thread(target=engine.run)
+        thread.start()
+        thread.join(5)
+        assert not thread.is_alive()
+    assert answers == [False]
+    assert 'reason="stop() called"' in main_log(engine)
