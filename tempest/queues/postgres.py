@@ -79,13 +79,14 @@ _MAX_IDENTIFIER = 63
 """PostgreSQL's longest identifier (and LISTEN channel), in bytes."""
 
 _CONNECT_TIMEOUT = 10
+"""Seconds to wait for a connection unless the DSN says otherwise (libpq: forever)."""
+
 _WORK_CONNECTIONS = 4
 """Connections a queue object uses at once for its statements (waiting dequeues aside).
 
 Every statement is one short round trip, so a few connections keep up with many
 threads, and a hundred engines stay within a server's max_connections.
 """
-"""Seconds to wait for a connection unless the DSN says otherwise (libpq: forever)."""
 
 _SCHEMA = """\
 CREATE TABLE IF NOT EXISTS {table} (
