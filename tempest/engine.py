@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from typing import Any, ClassVar
 
@@ -15,6 +16,9 @@ from tempest.runtime import Runtime
 from tempest.task import Task
 
 __all__ = ["Engine"]
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+"""Argument types that JSON gives back unchanged (floats: finite ones)."""
 
 
 class Engine:
@@ -106,7 +110,13 @@ class Engine:
             raise TypeError(f"task_id must be a non-empty string, not {task_id!r}")
         # The queue gets the message as JSON would give it back (tuples become
         # lists, dict keys strings), so MemoryQueue behaves like durable queues.
-        cls._options["queue"].enqueue(json.loads(encode(task_id, name, args)))
+        # Plain scalars come back from JSON as they are: no round trip for them.
+        if all(type(arg) in _SCALARS and (type(arg) is not float or math.isfinite(arg))
+               for arg in args):
+            message: list[Any] = [task_id, name, *args]
+        else:
+            message = json.loads(encode(task_id, name, args))
+        cls._options["queue"].enqueue(message)
         return task_id
 
     # -- running -----------------------------------------------------------------------
