@@ -133,7 +133,7 @@ def task_log(engine: type[Engine]) -> str:
 
 def _read(engine: type[Engine], suffix: str) -> str:
     control = engine._state.control
-    if control is not None:
+    if control is not None and control.runtime.logs is not None:  # None: not open yet
         control.runtime.logs.flush()
     opts = engine._options
     log_dir = opts["log_dir"]() if callable(opts["log_dir"]) else opts["log_dir"]
