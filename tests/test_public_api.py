@@ -11,7 +11,8 @@ import pytest
 import tempest
 
 PUBLIC_MODULES = ["tempest", "tempest.queues", "tempest.exceptions", "tempest.systemd",
-                  "tempest.queues.protocol", "tempest.testing"]
+                  "tempest.queues.protocol", "tempest.queues.sqlite",
+                  "tempest.queues.postgres", "tempest.testing"]
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)

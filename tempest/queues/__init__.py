@@ -9,11 +9,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from tempest.queues.memory import MemoryQueue
+from tempest.queues.sqlite import SQLiteQueue
 
 if TYPE_CHECKING:
     from tempest.queues.postgres import PostgresQueue
 
-__all__ = ["MemoryQueue", "PostgresQueue"]
+__all__ = ["MemoryQueue", "PostgresQueue", "SQLiteQueue"]
 
 # Backends that need a client library load on first use, so that
 # ``import tempest.queues`` works without their extras installed.

@@ -1,0 +1,618 @@
+"""SQLiteQueue: the queue contract, then what only a shared SQLite file gives."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tempest import ConfigurationError, Task
+from tempest.queues import sqlite as sqlite_module
+from tempest.queues.protocol import POISON_REASON
+from tempest.queues.sqlite import SQLiteQueue
+from tempest.testing import QueueContract
+
+from ..conftest import main_log, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+ENGINE_SCRIPT = REPO / "tests" / "scripts" / "sqlite_engine.py"
+CONSUMER_SCRIPT = REPO / "tests" / "scripts" / "sqlite_consumer.py"
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
+def sql(path: Path | str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run *query* on a connection of its own (autocommit) and return its rows."""
+    with closing(sqlite3.connect(path, timeout=10, isolation_level=None)) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def store(path: Path | str, queue: SQLiteQueue, *bodies: Any) -> None:
+    """Insert *bodies* as they are (no encoding), in one transaction."""
+    len(queue)  # the queue creates its tables on first use
+    with closing(sqlite3.connect(path, timeout=10)) as conn, conn:
+        conn.executemany(
+            f"INSERT INTO {queue.table} (queue, body, available_at, enqueued_at) "
+            f"VALUES (?, ?, 0, 0)", [(queue.name, body) for body in bodies])
+
+
+class TestSQLiteQueueContract(QueueContract):
+    """SQLiteQueue: each handle is a new consumer (and connection) on this test's file."""
+
+    def make_queue(self, **options: Any) -> SQLiteQueue:
+        return SQLiteQueue(self.tmp_path / "q.db", **options)
+
+    def put_raw(self, queue: SQLiteQueue, raw: bytes) -> None:
+        store(queue.path, queue, raw)  # a BLOB, not UTF-8: it comes back as bytes
+
+
+# -- SQLite only ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "q.db"
+
+
+@pytest.fixture
+def queues(path: Path) -> Iterator[Callable[..., SQLiteQueue]]:
+    """Make SQLiteQueues on the test's file; all are closed afterwards."""
+    made: list[SQLiteQueue] = []
+
+    def factory(**options: Any) -> SQLiteQueue:
+        queue = SQLiteQueue(path, **options)
+        made.append(queue)
+        return queue
+
+    yield factory
+    for queue in made:
+        queue.close()
+
+
+def test_the_file_is_in_wal_mode(path, queues):
+    """The queue puts its file in WAL mode (readers never wait for the writer)."""
+    queue = queues()
+    queue.enqueue(["id-1", "Task"])
+    assert sql(path, "PRAGMA journal_mode") == [("wal",)]
+    assert queue.path == str(path)
+
+
+def test_messages_survive_reopening_the_file(path, queues):
+    """Waiting, leased and rejected messages are all still there for a new queue object."""
+    first = queues(lease=0.5)
+    for i in range(4):
+        first.enqueue([f"id-{i}", "Task", i])
+    first.ack(first.dequeue())
+    first.reject(first.dequeue(), "UnknownTask")
+    assert list(first.dequeue()) == ["id-2", "Task", 2]  # leased, never acked
+    first.close()
+
+    second = queues(lease=0.5)
+    assert list(second.dequeue()) == ["id-3", "Task", 3]
+    assert second.rejected() == [(["id-1", "Task", 1], "UnknownTask")]
+    again = wait_for(second.dequeue, 10)  # once first's lease runs out
+    assert list(again) == ["id-2", "Task", 2]
+
+
+def test_len_counts_neither_leased_nor_rejected_messages(queues):
+    """len() is what waits: a leased message counts again only once its lease ran out."""
+    queue = queues(lease=0.3)
+    for i in range(3):
+        queue.enqueue([f"id-{i}", "Task"])
+    held = queue.dequeue()
+    queue.reject(queue.dequeue(), "UnknownTask")
+    assert len(queue) == 1
+    wait_for(lambda: len(queue) == 2, 10)
+    queue.ack(held)
+
+
+def test_consumer_processes_never_share_a_message(path, queues, tmp_path):
+    """Six consumers in three processes racing for 600 messages each get their own."""
+    results = tmp_path / "results.txt"
+    procs = [subprocess.Popen(
+        [sys.executable, str(CONSUMER_SCRIPT), "consume", str(path), str(results), "2"],
+        stdout=subprocess.PIPE, cwd=tmp_path, env=ENV) for _ in range(3)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        ids = [f"m{i:04d}" for i in range(600)]
+        # All at once, in one transaction: every consumer sees the same head of the queue.
+        store(path, queues(), *(f'["{task_id}","Task"]' for task_id in ids),
+              *['["stop","Task"]'] * 6)
+        for proc in procs:
+            assert proc.wait(60) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            assert proc.stdout is not None
+            proc.stdout.close()
+    done = [line.split() for line in results.read_text().splitlines()]
+    counts = collections.Counter(task_id for task_id, _ in done)
+    assert sorted(counts) == ids and set(counts.values()) == {1}
+    print("per process:", collections.Counter(pid for _, pid in done))
+    assert sql(path, "SELECT count(*) FROM tempest_messages") == [(0,)]
+
+
+def test_another_process_wakes_a_waiting_dequeue_within_a_second(path, queues, tmp_path):
+    """An enqueue in another process reaches a waiting dequeue(timeout=10) by polling."""
+    consumer = queues()
+    len(consumer)  # the tables exist before anyone waits
+    waiting = threading.Event()
+    got: list[tuple[Any, float]] = []
+
+    def wait() -> None:
+        waiting.set()
+        got.append((consumer.dequeue(timeout=10), time.monotonic()))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    try:
+        assert waiting.wait(5)
+        out = subprocess.run(
+            [sys.executable, str(CONSUMER_SCRIPT), "enqueue", str(path), "id-x"],
+            capture_output=True, check=True, timeout=30, cwd=tmp_path, env=ENV).stdout
+    finally:
+        thread.join(15)
+    sent = float(out)
+    message, received = got[0]
+    assert list(message) == ["id-x", "Task"]
+    print(f"cross-process wake-up: {1000 * (received - sent):.0f} ms")
+    assert received - sent < 1.0
+
+
+def test_an_enqueue_in_this_process_wakes_a_waiting_dequeue_at_once(queues, monkeypatch):
+    """Queue objects on one file in one process ring a bell: no waiting for the next poll."""
+    monkeypatch.setattr(sqlite_module, "_POLL_MIN", 30.0)  # polling alone would take 30 s
+    monkeypatch.setattr(sqlite_module, "_POLL_MAX", 30.0)
+    waiting = threading.Event()
+    original = sqlite_module._Doorbell.wait
+
+    def wait(self: Any, seen: int, timeout: float) -> None:
+        waiting.set()
+        original(self, seen, timeout)
+
+    monkeypatch.setattr(sqlite_module._Doorbell, "wait", wait)
+    consumer, producer = queues(), queues()
+    len(consumer)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(consumer.dequeue(timeout=20)))
+    thread.start()
+    try:
+        # Once the consumer is in its wait (or about to be: rings are counted).
+        assert waiting.wait(5)
+        started = time.monotonic()
+        producer.enqueue(["id-b", "Task"])
+    finally:
+        thread.join(25)
+    assert list(got[0]) == ["id-b", "Task"]
+    assert time.monotonic() - started < 5.0
+
+
+def test_text_that_is_not_utf8_comes_back_raw_and_blocks_nothing(path, queues):
+    """A TEXT body that is not UTF-8 is handed out as bytes; the messages behind it flow."""
+    queue = queues()
+    len(queue)
+    sql(path, "INSERT INTO tempest_messages (queue, body, available_at, enqueued_at) "
+              "VALUES ('tempest', CAST(x'ff5b31' AS TEXT), 0, 0)")
+    store(path, queue, "not json", '{"a": 1}')
+    queue.enqueue(["id-ok", "Task"])
+    raw = [queue.dequeue() for _ in range(3)]
+    assert raw == [b"\xff[1", "not json", '{"a": 1}']
+    for item in raw:
+        queue.reject(item, "Undecodable")
+    assert list(queue.dequeue()) == ["id-ok", "Task"]
+    assert queue.rejected() == [(b"\xff[1", "Undecodable"), ("not json", "Undecodable"),
+                                ('{"a": 1}', "Undecodable")]
+
+
+def test_requeue_does_not_count_a_delivery(queues):
+    """A message given back unrun is never taken for poison."""
+    queue = queues(max_deliveries=1)
+    queue.enqueue(["id-r", "Task"])
+    for _ in range(3):
+        message = queue.dequeue()
+        assert message is not None
+        queue.requeue(message)
+    assert queue.dequeue() is not None
+    assert queue.rejected() == []
+
+
+def test_a_run_of_poison_is_set_aside_in_one_dequeue(path, queues, monkeypatch):
+    """However many poison messages lead the queue, dequeue() returns the good one behind."""
+    monkeypatch.setattr(sqlite_module, "_POISON_BATCH", 2)  # several transactions' worth
+    queue = queues(max_deliveries=3)
+    for i in range(5):
+        queue.enqueue([f"id-p{i}", "Task"])
+    sql(path, "UPDATE tempest_messages SET deliveries = 3")
+    queue.enqueue(["id-good", "Task"])
+    assert list(queue.dequeue()) == ["id-good", "Task"]
+    assert queue.rejected() == [([f"id-p{i}", "Task"], POISON_REASON) for i in range(5)]
+
+
+def test_named_queues_and_tables_stay_apart(queues):
+    """Different names, or tables, in one file never see each other's messages."""
+    mail, video, other = queues(name="mail"), queues(name="video"), queues(table="jobs")
+    mail.enqueue(["id-m", "Send"])
+    assert video.dequeue() is None and len(video) == 0
+    assert other.dequeue() is None and len(other) == 0
+    assert list(mail.dequeue()) == ["id-m", "Send"]
+
+
+def test_settling_a_message_twice_is_an_error(queues):
+    """ack/reject/requeue accept only what this queue object dequeued and did not settle."""
+    queue, other = queues(), queues()
+    queue.enqueue(["id-a", "Task"])
+    message = queue.dequeue()
+    with pytest.raises(ValueError, match="not a message this queue object dequeued"):
+        other.ack(message)
+    queue.ack(message)
+    with pytest.raises(ValueError, match="already acked"):
+        queue.ack(message)
+
+
+def test_heartbeats_from_another_thread_keep_leases_while_workers_ack(queues):
+    """heartbeat() runs safely beside dequeue/ack in other threads, and keeps long tasks."""
+    queue = queues(lease=0.5)
+    thief = queues(lease=0.5)
+    for i in range(200):
+        queue.enqueue([f"id-{i}", "Task", i])
+    done = threading.Event()
+    errors: list[BaseException] = []
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+        return run
+
+    def beat() -> None:
+        while not done.wait(0.05):
+            queue.heartbeat()
+
+    def hold_long() -> None:
+        message = queue.dequeue()
+        done.wait(1.2)  # more than twice the lease
+        with lock:
+            seen.append(message[2])
+        queue.ack(message)
+
+    def work() -> None:
+        while (message := queue.dequeue()) is not None:
+            with lock:
+                seen.append(message[2])
+            queue.ack(message)
+
+    threads = [threading.Thread(target=guarded(fn)) for fn in (beat, hold_long)]
+    threads[0].start()
+    threads[1].start()
+    wait_for(lambda: len(queue._leases) == 1, 5)
+    workers = [threading.Thread(target=guarded(work)) for _ in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(30)
+    # Every other message is done: the long one stays leased, out of the thief's reach.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert thief.dequeue() is None
+        threading.Event().wait(0.05)
+    done.set()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert sorted(seen) == list(range(200))
+    assert len(queue) == 0 and thief.dequeue() is None
+
+
+def test_a_late_consumer_never_takes_a_message_back(path, queues):
+    """Once a lease ran out and another consumer took the message, the first one's
+    heartbeat and requeue leave it alone."""
+    slow, fast = queues(lease=0.3), queues(lease=30)
+    slow.enqueue(["id-1", "Task"])
+    late = slow.dequeue()
+    taken = wait_for(fast.dequeue, 10)
+    slow.heartbeat()
+    slow.requeue(late)
+    assert sql(path, "SELECT leased_by, deliveries FROM tempest_messages") == [
+        (fast.consumer, 2)]
+    assert slow.dequeue() is None
+    fast.ack(taken)
+    assert len(fast) == 0
+
+
+def test_a_locked_file_is_waited_for_then_reported(path, queues):
+    """busy_timeout: a statement waits for another connection's write lock, then fails
+    with 'database is locked', and the queue leaves no transaction open behind it."""
+    patient, hasty = queues(), queues(busy_timeout=0.2)
+    patient.enqueue(["id-1", "Task"])
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            locked.set()
+            release.wait(10)
+            conn.execute("COMMIT")
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    try:
+        assert locked.wait(5)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            hasty.enqueue(["id-lost", "Task"])
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            hasty.dequeue()  # the claim's BEGIN IMMEDIATE
+        threading.Timer(0.3, release.set).start()
+        started = time.monotonic()
+        patient.enqueue(["id-2", "Task"])  # waits for the lock, then succeeds
+        assert time.monotonic() - started >= 0.2
+    finally:
+        release.set()
+        holder.join(10)
+    # hasty's failed claim left nothing locked: another writer gets in at once.
+    with closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    assert [list(hasty.dequeue()), list(hasty.dequeue())] == [["id-1", "Task"], ["id-2", "Task"]]
+
+
+def test_first_uses_racing_on_a_new_file_all_succeed(queues):
+    """Eight queue objects creating the file, WAL mode and tables at once all work."""
+    handles = [queues() for _ in range(8)]
+    barrier = threading.Barrier(len(handles))
+    errors: list[BaseException] = []
+
+    def first_use(queue: SQLiteQueue) -> None:
+        try:
+            barrier.wait(5)
+            queue.enqueue(["id", "Task"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use, args=(h,)) for h in handles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert errors == []
+    assert len(handles[0]) == 8
+
+
+def test_close_keeps_the_queue_usable(queues):
+    """After close(), the next call opens a new connection."""
+    queue = queues()
+    queue.enqueue(["id-1", "Task"])
+    queue.close()
+    queue.close()
+    assert len(queue) == 1
+    message = queue.dequeue()
+    queue.close()
+    queue.ack(message)  # the lease belongs to the object, not to its connection
+    assert len(queue) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_forked_child_is_a_consumer_of_its_own(queues):
+    """A child process never uses its parent's connection or leases."""
+    queue = queues()
+    queue.enqueue(["id-parent", "Task"])
+    held = queue.dequeue()
+    queue.enqueue(["id-child", "Task"])
+    parent = queue.consumer
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            message = queue.dequeue()
+            code = 2 if queue.consumer == parent else 1
+            if message is not None and list(message) == ["id-child", "Task"]:
+                queue.ack(message)
+                code = 0 if queue.consumer != parent else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    queue.ack(held)
+    assert queue.dequeue() is None and len(queue) == 0
+
+
+def test_schema_is_the_documented_one():
+    """The tables the queue creates are the ones its docstring shows."""
+    names = {key: f'"{value}"' for key, value in sqlite_module._names("tempest_messages").items()}
+    assert textwrap.indent(sqlite_module._SCHEMA.format(**names), "    ") in sqlite_module.__doc__
+
+
+@pytest.mark.parametrize("bad", ["Jobs", "jobs-1", "x; DROP TABLE y", "", "a" * 49, 7,
+                                 "sqlite_jobs"])
+def test_table_must_be_a_plain_identifier(path, bad):
+    """A table name that is not a plain lowercase identifier is refused at construction."""
+    with pytest.raises(ConfigurationError, match="plain lowercase identifier"):
+        SQLiteQueue(path, bad)
+
+
+@pytest.mark.parametrize("bad", ["", ":memory:", "file:q.db?mode=memory", 7, None])
+def test_path_must_name_a_file(bad):
+    """An in-memory database (one per connection) or a non-path is refused."""
+    with pytest.raises(ConfigurationError, match="path must"):
+        SQLiteQueue(bad)
+
+
+@pytest.mark.parametrize("options", [{"lease": 0}, {"lease": "30"}, {"max_deliveries": 0},
+                                     {"max_deliveries": True}, {"busy_timeout": -1},
+                                     {"lease": 3, "heartbeat_interval": 3}, {"name": ""}])
+def test_bad_options_are_refused(path, options):
+    """Out-of-range leases, delivery limits, timeouts and names raise ConfigurationError."""
+    with pytest.raises(ConfigurationError):
+        SQLiteQueue(path, **options)
+
+
+def test_defaults_and_repr(path):
+    """The heartbeat is a third of the lease unless given; repr names file and consumer."""
+    queue = SQLiteQueue(path, lease=9)
+    assert (queue.heartbeat_interval, queue.max_deliveries, queue.busy_timeout) == (3.0, 5, 10.0)
+    assert SQLiteQueue(path, heartbeat_interval=1).heartbeat_interval == 1.0
+    assert str(path) in repr(queue) and queue.consumer in repr(queue)
+    assert not path.exists()  # nothing is opened before the first use
+
+
+class SqSum(Task):
+    def process(self, a: int, b: int) -> int:
+        return a + b
+
+
+def test_engine_with_four_threads_drains_500_messages(path, queues, make_engine):
+    """An engine in burst mode processes and acks 500 messages, at-least-once."""
+    queue = queues()
+    engine = make_engine(threads=4, queue=queue)
+    for i in range(500):
+        engine.submit(SqSum, i, 1)
+    engine.run(burst=True)
+    stats = engine.stats()
+    assert (stats["processed"], stats["succeeded"], stats["queued"]) == (500, 500, 0)
+    assert sql(path, "SELECT count(*) FROM tempest_messages") == [(0,)]
+    assert "guarantee=at-least-once" in main_log(engine).splitlines()[0]
+
+
+def test_engine_rejects_what_it_cannot_run_into_the_file(path, queues, make_engine):
+    """Bad input the engine rejects is kept in <table>_rejected with the reason."""
+    queue = queues()
+    store(path, queue, b"\xff\xfe")
+    queue.enqueue(["id-u", "NoSuchTask"])
+    engine = make_engine(threads=2, queue=queue)
+    engine.run(burst=True)
+    assert engine.stats()["rejected"] == 2
+    assert sorted(queue.rejected(), key=lambda kept: kept[1]) == [
+        (b"\xff\xfe", "Undecodable"),
+        (["id-u", "NoSuchTask"], "UnknownTask")]
+
+
+# -- engines in processes of their own -----------------------------------------------------
+
+
+class EngineProcesses:
+    """sqlite_engine.py processes sharing one file and one results file."""
+
+    def __init__(self, tmp_path: Path, path: Path) -> None:
+        self.tmp_path, self.path = tmp_path, path
+        self.results = tmp_path / "results.txt"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, threads: int, lease: float) -> subprocess.Popen[bytes]:
+        folder = self.tmp_path / f"engine{len(self.procs)}"
+        folder.mkdir()
+        out = folder / "out.txt"
+        with open(out, "wb") as stdout, open(folder / "err.txt", "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, str(ENGINE_SCRIPT), str(self.path), str(self.results),
+                 str(folder), str(threads), str(lease)],
+                stdout=stdout, stderr=stderr, cwd=folder, env=ENV)
+        self.procs.append(proc)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                err = (folder / "err.txt").read_text()
+                raise AssertionError(f"the engine exited early ({proc.returncode}):\n{err}")
+            return "ready" in out.read_text()
+        wait_for(ready, 30)
+        return proc
+
+    def done(self) -> list[tuple[str, int]]:
+        if not self.results.exists():
+            return []
+        lines = self.results.read_text().split("\n")[:-1]  # a line being written: later
+        return [(task_id, int(pid)) for task_id, pid in (line.split() for line in lines)]
+
+    def left(self) -> int:
+        return int(sql(self.path, "SELECT count(*) FROM tempest_messages")[0][0])
+
+    def wait_all_processed(self, ids: list[str], timeout: float) -> None:
+        wait_for(lambda: {t for t, _ in self.done()} >= set(ids) and self.left() == 0, timeout)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            assert proc.wait(15) in (0, -signal.SIGKILL)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def engines(tmp_path: Path, path: Path) -> Iterator[EngineProcesses]:
+    """Engine processes on the test's file; any still running is killed afterwards."""
+    processes = EngineProcesses(tmp_path, path)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+
+
+def enqueue(queue: SQLiteQueue, count: int, pause: float) -> list[str]:
+    ids = [f"m{i:04d}" for i in range(count)]
+    for task_id in ids:
+        queue.enqueue([task_id, "SqRecord", pause])
+    return ids
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_kill_9_mid_run_loses_nothing(engines, queues):
+    """Of two engines, one is killed with SIGKILL mid-run and restarted: every message
+    runs, and only those the dead engine held (at most its threads' worth) run twice."""
+    ids = enqueue(queues(), 300, 0.02)
+    victim = engines.start(threads=4, lease=1)
+    engines.start(threads=2, lease=1)
+    wait_for(lambda: len(engines.done()) >= 60, 30)
+    victim.kill()
+    victim.wait(10)
+    killed_at = len(engines.done())
+    assert killed_at < len(ids), "the engines finished before one could be killed"
+    engines.start(threads=4, lease=1)  # the restart
+    engines.wait_all_processed(ids, 30)
+    engines.stop_all()
+    done = engines.done()
+    counts = collections.Counter(task_id for task_id, _ in done)
+    twice = sorted(task_id for task_id, count in counts.items() if count > 1)
+    print(f"killed after {killed_at} of {len(ids)}; run twice: {twice}")
+    assert sorted(counts) == ids  # at least once: none lost
+    assert set(counts.values()) <= {1, 2} and len(twice) <= 4
+    # Each rerun is one the dead engine had started.
+    first_runs = {task_id: pid for task_id, pid in reversed(done)}
+    assert all(first_runs[task_id] == victim.pid for task_id in twice)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_three_engines_share_one_file(engines, queues):
+    """Three engine processes on one file run each of 300 messages exactly once."""
+    for _ in range(3):
+        engines.start(threads=2, lease=30)
+    ids = enqueue(queues(), 300, 0.005)
+    engines.wait_all_processed(ids, 30)
+    engines.stop_all()
+    done = engines.done()
+    counts = collections.Counter(task_id for task_id, _ in done)
+    assert sorted(counts) == ids and set(counts.values()) == {1}
+    print("per engine:", collections.Counter(pid for _, pid in done))
+    assert len({pid for _, pid in done}) >= 2  # the work was shared
