@@ -12,7 +12,7 @@ import tempest
 
 PUBLIC_MODULES = ["tempest", "tempest.queues", "tempest.exceptions", "tempest.systemd",
                   "tempest.queues.protocol", "tempest.queues.sqlite",
-                  "tempest.queues.postgres", "tempest.testing"]
+                  "tempest.queues.postgres", "tempest.queues.redis", "tempest.testing"]
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)

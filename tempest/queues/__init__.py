@@ -13,13 +13,15 @@ from tempest.queues.sqlite import SQLiteQueue
 
 if TYPE_CHECKING:
     from tempest.queues.postgres import PostgresQueue
+    from tempest.queues.redis import RedisQueue
 
-__all__ = ["MemoryQueue", "PostgresQueue", "SQLiteQueue"]
+__all__ = ["MemoryQueue", "PostgresQueue", "RedisQueue", "SQLiteQueue"]
 
 # Backends that need a client library load on first use, so that
 # ``import tempest.queues`` works without their extras installed.
 _LAZY = {
     "PostgresQueue": "tempest.queues.postgres",
+    "RedisQueue": "tempest.queues.redis",
 }
 
 

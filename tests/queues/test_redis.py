@@ -1,0 +1,549 @@
+"""RedisQueue: the queue contract, then what only a shared Redis gives."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tempest import ConfigurationError, Task
+from tempest.queues.protocol import POISON_REASON
+from tempest.queues.redis import RedisQueue
+from tempest.testing import QueueContract
+
+from ..conftest import main_log, service_unavailable, wait_for
+
+try:
+    import redis
+except ImportError:  # the redis_url fixture skips (on CI: fails) the tests needing it
+    redis = None
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tests" / "scripts" / "redis_engine.py"
+
+
+def client_for(url: str) -> Any:
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+
+
+def delete_queue(url: str, name: str) -> None:
+    """Delete every key of queue *name* (they all start with its prefix)."""
+    client = client_for(url)
+    try:
+        keys = list(client.scan_iter(match=f"tempest:{{{name}}}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def swept(queue: RedisQueue) -> int:
+    """Heartbeat *queue* (recovering dead consumers' messages); return len(queue)."""
+    queue.heartbeat()
+    return len(queue)
+
+
+def in_flight(client: Any, name: str) -> int:
+    """Messages in every consumer's in-flight list of queue *name*."""
+    return sum(client.llen(key) for key in client.scan_iter(
+        match=f"tempest:{{{name}}}:inflight:*", count=1000))
+
+
+class TestRedisQueueContract(QueueContract):
+    """RedisQueue: each handle is a new consumer on this test's own queue name."""
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_url: str, _contract_storage: None) -> Iterator[None]:
+        self.url = redis_url
+        yield
+        for queue in self._made:
+            queue.close()
+        delete_queue(self.url, self.storage_name)
+
+    def make_queue(self, **options: Any) -> RedisQueue:
+        return RedisQueue(self.url, self.storage_name, **options)
+
+    def put_raw(self, queue: RedisQueue, raw: bytes) -> None:
+        client = client_for(self.url)
+        client.lpush(f"{queue.prefix}waiting", raw)
+        client.close()
+
+
+# -- Redis only --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def name(redis_url: str) -> Iterator[str]:
+    """A fresh queue name; its keys are deleted after the test."""
+    queue_name = f"test-{uuid.uuid4().hex[:12]}"
+    yield queue_name
+    delete_queue(redis_url, queue_name)
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[Any]:
+    """A plain redis-py client on the test database."""
+    conn = client_for(redis_url)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def queues(redis_url: str, name: str) -> Iterator[Callable[..., RedisQueue]]:
+    """Make RedisQueues (consumers) on the test's queue; all are closed afterwards."""
+    made: list[RedisQueue] = []
+
+    def factory(url: str | None = None, **options: Any) -> RedisQueue:
+        queue = RedisQueue(url or redis_url, name, **options)
+        made.append(queue)
+        return queue
+
+    yield factory
+    for queue in made:
+        queue.close()
+
+
+def test_keys_are_the_documented_ones(queues, client, name):
+    """Waiting, in-flight, consumers and rejected keys sit under tempest:{name}:, as JSON."""
+    queue = queues()
+    prefix = f"tempest:{{{name}}}:"
+    assert queue.prefix == prefix
+    queue.enqueue(["id-1", "Task", 1])
+    client.lpush(f"{prefix}waiting", '["id-2","Task",2]')  # any client can produce
+    assert client.lrange(f"{prefix}waiting", 0, -1) == [b'["id-2","Task",2]',
+                                                          b'["id-1","Task",1]']
+    first = queue.dequeue()
+    assert first == ["id-1", "Task", 1]
+    inflight = f"{prefix}inflight:{queue.consumer}"
+    assert client.lrange(inflight, 0, -1) == [b'["id-1","Task",1]']
+    assert client.zscore(f"{prefix}consumers", queue.consumer) is not None
+    queue.ack(first)
+    assert client.llen(inflight) == 0
+    queue.reject(queue.dequeue(), "UnknownTask")
+    assert client.lrange(f"{prefix}rejected", 0, -1) == [b'UnknownTask\n["id-2","Task",2]']
+    assert {key.decode() for key in client.scan_iter(match=f"{prefix}*")} == {
+        f"{prefix}consumers", f"{prefix}rejected"}
+
+
+def test_dead_consumer_messages_come_back_first_in_order(queues):
+    """What a dead consumer held returns ahead of the waiting messages, oldest first."""
+    dead, other = queues(lease=0.3), queues(lease=0.3)
+    for i in range(4):
+        dead.enqueue([f"id-{i}", "Task", i])
+    assert [dead.dequeue()[2] for _ in range(3)] == [0, 1, 2]  # then never acked
+    assert other.dequeue()[2] == 3
+    wait_for(lambda: swept(other) == 3, 10)
+    assert [other.dequeue()[2] for _ in range(3)] == [0, 1, 2]
+
+
+def test_requeue_goes_to_the_front_and_does_not_count(queues):
+    """A requeued message is taken next, however often, and never taken for poison."""
+    queue = queues(max_deliveries=1)
+    queue.enqueue(["id-a", "Task"])
+    queue.enqueue(["id-b", "Task"])
+    for _ in range(3):
+        message = queue.dequeue()
+        assert message[0] == "id-a"
+        queue.requeue(message)
+    assert queue.dequeue()[0] == "id-a"
+    assert queue.rejected() == []
+
+
+def test_poison_is_listed_and_its_count_forgotten(queues, client, name):
+    """A message that keeps dying goes to rejected(); its delivery counter goes too."""
+    queue = queues(lease=0.2, max_deliveries=1)
+    queue.enqueue(["id-p", "Task"])
+    assert queue.dequeue() is not None  # and the consumer "dies"
+    sweeper = queues(lease=0.2, max_deliveries=1)
+    wait_for(lambda: swept(sweeper) == 0 and sweeper.rejected(), 10)
+    assert sweeper.rejected() == [(["id-p", "Task"], POISON_REASON)]
+    assert sweeper.dequeue() is None
+    assert not client.exists(f"tempest:{{{name}}}:deliveries")
+
+
+def test_late_ack_after_a_lost_lease(queues, caplog):
+    """A consumer whose lease ran out: its ack still removes the waiting copy; it is warned."""
+    slow, sweeper = queues(lease=0.3), queues(lease=0.3)
+    slow.enqueue(["id-s", "Task"])
+    message = slow.dequeue()
+    wait_for(lambda: swept(sweeper) == 1, 10)  # given back
+    slow.ack(message)  # finished after all: no one else has taken it yet
+    assert len(sweeper) == 0 and sweeper.dequeue() is None
+    with caplog.at_level(logging.WARNING, logger="tempest.queues.redis"):
+        slow.heartbeat()
+    assert "had run out" in caplog.text
+
+
+def test_a_stray_in_flight_entry_is_given_back(queues, client):
+    """An entry moved for this consumer whose reply was lost returns at the next heartbeat."""
+    queue = queues()
+    queue.enqueue(["id-x", "Task"])
+    queue.enqueue(["id-x", "Task"])  # the same bytes twice: a held copy and a stray
+    held = queue.dequeue()
+    inflight = f"{queue.prefix}inflight:{queue.consumer}"
+    # What a claim does when its reply never arrives:
+    assert client.lmove(f"{queue.prefix}waiting", inflight, "RIGHT", "LEFT") is not None
+    assert len(queue) == 0
+    queue.heartbeat()
+    assert len(queue) == 1 and client.llen(inflight) == 1  # the held copy stays leased
+    again = queue.dequeue()
+    queue.ack(held)
+    queue.ack(again)
+    assert client.llen(inflight) == 0 and len(queue) == 0
+
+
+def test_threads_sharing_one_queue_object(queues, client, name):
+    """Eight threads dequeue and ack through one queue object: each message once, all acked."""
+    queue = queues()
+    for i in range(400):
+        queue.enqueue([f"id-{i}", "Task", i])
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        while (message := queue.dequeue(timeout=0.2)) is not None:
+            with lock:
+                seen.append(message[2])
+            queue.ack(message)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(seen) == list(range(400))
+    assert in_flight(client, name) == 0 and len(queue) == 0
+
+
+def test_named_queues_are_apart(redis_url, queues, name):
+    """Queues with different names in one database never see each other's messages."""
+    other = RedisQueue(redis_url, f"{name}-other")
+    try:
+        queues().enqueue(["id-m", "Send"])
+        assert other.dequeue() is None and len(other) == 0
+        assert queues().dequeue() == ["id-m", "Send"]
+    finally:
+        other.close()
+        delete_queue(redis_url, f"{name}-other")
+
+
+def test_settling_a_message_twice_is_an_error(queues):
+    """ack/reject/requeue accept only what this queue object dequeued and did not settle."""
+    queue = queues()
+    queue.enqueue(["id-a", "Task"])
+    message = queue.dequeue()
+    queue.ack(message)
+    with pytest.raises(ValueError, match="already acked"):
+        queue.ack(message)
+    with pytest.raises(ValueError, match="not a message this queue"):
+        queues().requeue(["id-a", "Task"])
+
+
+@pytest.mark.parametrize("options", [{"lease": 0}, {"lease": "30"}, {"max_deliveries": 0},
+                                     {"max_deliveries": True},
+                                     {"lease": 3, "heartbeat_interval": 3},
+                                     {"name": ""}, {"name": "a{b}"}, {"name": 7},
+                                     {"url": b"redis://x"}, {"url": "nosuch://x"}])
+def test_bad_options_are_refused(redis_url, options):
+    """Bad names, URLs, leases, delivery limits and heartbeats raise ConfigurationError."""
+    options = {"url": "redis://127.0.0.1:6379/15", **options}
+    with pytest.raises(ConfigurationError, match="RedisQueue"):
+        RedisQueue(**options)
+
+
+def test_repr_never_shows_the_url(redis_url):
+    """The URL (which may hold a password) stays out of repr(); no connection is made."""
+    queue = RedisQueue("redis://:s3cret@redis.invalid:6379/0", "jobs", heartbeat_interval=1)
+    assert "s3cret" not in repr(queue) and "jobs" in repr(queue)
+    assert queue.heartbeat_interval == 1.0
+    assert RedisQueue("redis://redis.invalid", lease=9).heartbeat_interval == 3.0
+
+
+def test_without_redis_the_error_names_the_extra():
+    """tempest.queues.redis imports without redis-py; RedisQueue() says which extra to install."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["redis"] = None  # as if the extra were not installed
+        from tempest import ConfigurationError
+        from tempest.queues.redis import RedisQueue
+        try:
+            RedisQueue("redis://localhost")
+        except ConfigurationError as exc:
+            print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=30, check=True).stdout
+    assert "pip install 'task-tempest[redis]'" in out
+
+
+class RedisSum(Task):
+    def process(self, a: int, b: int) -> int:
+        return a + b
+
+
+def test_engine_with_four_threads_drains_500_messages(queues, client, name, make_engine):
+    """An engine in burst mode processes and acks 500 messages, at-least-once."""
+    queue = queues()
+    engine = make_engine(threads=4, queue=queue)
+    for i in range(500):
+        engine.submit(RedisSum, i, 1)
+    engine.run(burst=True)
+    stats = engine.stats()
+    assert (stats["processed"], stats["succeeded"], stats["queued"]) == (500, 500, 0)
+    assert in_flight(client, name) == 0
+    assert "guarantee=at-least-once" in main_log(engine).splitlines()[0]
+
+
+# -- a private Redis server, to stop and restart ------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server of the test's own: AOF with fsync on every write, in tmp_path."""
+
+    def __init__(self, binary: str, folder: Path) -> None:
+        self.binary, self.folder = binary, folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conn = client_for(self.url)
+
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
+            try:
+                return bool(conn.ping())
+            except redis.RedisError:
+                return False
+        try:
+            wait_for(up, 10, interval=0.02)
+        finally:
+            conn.close()
+
+    def kill(self) -> None:
+        """SIGKILL: whatever Redis acknowledged is in the fsynced AOF already."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (skip locally, fail on CI, when the binary is missing)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        service_unavailable("redis-server is not on PATH")
+    if redis is None:
+        service_unavailable("the redis driver is not installed: pip install -e '.[test]'")
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(str(binary), folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_settlements_wait_out_a_redis_restart(redis_server, caplog):
+    """Redis down: dequeue and heartbeat raise, ack is kept; restarted: the ack lands."""
+    queue = RedisQueue(redis_server.url, "restart", lease=30)
+    try:
+        queue.enqueue(["id-1", "Task"])
+        queue.enqueue(["id-2", "Task"])
+        message = queue.dequeue()
+        redis_server.kill()
+        with caplog.at_level(logging.WARNING, logger="tempest.queues.redis"):
+            queue.ack(message)  # must neither raise nor lose the message
+        assert "ack of 1 message(s) deferred" in caplog.text
+        with pytest.raises(redis.ConnectionError):
+            queue.dequeue()
+        with pytest.raises(redis.ConnectionError):
+            queue.heartbeat()
+        redis_server.start()  # the same port and AOF
+        queue.heartbeat()
+        conn = client_for(redis_server.url)
+        try:
+            assert conn.llen(f"{queue.prefix}inflight:{queue.consumer}") == 0
+        finally:
+            conn.close()
+        assert queue.dequeue() == ["id-2", "Task"]
+    finally:
+        queue.close()
+
+
+# -- engines in processes of their own ------------------------------------------------------
+
+
+class EngineProcesses:
+    """redis_engine.py processes sharing one queue and one results file."""
+
+    def __init__(self, tmp_path: Path, url: str, name: str) -> None:
+        self.tmp_path, self.url, self.name = tmp_path, url, name
+        self.results = tmp_path / "results.txt"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+    def start(self, threads: int, lease: float) -> tuple[subprocess.Popen[bytes], Path]:
+        folder = self.tmp_path / f"engine{len(self.procs)}"
+        folder.mkdir()
+        out = folder / "out.txt"
+        with open(out, "wb") as stdout, open(folder / "err.txt", "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, str(SCRIPT), self.url, self.name, str(self.results),
+                 str(folder), str(threads), str(lease)],
+                stdout=stdout, stderr=stderr, cwd=folder, env=self.env)
+        self.procs.append(proc)
+        return proc, out
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], out: Path) -> None:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                err = (out.parent / "err.txt").read_text()
+                raise AssertionError(f"the engine exited early ({proc.returncode}):\n{err}")
+            return "ready" in out.read_text()
+        wait_for(ready, 15)
+
+    def done(self) -> list[tuple[str, int]]:
+        if not self.results.exists():
+            return []
+        lines = self.results.read_text().split("\n")[:-1]  # a line being written: later
+        return [(task_id, int(pid)) for task_id, pid in (line.split() for line in lines)]
+
+    def left(self) -> int:
+        conn = client_for(self.url)
+        try:
+            return int(conn.llen(f"tempest:{{{self.name}}}:waiting")) + in_flight(conn, self.name)
+        except redis.ConnectionError:
+            return -1  # the server is down: not drained
+        finally:
+            conn.close()
+
+    def wait_all_processed(self, ids: list[str], timeout: float) -> None:
+        wait_for(lambda: {t for t, _ in self.done()} >= set(ids) and self.left() == 0, timeout,
+                 interval=0.05)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            assert proc.wait(15) in (0, -signal.SIGKILL)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def engines(tmp_path: Path, redis_url: str, name: str) -> Iterator[EngineProcesses]:
+    """Engine processes on the test's queue; any still running is killed afterwards."""
+    processes = EngineProcesses(tmp_path, redis_url, name)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+
+
+def enqueue(queue: RedisQueue, count: int, pause: float) -> list[str]:
+    ids = [f"m{i:04d}" for i in range(count)]
+    for task_id in ids:
+        queue.enqueue([task_id, "RedisRecord", pause])
+    return ids
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_kill_9_loses_nothing(engines, queues):
+    """An engine killed with SIGKILL mid-run: another takes over once its lease expires."""
+    ids = enqueue(queues(), 200, 0.02)
+    first, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(first, out)
+    wait_for(lambda: len(engines.done()) >= 40, 15)
+    first.kill()
+    first.wait(10)
+    killed_at = len(engines.done())
+    assert killed_at < len(ids), "the first engine finished before it could be killed"
+    second, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(second, out)
+    engines.wait_all_processed(ids, 20)
+    engines.stop_all()
+    done = [task_id for task_id, _ in engines.done()]
+    print(f"killed after {killed_at} of {len(ids)}; run twice: {len(done) - len(ids)}")
+    assert set(done) == set(ids)  # at least once: none lost
+    # Run twice: only what the dead engine held (four threads' worth).
+    assert len(done) - len(ids) <= 4
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_three_engines_share_one_queue(engines, queues):
+    """Three engine processes on one queue run each of 300 messages exactly once."""
+    started = [engines.start(threads=2, lease=30) for _ in range(3)]
+    for proc, out in started:
+        engines.wait_ready(proc, out)
+    ids = enqueue(queues(), 300, 0.005)
+    engines.wait_all_processed(ids, 30)
+    engines.stop_all()
+    done = engines.done()
+    counts = collections.Counter(task_id for task_id, _ in done)
+    assert sorted(counts) == ids and set(counts.values()) == {1}
+    print("per engine:", collections.Counter(pid for _, pid in done))
+    assert len({pid for _, pid in done}) >= 2  # the work was shared
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_engine_rides_out_a_redis_restart(redis_server, tmp_path):
+    """Redis SIGKILLed and restarted mid-run: the engine stays up, logs, and loses nothing."""
+    engines = EngineProcesses(tmp_path, redis_server.url, "restart")
+    producer = RedisQueue(redis_server.url, "restart")
+    try:
+        ids = enqueue(producer, 300, 0.01)
+        proc, out = engines.start(threads=4, lease=10)
+        engines.wait_ready(proc, out)
+        wait_for(lambda: len(engines.done()) >= 60, 15)
+        redis_server.kill()
+        log = out.parent / "RedisEngine.log"
+        # Down for a while: the engine's dequeues fail and back off, at least twice.
+        wait_for(lambda: "attempt=2" in log.read_text(), 10)
+        assert proc.poll() is None
+        redis_server.start()
+        engines.wait_all_processed(ids, 30)
+        assert proc.poll() is None, "the engine died with the server"
+        engines.stop_all()
+    finally:
+        engines.kill_all()
+        producer.close()
+    text = log.read_text()
+    assert "dequeue recovered" in text
+    done = [task_id for task_id, _ in engines.done()]
+    print(f"run twice: {len(done) - len(ids)}; log: "
+          f"{text.count('dequeue failed')} failed dequeues, "
+          f"{text.count('heartbeat failed')} failed heartbeats")
+    assert set(done) == set(ids)  # nothing lost
+    assert len(done) - len(ids) <= 4  # at most what the engine held
