@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +20,7 @@ from tempest.queues import postgres as postgres_module
 from tempest.testing import QueueContract
 
 from ..conftest import main_log, wait_for
+from .engines import EngineProcesses, check_engines_share_the_work, check_kill_9_loses_nothing
 
 try:
     import psycopg
@@ -30,7 +28,6 @@ except ImportError:  # the postgres_dsn fixture skips (on CI: fails) the tests n
     psycopg = None
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "tests" / "scripts" / "postgres_engine.py"
 
 
 def drop_tables(dsn: str, table: str) -> None:
@@ -286,112 +283,25 @@ def test_without_psycopg_the_error_names_the_extra():
 # -- engines in processes of their own -----------------------------------------------------
 
 
-class EngineProcesses:
-    """postgres_engine.py processes sharing one table and one results file."""
-
-    def __init__(self, tmp_path: Path, dsn: str, table: str) -> None:
-        self.tmp_path, self.dsn, self.table = tmp_path, dsn, table
-        self.results = tmp_path / "results.txt"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
-
-    def start(self, threads: int, lease: float) -> tuple[subprocess.Popen[bytes], Path]:
-        folder = self.tmp_path / f"engine{len(self.procs)}"
-        folder.mkdir()
-        out = folder / "out.txt"
-        with open(out, "wb") as stdout, open(folder / "err.txt", "wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, str(SCRIPT), self.dsn, self.table, str(self.results),
-                 str(folder), str(threads), str(lease)],
-                stdout=stdout, stderr=stderr, cwd=folder, env=self.env)
-        self.procs.append(proc)
-        return proc, out
-
-    def wait_ready(self, proc: subprocess.Popen[bytes], out: Path) -> None:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                err = (out.parent / "err.txt").read_text()
-                raise AssertionError(f"the engine exited early ({proc.returncode}):\n{err}")
-            return "ready" in out.read_text()
-        wait_for(ready, 15)
-
-    def done(self) -> list[tuple[str, int]]:
-        if not self.results.exists():
-            return []
-        lines = self.results.read_text().split("\n")[:-1]  # a line being written: later
-        return [(task_id, int(pid)) for task_id, pid in (line.split() for line in lines)]
-
-    def left(self) -> int:
-        return rows(self.dsn, f"SELECT count(*) FROM {self.table}")[0][0]
-
-    def wait_all_processed(self, ids: list[str], timeout: float) -> None:
-        wait_for(lambda: {t for t, _ in self.done()} >= set(ids) and self.left() == 0, timeout)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            assert proc.wait(15) in (0, -signal.SIGKILL)
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
 @pytest.fixture
 def engines(tmp_path: Path, postgres_dsn: str, table: str) -> Iterator[EngineProcesses]:
     """Engine processes on the test's table; any still running is killed afterwards."""
-    processes = EngineProcesses(tmp_path, postgres_dsn, table)
+    processes = EngineProcesses(
+        tmp_path, "postgres", [postgres_dsn, table],
+        left=lambda: rows(postgres_dsn, f"SELECT count(*) FROM {table}")[0][0])
     try:
         yield processes
     finally:
         processes.kill_all()
 
 
-def enqueue(queue: PostgresQueue, count: int, pause: float) -> list[str]:
-    ids = [f"m{i:04d}" for i in range(count)]
-    for task_id in ids:
-        queue.enqueue([task_id, "PgRecord", pause])
-    return ids
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_kill_9_loses_nothing(engines, queues):
     """An engine killed with SIGKILL mid-run: another takes over once its leases expire."""
-    ids = enqueue(queues(), 200, 0.02)
-    first, out = engines.start(threads=4, lease=1)
-    engines.wait_ready(first, out)
-    wait_for(lambda: len(engines.done()) >= 40, 15)
-    first.kill()
-    first.wait(10)
-    killed_at = len(engines.done())
-    assert killed_at < len(ids), "the first engine finished before it could be killed"
-    second, out = engines.start(threads=4, lease=1)
-    engines.wait_ready(second, out)
-    engines.wait_all_processed(ids, 20)
-    engines.stop_all()
-    done = [task_id for task_id, _ in engines.done()]
-    print(f"killed after {killed_at} of {len(ids)}; run twice: {len(done) - len(ids)}")
-    assert set(done) == set(ids)  # at least once: none lost
-    # Run twice: only what the dead engine had leased (four threads' worth).
-    assert len(done) - len(ids) <= 4
+    check_kill_9_loses_nothing(engines, queues())
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_three_engines_share_one_table(engines, queues):
     """Three engine processes on one table run each of 300 messages exactly once."""
-    started = [engines.start(threads=2, lease=30) for _ in range(3)]
-    for proc, out in started:
-        engines.wait_ready(proc, out)
-    ids = enqueue(queues(), 300, 0.005)
-    engines.wait_all_processed(ids, 30)
-    engines.stop_all()
-    done = engines.done()
-    counts = collections.Counter(task_id for task_id, _ in done)
-    assert sorted(counts) == ids and set(counts.values()) == {1}
-    print("per engine:", collections.Counter(pid for _, pid in done))
-    assert len({pid for _, pid in done}) >= 2  # the work was shared
+    check_engines_share_the_work(engines, queues())

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +22,12 @@ from tempest.queues.redis import RedisQueue
 from tempest.testing import QueueContract
 
 from ..conftest import main_log, service_unavailable, wait_for
+from .engines import (
+    EngineProcesses,
+    check_engines_share_the_work,
+    check_kill_9_loses_nothing,
+    enqueue,
+)
 
 try:
     import redis
@@ -32,7 +35,6 @@ except ImportError:  # the redis_url fixture skips (on CI: fails) the tests need
     redis = None
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "tests" / "scripts" / "redis_engine.py"
 
 
 def client_for(url: str) -> Any:
@@ -399,128 +401,46 @@ def test_settlements_wait_out_a_redis_restart(redis_server, caplog):
 # -- engines in processes of their own ------------------------------------------------------
 
 
-class EngineProcesses:
-    """redis_engine.py processes sharing one queue and one results file."""
+def _left(url: str, name: str) -> int:
+    conn = client_for(url)
+    try:
+        return int(conn.llen(f"tempest:{{{name}}}:waiting")) + in_flight(conn, name)
+    except redis.ConnectionError:
+        return -1  # the server is down: not drained
+    finally:
+        conn.close()
 
-    def __init__(self, tmp_path: Path, url: str, name: str) -> None:
-        self.tmp_path, self.url, self.name = tmp_path, url, name
-        self.results = tmp_path / "results.txt"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
-    def start(self, threads: int, lease: float) -> tuple[subprocess.Popen[bytes], Path]:
-        folder = self.tmp_path / f"engine{len(self.procs)}"
-        folder.mkdir()
-        out = folder / "out.txt"
-        with open(out, "wb") as stdout, open(folder / "err.txt", "wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, str(SCRIPT), self.url, self.name, str(self.results),
-                 str(folder), str(threads), str(lease)],
-                stdout=stdout, stderr=stderr, cwd=folder, env=self.env)
-        self.procs.append(proc)
-        return proc, out
-
-    def wait_ready(self, proc: subprocess.Popen[bytes], out: Path) -> None:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                err = (out.parent / "err.txt").read_text()
-                raise AssertionError(f"the engine exited early ({proc.returncode}):\n{err}")
-            return "ready" in out.read_text()
-        wait_for(ready, 15)
-
-    def done(self) -> list[tuple[str, int]]:
-        if not self.results.exists():
-            return []
-        lines = self.results.read_text().split("\n")[:-1]  # a line being written: later
-        return [(task_id, int(pid)) for task_id, pid in (line.split() for line in lines)]
-
-    def left(self) -> int:
-        conn = client_for(self.url)
-        try:
-            return int(conn.llen(f"tempest:{{{self.name}}}:waiting")) + in_flight(conn, self.name)
-        except redis.ConnectionError:
-            return -1  # the server is down: not drained
-        finally:
-            conn.close()
-
-    def wait_all_processed(self, ids: list[str], timeout: float) -> None:
-        wait_for(lambda: {t for t, _ in self.done()} >= set(ids) and self.left() == 0, timeout,
-                 interval=0.05)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            assert proc.wait(15) in (0, -signal.SIGKILL)
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+def engine_processes(tmp_path: Path, url: str, name: str) -> EngineProcesses:
+    return EngineProcesses(tmp_path, "redis", [url, name], left=lambda: _left(url, name))
 
 
 @pytest.fixture
 def engines(tmp_path: Path, redis_url: str, name: str) -> Iterator[EngineProcesses]:
     """Engine processes on the test's queue; any still running is killed afterwards."""
-    processes = EngineProcesses(tmp_path, redis_url, name)
+    processes = engine_processes(tmp_path, redis_url, name)
     try:
         yield processes
     finally:
         processes.kill_all()
 
 
-def enqueue(queue: RedisQueue, count: int, pause: float) -> list[str]:
-    ids = [f"m{i:04d}" for i in range(count)]
-    for task_id in ids:
-        queue.enqueue([task_id, "RedisRecord", pause])
-    return ids
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_kill_9_loses_nothing(engines, queues):
     """An engine killed with SIGKILL mid-run: another takes over once its lease expires."""
-    ids = enqueue(queues(), 200, 0.02)
-    first, out = engines.start(threads=4, lease=1)
-    engines.wait_ready(first, out)
-    wait_for(lambda: len(engines.done()) >= 40, 15)
-    first.kill()
-    first.wait(10)
-    killed_at = len(engines.done())
-    assert killed_at < len(ids), "the first engine finished before it could be killed"
-    second, out = engines.start(threads=4, lease=1)
-    engines.wait_ready(second, out)
-    engines.wait_all_processed(ids, 20)
-    engines.stop_all()
-    done = [task_id for task_id, _ in engines.done()]
-    print(f"killed after {killed_at} of {len(ids)}; run twice: {len(done) - len(ids)}")
-    assert set(done) == set(ids)  # at least once: none lost
-    # Run twice: only what the dead engine held (four threads' worth).
-    assert len(done) - len(ids) <= 4
+    check_kill_9_loses_nothing(engines, queues())
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_three_engines_share_one_queue(engines, queues):
     """Three engine processes on one queue run each of 300 messages exactly once."""
-    started = [engines.start(threads=2, lease=30) for _ in range(3)]
-    for proc, out in started:
-        engines.wait_ready(proc, out)
-    ids = enqueue(queues(), 300, 0.005)
-    engines.wait_all_processed(ids, 30)
-    engines.stop_all()
-    done = engines.done()
-    counts = collections.Counter(task_id for task_id, _ in done)
-    assert sorted(counts) == ids and set(counts.values()) == {1}
-    print("per engine:", collections.Counter(pid for _, pid in done))
-    assert len({pid for _, pid in done}) >= 2  # the work was shared
+    check_engines_share_the_work(engines, queues())
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_engine_rides_out_a_redis_restart(redis_server, tmp_path):
     """Redis SIGKILLed and restarted mid-run: the engine stays up, logs, and loses nothing."""
-    engines = EngineProcesses(tmp_path, redis_server.url, "restart")
+    engines = engine_processes(tmp_path, redis_server.url, "restart")
     producer = RedisQueue(redis_server.url, "restart")
     try:
         ids = enqueue(producer, 300, 0.01)
@@ -528,7 +448,7 @@ def test_engine_rides_out_a_redis_restart(redis_server, tmp_path):
         engines.wait_ready(proc, out)
         wait_for(lambda: len(engines.done()) >= 60, 15)
         redis_server.kill()
-        log = out.parent / "RedisEngine.log"
+        log = out.parent / "QueueEngine.log"
         # Down for a while: the engine's dequeues fail and back off, at least twice.
         wait_for(lambda: "attempt=2" in log.read_text(), 10)
         assert proc.poll() is None

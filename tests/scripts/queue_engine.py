@@ -1,0 +1,74 @@
+"""An engine on a durable queue in a process of its own, for tests/queues/.
+
+Usage: ``python queue_engine.py KIND RESULTS LOG_DIR THREADS LEASE QUEUE_ARG...``
+
+KIND is ``sqlite`` (QUEUE_ARG: the file), ``redis`` (the URL and the queue's
+name) or ``postgres`` (the DSN and the table). Runs (not in burst mode) until
+SIGTERM, or until it is killed. Each ``QueueRecord`` task appends
+``<task_id> <pid>`` to RESULTS, then sleeps for the seconds its message says.
+``ready`` is printed once the engine is starting its workers. The queues' own
+warnings (a Redis ack kept for later, say) go to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from tempest import Engine, Task
+
+KIND, RESULTS, LOG_DIR = sys.argv[1:4]
+THREADS, LEASE = int(sys.argv[4]), float(sys.argv[5])
+ARGS = sys.argv[6:]
+
+
+def make_queue() -> Any:
+    if KIND == "sqlite":
+        from tempest.queues import SQLiteQueue
+        return SQLiteQueue(*ARGS, lease=LEASE)
+    if KIND == "redis":
+        from tempest.queues import RedisQueue
+        return RedisQueue(*ARGS, lease=LEASE)
+    if KIND == "postgres":
+        from tempest.queues import PostgresQueue
+        return PostgresQueue(*ARGS, lease=LEASE)
+    raise SystemExit(f"unknown queue kind {KIND!r}")
+
+
+QUEUE = make_queue()
+
+
+def _ready(engine: type[Engine]) -> None:
+    print("ready", flush=True)
+
+
+class QueueEngine(Engine):
+    class configure:
+        threads = THREADS
+        queue = QUEUE
+        log_dir = LOG_DIR
+        report_every = None
+        shutdown_timeout = 5
+        after_initialize = _ready
+
+
+class QueueRecord(Task):
+    def process(self, pause: float) -> None:
+        # One write with O_APPEND: lines from several processes never interleave.
+        fd = os.open(RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{self.task_id} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        time.sleep(pause)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    QueueEngine.run()
+    QUEUE.close()
+    print("returned", flush=True)
