@@ -46,7 +46,6 @@ holds any number of named queues (the ``queue`` column).
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 import secrets
@@ -298,18 +297,8 @@ class PostgresQueue:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"PostgresQueue: name must be a non-empty str, not {name!r}")
         self.name = name
-        self.lease = _seconds("lease", lease)
-        self.heartbeat_interval = (self.lease / 3 if heartbeat_interval is None
-                                   else _seconds("heartbeat_interval", heartbeat_interval))
-        if self.heartbeat_interval >= self.lease:
-            raise ConfigurationError(
-                f"PostgresQueue: heartbeat_interval ({self.heartbeat_interval}) must be "
-                f"shorter than lease ({self.lease}), or leases run out between heartbeats")
-        if isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) \
-                or max_deliveries < 1:
-            raise ConfigurationError(
-                f"PostgresQueue: max_deliveries must be an int >= 1, not {max_deliveries!r}")
-        self.max_deliveries = max_deliveries
+        self.lease, self.heartbeat_interval, self.max_deliveries = protocol.lease_options(
+            "PostgresQueue", lease, heartbeat_interval, max_deliveries)
         if not isinstance(dsn, str):
             raise ConfigurationError(f"PostgresQueue: dsn must be a str, not {type(dsn).__name__}")
         try:
@@ -560,12 +549,3 @@ class PostgresQueue:
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
                     conn.execute(schema_sql(self.table).encode())
             self._schema_ready = True
-
-
-
-def _seconds(option: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 < value < math.inf:
-        raise ConfigurationError(
-            f"PostgresQueue: {option} must be a number of seconds > 0, not {value!r}")
-    return float(value)

@@ -59,9 +59,12 @@ a change of schema.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
+
+from tempest.exceptions import ConfigurationError
 
 __all__ = [
     "DEFAULT_HEARTBEAT",
@@ -73,6 +76,7 @@ __all__ = [
     "ReliableQueue",
     "decode",
     "encode",
+    "lease_options",
 ]
 
 DEFAULT_LEASE = 30.0
@@ -168,3 +172,31 @@ class Leases:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.keys())
+
+
+def lease_options(owner: str, lease: object, heartbeat_interval: object,
+                  max_deliveries: object) -> tuple[float, float, int]:
+    """A reliable queue's ``lease``, ``heartbeat_interval`` and ``max_deliveries``, checked.
+
+    ``heartbeat_interval`` None means a third of the lease. *owner* (the
+    queue's class name) starts each ConfigurationError message.
+    """
+    def seconds(option: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 < value < math.inf:
+            raise ConfigurationError(
+                f"{owner}: {option} must be a number of seconds > 0, not {value!r}")
+        return float(value)
+
+    lease_s = seconds("lease", lease)
+    interval = (lease_s / 3 if heartbeat_interval is None
+                else seconds("heartbeat_interval", heartbeat_interval))
+    if interval >= lease_s:
+        raise ConfigurationError(
+            f"{owner}: heartbeat_interval ({interval}) must be shorter than lease "
+            f"({lease_s}), or leases run out between heartbeats")
+    if isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) \
+            or max_deliveries < 1:
+        raise ConfigurationError(
+            f"{owner}: max_deliveries must be an int >= 1, not {max_deliveries!r}")
+    return lease_s, interval, max_deliveries

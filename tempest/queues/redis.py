@@ -327,18 +327,8 @@ class RedisQueue:
                 f"keys' hash tag), not {name!r}")
         self.name = name
         self.prefix = f"tempest:{{{name}}}:"
-        self.lease = _seconds("lease", lease)
-        self.heartbeat_interval = (self.lease / 3 if heartbeat_interval is None
-                                   else _seconds("heartbeat_interval", heartbeat_interval))
-        if self.heartbeat_interval >= self.lease:
-            raise ConfigurationError(
-                f"RedisQueue: heartbeat_interval ({self.heartbeat_interval}) must be "
-                f"shorter than lease ({self.lease}), or leases run out between heartbeats")
-        if isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) \
-                or max_deliveries < 1:
-            raise ConfigurationError(
-                f"RedisQueue: max_deliveries must be an int >= 1, not {max_deliveries!r}")
-        self.max_deliveries = max_deliveries
+        self.lease, self.heartbeat_interval, self.max_deliveries = protocol.lease_options(
+            "RedisQueue", lease, heartbeat_interval, max_deliveries)
         if not isinstance(url, str):
             raise ConfigurationError(f"RedisQueue: url must be a str, not {type(url).__name__}")
         try:
@@ -810,11 +800,3 @@ def _checked(client: Any) -> Any:
         connection.disconnect()
         connection.connect()
     return client
-
-
-def _seconds(option: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 < value < math.inf:
-        raise ConfigurationError(
-            f"RedisQueue: {option} must be a number of seconds > 0, not {value!r}")
-    return float(value)
