@@ -54,8 +54,11 @@ whatever instant the process dies at.
   it becomes available again when the lease runs out, and runs again. That is
   the only way a message runs twice -- apart from a task that outlives its
   lease because heartbeats stopped or the clock stepped forward.
-- ``ack`` deletes the row after the outcome. A crash before it (or an ack
-  that fails) means one more run, never a lost message.
+- ``ack`` deletes the row after the outcome, and returns once the delete is
+  committed. Acks from several threads share a transaction -- a claim's, or
+  one of their own -- and when it fails, every ack in it raises. A crash
+  before the commit (or an ack that fails) means one more run, never a lost
+  message. An ack deletes the row only while this consumer holds its lease.
 - ``requeue`` clears the lease (only if this consumer still holds it) and
   takes back the delivery it counted; ``reject`` and poison moves insert into
   ``<table>_rejected`` and delete in one transaction: never both, never neither.
@@ -68,6 +71,7 @@ lease early. Messages enqueued to run at once are not delayed by a step back.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -111,6 +115,15 @@ _CHUNK = 500
 _POISON_BATCH = 50
 """Poison rows set aside per claim transaction, so the write lock is held briefly."""
 
+_ABSORB_WINDOW = 0.002
+_ABSORB_WAIT = 0.001
+"""Seconds: an ack made less than _ABSORB_WINDOW after another thread's claim waits up to
+_ABSORB_WAIT for the next claim to commit it (see SQLiteQueue._claims_expected)."""
+
+_CHECKPOINT_EVERY = 400
+"""Commits of a queue object between the checkpoints its acks make (1.5 to 2.2 WAL pages
+each, where SQLite checkpoints by itself at 1000: see SQLiteQueue._checkpoint)."""
+
 _SCHEMA = """\
 CREATE TABLE IF NOT EXISTS {table} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -149,7 +162,7 @@ _SQL = {
              "deliveries = deliveries + 1 WHERE id = :id",
     "enqueue": "INSERT INTO {table} (queue, body, available_at, enqueued_at) "
                "VALUES (:queue, :body, :now, :now)",
-    "ack": "DELETE FROM {table} WHERE id = :id",
+    "delete": "DELETE FROM {table} WHERE id = :id",
     "keep": "INSERT INTO {rejected} (queue, body, reason, rejected_at) "
             "SELECT queue, body, :reason, :now FROM {table} WHERE id = :id",
     "requeue": "UPDATE {table} SET leased_by = NULL, lease_until = NULL, "
@@ -192,6 +205,53 @@ def _stored(blob: bytes) -> Any:
     return _Raw(text) if message is text else message
 
 
+class _Ack:
+    """One ack, waiting for the transaction that deletes its row (see "Group commit").
+
+    Fields other than ``row`` and ``wake`` change under the queue's ``_acks``
+    lock. ``wake`` is released (once, until the waiter takes it) when ``done``
+    or ``lead`` is set: a C lock per waiter, so a commit wakes exactly the
+    threads it concerns, without a Condition's Python-level bookkeeping.
+    """
+
+    __slots__ = ("done", "error", "lead", "row", "signaled", "wake")
+
+    def __init__(self, row: int) -> None:
+        self.row = row
+        self.done = False  # settled: committed, or failed with error
+        self.error: BaseException | None = None
+        self.lead = False  # handed the duty to flush
+        self.signaled = False  # wake released and not taken yet
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+    def signal(self) -> None:
+        """Wake the waiter (under the queue's _acks lock)."""
+        if not self.signaled:
+            self.signaled = True
+            self.wake.release()
+
+
+def _shared_failure(error: BaseException) -> BaseException:
+    """What an ack raises when the transaction that took it failed in another thread.
+
+    A copy of the error (one exception object raised in several threads would
+    mix their tracebacks), chained to it.
+    """
+    twin: BaseException | None = None
+    if isinstance(error, Exception):
+        try:
+            twin = copy.copy(error)
+        except Exception:  # noqa: BLE001 - an exception that does not copy
+            twin = None
+    if not isinstance(twin, Exception) or type(twin) is not type(error):
+        twin = sqlite3.OperationalError(f"the transaction deleting this message failed: "
+                                        f"{type(error).__name__}: {error}")
+    twin.__cause__ = error
+    twin.__traceback__ = None
+    return twin
+
+
 class _Doorbell:
     """Wakes the dequeues waiting in this process on one queue (file, table, name).
 
@@ -209,8 +269,9 @@ class _Doorbell:
             self.condition.notify_all()
 
     def seen(self) -> int:
-        with self.condition:
-            return self.rings
+        # No lock: reading an int attribute is atomic, and a ring after this
+        # read is what the caller's wait() compares with under the lock.
+        return self.rings
 
     def wait(self, seen: int, timeout: float) -> None:
         """Wait up to *timeout* seconds unless it rang after *seen*."""
@@ -235,11 +296,18 @@ def _doorbell(key: tuple[str, str, str]) -> _Doorbell:
         return bell
 
 
+_generation = 0
+"""Forks this process is removed from its first ancestor by: a queue object made in
+another generation belongs to an ancestor (compared on every call, where os.getpid()
+would cost a system call)."""
+
+
 def _after_fork_in_child() -> None:
     # Another thread may have held the lock (or a bell's) at the fork: start afresh.
-    global _doorbells, _doorbells_lock
+    global _doorbells, _doorbells_lock, _generation
     _doorbells = weakref.WeakValueDictionary()
     _doorbells_lock = threading.Lock()
+    _generation += 1
 
 
 if hasattr(os, "register_at_fork"):
@@ -291,8 +359,10 @@ class SQLiteQueue:
     a Python lock lose nothing and are woken at once, where separate
     connections would contend through SQLite's sleeping busy handler (and one
     connection per thread would leak with threads that end). Waiting dequeues
-    do not hold the lock. Fork-safe: a child process opens its own connection
-    and becomes a consumer of its own.
+    do not hold the lock. Acks arriving together share one commit, often the
+    next claim's. Once busy, the object opens a second connection, which its
+    acks checkpoint the WAL with, off the claims' path. Fork-safe: a child
+    process opens its own connection and becomes a consumer of its own.
 
     Limits: one machine. SQLite's locking needs a local file system (not NFS
     or SMB), and one write at a time goes through the file, which bounds the
@@ -370,17 +440,30 @@ class SQLiteQueue:
         self._schema = [statement.strip() for statement in
                         _SCHEMA.format(**quoted).split(";") if statement.strip()]
         self._sql = {key: text.format(**quoted) for key, text in _SQL.items()}
+        self._ack_sql: dict[int, str] = {}  # by batch size
         self._peek_first = True  # after an empty claim, look before taking the write lock
         self._pause = _POLL_MIN  # between looks at the file while dequeue waits
         self._new_identity()
 
     def _new_identity(self) -> None:
         self._pid = os.getpid()
+        self._generation = _generation
         self._lock = threading.Lock()  # guards _conn: one statement or transaction at a time
         self._conn: sqlite3.Connection | None = None
         self._doorbell = _doorbell((os.path.realpath(self.path), self.table, self.name))
         self.consumer = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"
         self._leases = protocol.Leases()
+        # Group commit of acks (see _flush): all four under _acks.
+        self._acks = threading.Lock()
+        self._pending: list[_Ack] = []
+        self._flusher = False
+        self._absorbers = 0
+        # Checkpoints made by acks (see _checkpoint): _commits under _lock.
+        self._commits = 0
+        self._checkpointing = threading.Lock()  # guards _checkpointer
+        self._checkpointer: sqlite3.Connection | None = None
+        self._last_claimer = 0  # thread ident of the last claim that found a message
+        self._last_claim_at = self._other_claim_at = -math.inf  # by it, by another thread
 
     # -- the queue protocol ---------------------------------------------------------
 
@@ -422,12 +505,61 @@ class SQLiteQueue:
                 return message
 
     def ack(self, message: Any) -> None:
-        """The message's outcome is final: delete it."""
+        """The message's outcome is final: delete it. Returns once the delete is committed.
+
+        Acks from several threads share transactions (see "Group commit"
+        below): an ack waits for the first commit that includes its row -- a
+        claim's, or one it makes itself -- and raises if that transaction failed.
+        """
+        self._check_fork()  # a child must not settle (nor delete) its parent's messages
         # Forgotten first: if the delete fails, heartbeats stop renewing the
         # lease and the message runs again once it expires (never lost).
-        row = self._settle(message, "ack")
-        with self._connection() as conn:
-            conn.execute(self._sql["ack"], {"id": row})
+        ticket = _Ack(self._settle(message, "ack"))
+        patience = self._claims_expected()
+        acks = self._acks
+        acks.acquire()
+        try:
+            self._pending.append(ticket)
+            while True:  # holding _acks
+                if not ticket.lead:
+                    if ticket.done:
+                        break
+                    if self._flusher or self._absorbers or patience:
+                        # A flusher or claim will take it or, with patience, a claim
+                        # is likely to start: give it the chance to take this ack
+                        # too -- one commit, not two.
+                        timeout = patience if not (self._flusher or self._absorbers) else -1
+                        patience = 0.0
+                        acks.release()
+                        try:
+                            woken = ticket.wake.acquire(True, timeout)
+                        finally:
+                            acks.acquire()
+                        if woken:
+                            ticket.signaled = False  # the state is looked at again
+                        continue
+                # Handed the duty (even if our own ack is done meanwhile: the duty
+                # is for the others), or no transaction is coming: ours to commit.
+                ticket.lead = False
+                self._flusher = True
+                acks.release()
+                try:
+                    self._flush(ticket)
+                finally:
+                    acks.acquire()
+                # Done, or taken by a claim still under way (which will wake us).
+        finally:
+            if ticket.lead or not ticket.done:  # left by an exception (an interrupt)
+                if ticket in self._pending:
+                    self._pending.remove(ticket)  # its lease will bring the message back
+                if ticket.lead:  # the duty must not leave with us
+                    ticket.lead = self._flusher = False
+                    self._hand_over()
+            acks.release()
+        if ticket.error is not None:
+            raise _shared_failure(ticket.error)
+        if self._commits >= _CHECKPOINT_EVERY:
+            self._checkpoint()
 
     def reject(self, message: Any, reason: str) -> None:
         """Move the message (raw bodies too) to ``<table>_rejected`` with *reason*."""
@@ -449,6 +581,8 @@ class SQLiteQueue:
         out and the next dequeue takes the message.
         """
         held = self._leases.keys()
+        with self._acks:  # their rows are ours until the delete commits
+            held.extend(ticket.row for ticket in self._pending)
         if not held:
             return
         with self._connection() as conn, self._transaction(conn):
@@ -480,10 +614,14 @@ class SQLiteQueue:
         Leases this object holds stay held until they run out. A waiting
         ``dequeue`` is not interrupted; it returns within its timeout.
         """
-        if os.getpid() != self._pid:
+        if self._generation != _generation:
             return  # the parent's connection is not ours to close
         with self._lock:
             conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        with self._checkpointing:
+            conn, self._checkpointer = self._checkpointer, None
         if conn is not None:
             conn.close()
 
@@ -494,47 +632,266 @@ class SQLiteQueue:
     # -- internals ------------------------------------------------------------------
 
     def _claim(self) -> Any:
-        """Lease the next message, setting poison aside; None if there is none."""
+        """Lease the next message, setting poison aside; None if there is none.
+
+        Its transaction also deletes the acks pending when it is about to
+        commit (see "Group commit").
+        """
         params: dict[str, Any] = {"queue": self.name, "consumer": self.consumer}
         found = None
-        with self._connection() as conn:
-            if self._peek_first:
-                # While the queue is empty, a read (no write lock: other
-                # processes' claims and enqueues go on) tells there is nothing.
-                params["now"] = time.time()
-                if conn.execute(self._sql["peek"], params).fetchone() is None:
-                    return None
-            poisoned = _POISON_BATCH
-            while poisoned == _POISON_BATCH:  # a batch of poison only: commit, go on
-                poisoned = 0
-                with self._transaction(conn):
-                    # The write lock is ours from here to the commit: the row chosen
-                    # cannot be leased by anyone else before the UPDATE below.
-                    params["now"] = now = time.time()
-                    while poisoned < _POISON_BATCH:
-                        row = conn.execute(self._sql["candidate"], params).fetchone()
-                        if row is None:
-                            break
-                        key, deliveries, body = row
-                        if deliveries >= self.max_deliveries:
-                            self._move(conn, key, protocol.POISON_REASON)
-                            poisoned += 1
-                            continue  # set aside; look at the next message
-                        conn.execute(self._sql["lease"], {
-                            "consumer": self.consumer, "until": now + self.lease, "id": key})
-                        found = key, body
-                        break
+        peek = self._peek_first  # read once: another thread's claim may change it
+        # Announced before waiting for the connection, so that acks arriving
+        # meanwhile wait for this transaction instead of making one of their own;
+        # not while the queue looks empty (a read only, no transaction to share).
+        absorbing = not peek
+        acks = self._acks
+        if absorbing:
+            with acks:
+                self._absorbers += 1
+        try:
+            with self._lock:
+                conn = self._conn or self._open()
+                try:
+                    if peek:
+                        # While the queue is empty, a read (no write lock: other
+                        # processes' claims and enqueues go on) tells there is nothing.
+                        params["now"] = time.time()
+                        if conn.execute(self._sql["peek"], params).fetchone() is None:
+                            return None
+                    poisoned = _POISON_BATCH
+                    while poisoned == _POISON_BATCH:  # a batch of poison only: commit, go on
+                        poisoned = 0
+                        batch: list[_Ack] = []
+                        try:
+                            # The write lock is ours from BEGIN IMMEDIATE to the commit:
+                            # the row chosen cannot be leased by anyone else first.
+                            conn.execute("BEGIN IMMEDIATE")
+                            params["now"] = now = time.time()
+                            while poisoned < _POISON_BATCH:
+                                row = conn.execute(self._sql["candidate"], params).fetchone()
+                                if row is None:
+                                    break
+                                key, deliveries, body = row
+                                if deliveries >= self.max_deliveries:
+                                    self._move(conn, key, protocol.POISON_REASON)
+                                    poisoned += 1
+                                    continue  # set aside; look at the next message
+                                conn.execute(self._sql["lease"], {
+                                    "consumer": self.consumer, "until": now + self.lease,
+                                    "id": key})
+                                found = key, body
+                                break
+                            if absorbing:
+                                # Taken last, so that the most share this commit.
+                                batch = self._take_acks()
+                                if batch:
+                                    self._delete_acked(conn, batch)
+                            conn.execute("COMMIT")
+                            self._commits += 1
+                        except BaseException as exc:
+                            self._settle_acks(batch, exc)
+                            raise
+                        self._settle_acks(batch, None)
+                except BaseException:
+                    self._abort(conn)
+                    raise
+        finally:
+            if absorbing:
+                with acks:
+                    self._absorbers -= 1
+                    self._hand_over()  # acks that came after the take
         # A crash from here on leaves the row leased: it comes back after the lease.
         self._peek_first = found is None
         if found is None:
             return None
+        # For _claims_expected (unlocked: a hint, read without guarantees).
+        claimer = threading.get_ident()
+        if claimer != self._last_claimer:
+            self._other_claim_at = self._last_claim_at
+            self._last_claimer = claimer
+        self._last_claim_at = time.monotonic()
         key, body = found
         return self._leases.add(_stored(body), key)
 
     def _move(self, conn: sqlite3.Connection, row: int, reason: str) -> None:
         """Within a transaction: move *row* to the rejected table with *reason*."""
         conn.execute(self._sql["keep"], {"id": row, "reason": reason, "now": time.time()})
-        conn.execute(self._sql["ack"], {"id": row})
+        conn.execute(self._sql["delete"], {"id": row})
+
+    # -- group commit ----------------------------------------------------------------
+    #
+    # ack() returns only once its DELETE is committed, yet acks from several
+    # worker threads share one transaction. The state, under the plain lock _acks:
+    #
+    # - _pending: tickets (_Ack) appended by ack(), taken by no transaction yet;
+    # - _flusher: an ack thread has the duty to commit what is pending: it takes
+    #   the connection lock, then the whole pending batch, and commits one
+    #   DELETE ... WHERE leased_by = me AND id IN (...);
+    # - _absorbers: claims under way (from before they wait for the connection
+    #   lock to after they settled what they took): each takes the pending batch
+    #   into its own transaction just before COMMIT, so under load acks cost no
+    #   commit of their own.
+    #
+    # Invariant: a ticket taken by a transaction and not yet settled is covered
+    # by _flusher or _absorbers, which drop only after settling it (committed,
+    # or failed with the error) and waking its waiter. A pending ticket is taken
+    # by the first transaction that takes the batch after its append. When the
+    # last flusher or claim finishes with tickets still pending (appended after
+    # its take), it hands the duty to the oldest one's thread (_hand_over), so
+    # nothing pending is ever left without a transaction to come. An ack that
+    # finds neither a flusher nor a claim under way flushes itself -- after
+    # waiting a moment if a claim is likely (_claims_expected).
+    #
+    # Races, case by case:
+    # - Failure: a transaction that fails (the DELETE, the COMMIT, the claim's
+    #   own statements after the batch was taken, or opening the connection)
+    #   settles every ticket of its batch with the error: each of those acks
+    #   raises (the engine logs "ack failed"), the rows stay, and their leases --
+    #   no longer renewed -- bring the messages back: at-least-once. A COMMIT that
+    #   reports an error is taken as not committed: at worst a message whose ack
+    #   raised is gone anyway, never one reported acked that runs again.
+    # - Heartbeat: it renews the leases of held messages and of pending acks (the
+    #   rows are ours until the DELETE commits). Tickets in flight are in a
+    #   transaction holding the connection lock and the write lock: a heartbeat
+    #   comes before or after it, never in between.
+    # - A lease that ran out while its ack was pending (only with a write lock
+    #   held elsewhere longer than the lease): another consumer may have claimed
+    #   the row; "leased_by = me" leaves it to them (it runs twice, as with any
+    #   lease that ran out) instead of deleting a message someone else holds.
+    # - Requeue, reject: they settle other messages (_settle pops each message
+    #   once), so they never touch a pending ack's row; they take the connection
+    #   lock like any statement and serialize with flushes and claims.
+    # - close() while acks are pending: close takes the connection lock, so it
+    #   waits for a flush or claim in progress; a flusher that gets the lock after
+    #   close opens a new connection. Pending acks are never dropped.
+    # - fork: the child's _check_fork gives it fresh state (another thread may
+    #   have held _acks at the fork); the parent's pending acks belong to parent
+    #   threads and are committed by the parent. A child acking a parent's
+    #   message gets ValueError, as for any message it did not dequeue.
+    # - An interrupt (KeyboardInterrupt) in a waiting ack leaves its ticket
+    #   pending: the next transaction deletes it, or its lease runs out. In a
+    #   flusher, its batch fails and the duty is handed over.
+
+    def _claims_expected(self) -> float:
+        """Seconds an ack may wait for a claim to share its commit: 0 unless one is likely.
+
+        A claim is likely soon when another thread claimed a message of this
+        queue object a moment ago: several threads are consuming at full speed
+        (an engine's workers, whose next dispatcher claims as soon as it gets
+        the GIL, which this thread holds until it blocks). Then waiting a
+        little costs less than a commit. A single consumer thread, or threads
+        busy with long tasks, never wait.
+        """
+        if threading.get_ident() != self._last_claimer:
+            last = self._last_claim_at
+        else:
+            last = self._other_claim_at
+        return _ABSORB_WAIT if time.monotonic() - last < _ABSORB_WINDOW else 0.0
+
+    def _flush(self, ticket: _Ack) -> None:
+        """As the flusher: commit the delete of every pending ack; then give up the duty.
+
+        Raises the transaction's error if it failed *ticket*'s own batch
+        (a batch that failed without it is reported by its own acks).
+        """
+        batch: list[_Ack] = []
+        try:
+            self._check_fork()
+            with self._lock:
+                conn = self._conn or self._open()
+                try:
+                    batch = self._take_acks()
+                    if len(batch) >= _CHUNK:
+                        conn.execute("BEGIN IMMEDIATE")
+                        self._delete_acked(conn, batch)
+                        conn.execute("COMMIT")
+                    elif batch:
+                        self._delete_acked(conn, batch)  # one statement: its own transaction
+                    self._commits += 1
+                except BaseException:
+                    self._abort(conn)
+                    raise
+        except BaseException as exc:
+            if not batch:  # failed opening the connection: fail what waits on it
+                batch = self._take_acks()
+            self._settle_acks(batch, exc)
+            if ticket in batch or not isinstance(exc, Exception):
+                raise
+        else:
+            self._settle_acks(batch, None)
+        finally:
+            with self._acks:
+                self._flusher = False
+                self._hand_over()
+
+    def _checkpoint(self) -> None:
+        """After an ack: copy the WAL into the database file, off the claims' path.
+
+        SQLite checkpoints a WAL of 1000 pages from within the COMMIT that
+        reaches it, syncing the WAL and the file: tens of milliseconds on a
+        disk, which would stall the claim -- and every worker of the engine --
+        that happens to commit it. Here the ack's thread, whose message is
+        settled and which holds no lock, runs a PASSIVE checkpoint every
+        _CHECKPOINT_EVERY commits of this object, on a connection of its own
+        (_checkpointing: one at a time, others go on), while claims go on
+        committing. It syncs as SQLite's own would (synchronous=NORMAL), and
+        more often, so no durability is given up; SQLite's automatic
+        checkpoint stays as the backstop when acks are few. A failure is only
+        a checkpoint skipped: the ack is committed already.
+        """
+        if not self._checkpointing.acquire(blocking=False):
+            return  # another thread is at it
+        try:
+            if self._commits < _CHECKPOINT_EVERY or self._generation != _generation:
+                return
+            self._commits = 0  # a lost update under a race only shifts the next one
+            conn = self._checkpointer
+            try:
+                if conn is None:
+                    conn = self._checkpointer = sqlite3.connect(
+                        self.path, timeout=self.busy_timeout, isolation_level=None,
+                        check_same_thread=False)
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:
+                if conn is not None and "locked" not in str(exc):  # busy: keep it for next time
+                    self._checkpointer = None
+                    conn.close()
+        finally:
+            self._checkpointing.release()
+
+    def _take_acks(self) -> list[_Ack]:
+        with self._acks:
+            batch, self._pending = self._pending, []
+        return batch
+
+    def _delete_acked(self, conn: sqlite3.Connection, batch: list[_Ack]) -> None:
+        """Delete the rows of *batch* that this consumer still leases."""
+        for start in range(0, len(batch), _CHUNK - 1):
+            rows = [ticket.row for ticket in batch[start:start + _CHUNK - 1]]
+            sql = self._ack_sql.get(len(rows))
+            if sql is None:
+                sql = self._ack_sql[len(rows)] = (
+                    f'DELETE FROM "{self.table}" WHERE leased_by = ? '
+                    f'AND id IN ({", ".join("?" * len(rows))})')
+            conn.execute(sql, [self.consumer, *rows])
+
+    def _settle_acks(self, batch: list[_Ack], error: BaseException | None) -> None:
+        """Mark *batch* committed (error None) or failed, and wake its waiters."""
+        if batch:
+            with self._acks:
+                for ticket in batch:
+                    ticket.error = error
+                    ticket.done = True
+                    ticket.signal()
+
+    def _hand_over(self) -> None:
+        """Under _acks, as a flusher or claim ends: give the duty to a pending ack, if due."""
+        if self._pending and not self._flusher and not self._absorbers:
+            self._flusher = True
+            lead = self._pending[0]
+            lead.lead = True
+            lead.signal()
 
     def _settle(self, message: Any, action: str) -> Any:
         try:
@@ -558,35 +915,44 @@ class SQLiteQueue:
         conn.execute("COMMIT")
 
     def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
+        if self._generation != _generation:
             # A forked child must not touch its parent's connection (SQLite
             # forbids it), nor its leases, nor locks another thread may have
             # held at the fork: keep the connection unclosed and become a
             # consumer of its own.
-            if self._conn is not None:
-                _forked_away.append(self._conn)
+            _forked_away.extend(c for c in (self._conn, self._checkpointer) if c is not None)
             self._new_identity()
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        """This object's connection, for one statement or transaction, under its lock."""
+        """This object's connection, for one statement or transaction, under its lock.
+
+        (The hot paths, _claim and _flush, spell this out without a generator.)
+        """
         self._check_fork()
         with self._lock:
-            conn = self._conn
-            if conn is None:
-                conn = self._conn = self._connect()
+            conn = self._conn or self._open()
             try:
                 yield conn
             except BaseException:
-                if conn.in_transaction:
-                    # Left open, the transaction would keep the write lock every
-                    # other process is waiting for.
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        self._conn = None
-                        conn.close()  # closing rolls back and releases the lock
+                self._abort(conn)
                 raise
+
+    def _open(self) -> sqlite3.Connection:
+        """Under _lock: the connection, opened."""
+        conn = self._conn = self._connect()
+        return conn
+
+    def _abort(self, conn: sqlite3.Connection) -> None:
+        """Under _lock, after an error: roll back what *conn* left open."""
+        if conn.in_transaction:
+            # Left open, the transaction would keep the write lock every
+            # other process is waiting for.
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._conn = None
+                conn.close()  # closing rolls back and releases the lock
 
     def _connect(self) -> sqlite3.Connection:
         # timeout= is SQLite's busy_timeout: a statement finding the file locked

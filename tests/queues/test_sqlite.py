@@ -396,6 +396,210 @@ def test_first_uses_racing_on_a_new_file_all_succeed(queues):
     assert len(handles[0]) == 8
 
 
+# -- group commit of acks ------------------------------------------------------------------
+
+
+def run_threads(targets: list[Callable[[], Any]], timeout: float = 30) -> list[Any]:
+    """Run each target in a thread of its own; return what each returned or raised."""
+    results: list[Any] = [None] * len(targets)
+
+    def runner(i: int) -> None:
+        try:
+            results[i] = targets[i]()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=runner, args=(i,)) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def test_an_ack_returns_only_once_its_delete_is_committed(path, queues):
+    """Right after ack() returns, another connection no longer sees the row -- with eight
+    threads acking at once, while a ninth claims (acks share its transactions)."""
+    queue = queues()
+    for i in range(400):
+        queue.enqueue([f"id-{i}", "Task", i])
+    taken: list[Any] = []
+    lock = threading.Condition()
+
+    def claim() -> int:
+        while (message := queue.dequeue()) is not None:
+            with lock:
+                taken.append(message)
+                lock.notify()
+        with lock:
+            taken.extend([None] * 8)
+            lock.notify_all()
+        return 0
+
+    def ack() -> int:
+        acked = 0
+        with closing(sqlite3.connect(path, timeout=10)) as conn:
+            while True:
+                with lock:
+                    lock.wait_for(lambda: taken, 10)
+                    message = taken.pop(0)
+                if message is None:
+                    return acked
+                queue.ack(message)
+                rows = conn.execute("SELECT count(*) FROM tempest_messages WHERE body = ?",
+                                    [f'["id-{message[2]}","Task",{message[2]}]']).fetchone()
+                assert rows == (0,), f"acked, yet still in the file: {message}"
+                acked += 1
+
+    results = run_threads([claim, *[ack] * 8])
+    assert sum(results) == 400, results
+    assert sql(path, "SELECT count(*) FROM tempest_messages") == [(0,)]
+    assert queue._pending == [] and not queue._flusher and not queue._absorbers
+
+
+def test_many_threads_acking_at_once_share_commits(path, queues, monkeypatch):
+    """Acks waiting while a transaction is in progress are all committed by the next one."""
+    queue = queues()
+    for i in range(16):
+        queue.enqueue([f"id-{i}", "Task"])
+    messages = [queue.dequeue() for _ in range(16)]
+    batches: list[int] = []
+    delete = queue._delete_acked
+    monkeypatch.setattr(queue, "_delete_acked",
+                        lambda conn, batch: (batches.append(len(batch)), delete(conn, batch)))
+    with queue._lock:  # a transaction in progress: the first ack to come waits for it
+        threads = [threading.Thread(target=queue.ack, args=(m,)) for m in messages]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(queue._pending) == 16, 10)
+    for t in threads:
+        t.join(10)
+    assert batches == [16]
+    assert sql(path, "SELECT count(*) FROM tempest_messages") == [(0,)]
+
+
+def test_a_claim_commits_the_acks_pending_in_its_transaction(path, queues, monkeypatch):
+    """An ack arriving while a claim waits for the connection is deleted by the claim's
+    commit: no transaction of its own."""
+    queue = queues()
+    for i in range(3):
+        queue.enqueue([f"id-{i}", "Task"])
+    first = queue.dequeue()
+    flushes: list[int] = []
+    flush = queue._flush
+    monkeypatch.setattr(queue, "_flush", lambda ticket: (flushes.append(1), flush(ticket)))
+    claimed: list[Any] = []
+    with queue._lock:
+        claimer = threading.Thread(target=lambda: claimed.append(queue.dequeue()))
+        claimer.start()
+        wait_for(lambda: queue._absorbers == 1, 10)
+        acker = threading.Thread(target=queue.ack, args=(first,))
+        acker.start()
+        wait_for(lambda: len(queue._pending) == 1, 10)
+    claimer.join(10)
+    acker.join(10)
+    assert flushes == []
+    assert [list(m) for m in claimed] == [["id-1", "Task"]]
+    assert sql(path, "SELECT body FROM tempest_messages ORDER BY id") == [
+        ('["id-1","Task"]',), ('["id-2","Task"]',)]
+
+
+def test_a_failed_batch_fails_every_ack_in_it(path, queues, monkeypatch):
+    """If the transaction deleting a batch fails, each ack of the batch raises, nothing is
+    deleted, and the messages come back once their leases run out."""
+    queue = queues(lease=0.5)
+    for i in range(6):
+        queue.enqueue([f"id-{i}", "Task"])
+    messages = [queue.dequeue() for _ in range(6)]
+
+    def fail(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(queue, "_delete_acked", fail)
+    with queue._lock:
+        threads = [threading.Thread(target=lambda m=m: errors.append(_ack_error(queue, m)))
+                   for m in messages]
+        errors: list[BaseException | None] = []
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(queue._pending) == 6, 10)
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 6
+    assert all(isinstance(e, sqlite3.OperationalError) and "disk I/O error" in str(e)
+               for e in errors), errors
+    assert sql(path, "SELECT count(*) FROM tempest_messages") == [(6,)]
+    monkeypatch.undo()
+    again = [wait_for(queue.dequeue, 10) for _ in range(6)]  # leases ran out
+    assert sorted(m[0] for m in again) == [f"id-{i}" for i in range(6)]
+    for message in again:
+        queue.ack(message)
+    assert len(queue) == 0 and sql(path, "SELECT count(*) FROM tempest_messages") == [(0,)]
+
+
+def test_a_failed_claim_fails_the_acks_it_took(path, queues, monkeypatch):
+    """Acks taken into a claim's transaction raise when that transaction fails."""
+    queue = queues()
+    for i in range(3):
+        queue.enqueue([f"id-{i}", "Task"])
+    first = queue.dequeue()
+
+    def fail(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        raise sqlite3.OperationalError("database disk image is malformed")
+
+    monkeypatch.setattr(queue, "_delete_acked", fail)
+    results: list[Any] = []
+    with queue._lock:
+        claimer = threading.Thread(target=lambda: results.append(_dequeue_error(queue)))
+        claimer.start()
+        wait_for(lambda: queue._absorbers == 1, 10)
+        acker = threading.Thread(target=lambda: results.append(_ack_error(queue, first)))
+        acker.start()
+        wait_for(lambda: len(queue._pending) == 1, 10)
+    claimer.join(10)
+    acker.join(10)
+    assert [type(r) for r in results] == [sqlite3.OperationalError] * 2
+    # Nothing was committed: the claimed message is not leased, the acked one is still there.
+    assert sql(path, "SELECT count(*) FROM tempest_messages WHERE leased_by IS NOT NULL") == [(1,)]
+    monkeypatch.undo()
+    assert list(queue.dequeue()) == ["id-1", "Task"]
+
+
+def test_close_while_acks_wait_drops_none(path, queues):
+    """close() while acks wait for the connection: they are committed on a new one."""
+    queue = queues()
+    for i in range(4):
+        queue.enqueue([f"id-{i}", "Task"])
+    messages = [queue.dequeue() for _ in range(4)]
+    with queue._lock:
+        threads = [threading.Thread(target=queue.ack, args=(m,)) for m in messages]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(queue._pending) == 4, 10)
+        closer = threading.Thread(target=queue.close)
+        closer.start()
+    closer.join(10)
+    for t in threads:
+        t.join(10)
+    assert sql(path, "SELECT count(*) FROM tempest_messages") == [(0,)]
+
+
+def _ack_error(queue: SQLiteQueue, message: Any) -> BaseException | None:
+    try:
+        queue.ack(message)
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def _dequeue_error(queue: SQLiteQueue) -> Any:
+    try:
+        return queue.dequeue()
+    except BaseException as exc:
+        return exc
+
+
 def test_close_keeps_the_queue_usable(queues):
     """After close(), the next call opens a new connection."""
     queue = queues()
