@@ -17,6 +17,16 @@ the lock. So
   a dequeue that came back empty, and no one else could have taken a message
   meanwhile because only the leader dequeues.
 
+Batches
+-------
+A queue with ``dequeue_many(count, timeout=)`` lets the leader take, in one
+call, a message for itself and one for each worker waiting for the lock
+behind it (never more: each has a free worker). It keeps the extra ones in
+``_taken``, counted as running, and each follower pops its own the moment it
+gets the lock. A stop gives back whatever is still in ``_taken``, like a
+message dequeued just as the engine closed. One round trip to a server then
+serves several workers, instead of each waiting its turn for its own.
+
 Where a message can be lost or run twice
 ----------------------------------------
 Between ``dequeue`` returning and the outcome: a crash there loses the message
@@ -30,6 +40,7 @@ for a queue with neither re-enqueued), so at worst it runs twice.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 import threading
@@ -118,6 +129,12 @@ class Runtime:
         self.logs: Logs = None  # type: ignore[assignment]  # set in start()
         self._dequeue = self.queue.dequeue
         self._blocking = _accepts_timeout(self._dequeue)
+        many = getattr(self.queue, "dequeue_many", None)
+        self._dequeue_many = many if callable(many) and self._blocking else None
+        # Taken for workers that were waiting for the leader (see "Batches" in
+        # the module docstring); appended under _dequeue_lock, popped by anyone.
+        self._taken: collections.deque[Any] = collections.deque()
+        self._waiting = 0  # workers waiting for _dequeue_lock (under _lock)
         self._ack = getattr(self.queue, "ack", None)
         self._reject_to = getattr(self.queue, "reject", None)
         self.guarantee = "at-least-once" if callable(self._ack) else "at-most-once"
@@ -215,6 +232,7 @@ class Runtime:
 
     def finish(self) -> None:
         """End of the drain: interrupt what still runs, write the last lines, close."""
+        self._give_back_taken()  # by a worker normally; here if none came back for them
         with self._lock:
             self.closed = True
             slots = list(self.slots)
@@ -294,14 +312,23 @@ class Runtime:
 
     def _next_message(self) -> Any:
         """Dequeue as the leader; None once stopping (see the module docstring)."""
+        with self._lock:
+            self._waiting += 1
         with self._dequeue_lock:
+            with self._lock:
+                self._waiting -= 1
             while not self.stopping:
+                try:
+                    return self._taken.popleft()  # counted as running when taken
+                except IndexError:
+                    pass
                 self.last_progress = time.monotonic()
                 idle = self.running == 0
                 try:
                     if self._blocking:
-                        message = self._dequeue(timeout=0 if self.burst and idle
-                                                else DEQUEUE_WAIT)
+                        wait = 0 if self.burst and idle else DEQUEUE_WAIT
+                        message = self._take(wait) if self._waiting else self._dequeue(
+                            timeout=wait)
                     else:
                         message = self._dequeue()
                 except Exception as exc:  # noqa: BLE001 - any queue error is retried
@@ -329,7 +356,37 @@ class Runtime:
                 with self._lock:
                     self.running += 1
                 return message
+            self._give_back_taken()
         return None
+
+    def _take(self, wait: float) -> Any:
+        """Dequeue for this worker and for the ones waiting behind it, in one call.
+
+        Only as many as there are workers waiting for the dispatcher lock right
+        now: each extra message has a free worker that takes it the moment the
+        lock is released, so nothing is prefetched. Counted as running at once.
+        """
+        if self._dequeue_many is None:
+            return self._dequeue(timeout=wait)
+        messages = self._dequeue_many(1 + self._waiting, timeout=wait)
+        if not messages:
+            return None
+        if len(messages) > 1:
+            with self._lock:
+                self.running += len(messages) - 1
+            self._taken.extend(messages[1:])
+        return messages[0]
+
+    def _give_back_taken(self) -> None:
+        """Stopping: return what was taken for workers that will not run it now."""
+        while True:
+            try:
+                message = self._taken.popleft()
+            except IndexError:
+                return
+            self.logs.main.info("given back", message=repr(message),
+                                how=self._give_back(message))
+            self._done()
 
     def _handle(self, slot: Slot, message: Any) -> str:
         """Run one message in this worker; return who claimed its outcome."""

@@ -243,6 +243,78 @@ class QueueContract:
             queue.reject(raw, "Undecodable")
         assert queue.dequeue() is None
 
+    # -- batches (dequeue_many) -----------------------------------------------------------
+
+    def _batching(self, **options: Any) -> Any:
+        queue = self._queue(**options)
+        if not callable(getattr(queue, "dequeue_many", None)):
+            pytest.skip("the queue has no dequeue_many")
+        return queue
+
+    def test_dequeue_many_takes_up_to_count_in_order(self) -> None:
+        """dequeue_many(n) returns at most n messages, oldest first, each only once."""
+        queue = self._batching()
+        for i in range(5):
+            queue.enqueue([f"id-{i}", "Task", i])
+        first = queue.dequeue_many(3, timeout=1)
+        second = queue.dequeue_many(3, timeout=1)
+        got = [m[2] for m in [*first, *second]]
+        assert len(first) <= 3 and len(second) <= 3
+        assert sorted(got) == list(range(len(got))) and len(got) >= 2
+        if self.fifo:
+            assert got == sorted(got)
+        got += [m[2] for m in _drain(queue)]
+        assert sorted(got) == list(range(5))
+
+    def test_dequeue_many_on_an_empty_queue(self) -> None:
+        """An empty list at once for timeout=0; after about the timeout otherwise."""
+        queue = self._batching()
+        started = time.monotonic()
+        assert list(queue.dequeue_many(4, timeout=0)) == []
+        assert time.monotonic() - started < 1.0
+        started = time.monotonic()
+        assert list(queue.dequeue_many(4, timeout=0.3)) == []
+        assert 0.1 <= time.monotonic() - started < 3.0
+
+    def test_dequeue_many_wakes_on_enqueue(self) -> None:
+        """A waiting dequeue_many returns as soon as another thread enqueues."""
+        queue = self._batching()
+        producer = self._queue()
+        result: list[Any] = []
+        waiting = threading.Event()
+
+        def consume() -> None:
+            waiting.set()
+            result.append(queue.dequeue_many(4, timeout=10))
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        waiting.wait(5)
+        started = time.monotonic()
+        producer.enqueue(["id-w", "Task", 7])
+        thread.join(10)
+        assert result and [list(m) for m in result[0]] == [["id-w", "Task", 7]]
+        assert time.monotonic() - started < 5.0
+
+    def test_each_message_of_a_batch_is_settled_on_its_own(self) -> None:
+        """Acked messages of a batch are gone; an unacked one returns after its lease."""
+        queue = self._batching(lease=0.5)
+        if not callable(getattr(queue, "ack", None)):
+            pytest.skip("an at-most-once queue (no ack): leases do not apply")
+        for i in range(3):
+            queue.enqueue([f"id-{i}", "Task", i])
+        batch = queue.dequeue_many(3, timeout=1)
+        batch += _until(lambda: queue.dequeue_many(3 - len(batch), timeout=1), 5) or []
+        assert sorted(m[2] for m in batch) == [0, 1, 2]
+        for message in batch:
+            if message[2] != 1:
+                queue.ack(message)
+        other = self._reliable(lease=0.5)
+        again = _until(other.dequeue, 10.0)
+        assert again is not None and list(again) == ["id-1", "Task", 1]
+        other.ack(again)
+        assert _until(other.dequeue, 1.0) is None
+
     # -- reliable queues -------------------------------------------------------------------
 
     def test_acked_message_is_gone(self) -> None:

@@ -516,3 +516,59 @@ def test_stop_from_after_initialize_does_not_deadlock(make_engine, how):
         assert not thread.is_alive()
     assert answers == [False]
     assert 'reason="stop() called"' in main_log(engine)
+
+
+# -- batches: dequeue_many -------------------------------------------------------------
+
+
+class BatchQueue(MemoryQueue):
+    """A MemoryQueue recording the counts dequeue_many is asked for."""
+
+    def __init__(self, on_batch: Any = None) -> None:
+        super().__init__()
+        self.counts: list[int] = []
+        self.on_batch = on_batch
+
+    def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
+        self.counts.append(count)
+        messages = super().dequeue_many(count, timeout)
+        if self.on_batch is not None and len(messages) > 1:
+            self.on_batch()
+        return messages
+
+
+def test_batches_serve_waiting_workers_and_never_exceed_them(make_engine):
+    """dequeue_many is asked for at most one message per worker; each runs exactly once."""
+    queue = BatchQueue()
+    engine = make_engine(queue=queue, threads=4)
+    for i in range(2000):
+        engine.submit(EngAdd, i, 1)
+    engine.run(burst=True)
+    stats = engine.stats()
+    assert stats["succeeded"] == stats["processed"] == 2000 and len(queue) == 0
+    assert max(queue.counts) <= 4
+    assert any(count > 1 for count in queue.counts)  # workers did wait behind the leader
+
+
+def test_stop_gives_back_what_was_taken_for_waiting_workers(make_engine):
+    """A stop just after a batch came back: the messages not started go back to the queue."""
+    engines: list[Any] = []
+    batched = threading.Event()
+
+    def on_batch() -> None:
+        engines[0].stop(wait=False)
+        batched.set()
+
+    queue = BatchQueue(on_batch=on_batch)
+    engine = make_engine(queue=queue, threads=4)
+    engines.append(engine)
+    for i in range(50):
+        engine.submit(EngAdd, i, 1)
+    engine.start()
+    assert batched.wait(10)
+    assert engine.stop(timeout=10)
+    stats = engine.stats()
+    assert stats["running"] == 0
+    # Every message either ran or is back in the queue: none was lost.
+    assert stats["processed"] + len(queue) == 50
+    assert "given back" in main_log(engine)

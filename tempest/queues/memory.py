@@ -41,6 +41,20 @@ class MemoryQueue:
         except queue.Empty:
             return None
 
+    def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
+        """Take up to *count* messages, waiting up to *timeout* seconds for the first."""
+        first = self.dequeue(timeout)
+        if first is None:
+            return []
+        messages = [first]
+        get = self._queue.get_nowait
+        try:
+            while len(messages) < count:
+                messages.append(get())
+        except queue.Empty:
+            pass
+        return messages
+
     def requeue(self, message: Any) -> None:
         """Give back a message that was dequeued but not run (at the back)."""
         self._queue.put(message)

@@ -3,31 +3,36 @@
 A queue is any object with ``enqueue`` and ``dequeue``. Everything else is
 optional; the engine looks for each method and uses it when present.
 
-===================  =============================================================
-method               what it buys
-===================  =============================================================
-``enqueue(m)``       store message *m*, a list ``[task_id, task_name, *args]``
-``dequeue()``        one message (list or tuple), or None when empty; a durable
-                     queue returns what it cannot decode raw (str or bytes), and
-                     the engine rejects it as bad input
-``dequeue(timeout)`` wait up to *timeout* seconds for a message instead of
-                     returning None at once: an idle engine wakes the moment work
-                     arrives, without polling
-``ack(m)``           *m*'s outcome is final (success, failure or timeout): delete
-                     it. A queue with ack *leases* what it hands out and gives a
-                     message whose lease ran out to another consumer: the engine
-                     announces at-least-once delivery
-``reject(m, why)``   *m* cannot be run (malformed, unknown task, poison): keep it
-                     aside, listed by ``rejected()``, instead of dropping it
-``requeue(m)``       give *m* back now, unrun (the engine stopped before running it,
-                     or interrupted it at the end of a drain)
-``heartbeat()``      renew the leases of what this queue object holds, and recover
-                     what dead consumers held; the engine calls it every
-                     ``heartbeat_interval`` seconds (an attribute, default 10)
-``__len__()``        messages waiting (not leased), shown in ``stats()``
-``close()``          release connections; the engine never calls it (the queue may
-                     be shared and outlive a run): the application does
-===================  =============================================================
+====================  =============================================================
+method                what it buys
+====================  =============================================================
+``enqueue(m)``        store message *m*, a list ``[task_id, task_name, *args]``
+``dequeue()``         one message (list or tuple), or None when empty; a durable
+                      queue returns what it cannot decode raw (str or bytes), and
+                      the engine rejects it as bad input
+``dequeue(timeout)``  wait up to *timeout* seconds for a message instead of
+                      returning None at once: an idle engine wakes the moment work
+                      arrives, without polling
+``dequeue_many(n)``   ``dequeue_many(n, timeout=)``: up to *n* messages, a list
+                      (empty when none came within *timeout*), waiting only for
+                      the first. The engine asks for one per worker that is free
+                      right now, so one round trip serves several workers (never
+                      a prefetch). Only used where ``dequeue`` takes a timeout
+``ack(m)``            *m*'s outcome is final (success, failure or timeout): delete
+                      it. A queue with ack *leases* what it hands out and gives a
+                      message whose lease ran out to another consumer: the engine
+                      announces at-least-once delivery
+``reject(m, why)``    *m* cannot be run (malformed, unknown task, poison): keep it
+                      aside, listed by ``rejected()``, instead of dropping it
+``requeue(m)``        give *m* back now, unrun (the engine stopped before running it,
+                      or interrupted it at the end of a drain)
+``heartbeat()``       renew the leases of what this queue object holds, and recover
+                      what dead consumers held; the engine calls it every
+                      ``heartbeat_interval`` seconds (an attribute, default 10)
+``__len__()``         messages waiting (not leased), shown in ``stats()``
+``close()``           release connections; the engine never calls it (the queue may
+                      be shared and outlive a run): the application does
+====================  =============================================================
 
 The engine passes ``ack``, ``reject`` and ``requeue`` the very object that
 ``dequeue`` returned. Durable queues use that identity to find the stored
