@@ -421,18 +421,8 @@ class SQLiteQueue:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"SQLiteQueue: name must be a non-empty str, not {name!r}")
         self.name = name
-        self.lease = _seconds("lease", lease)
-        self.heartbeat_interval = (self.lease / 3 if heartbeat_interval is None
-                                   else _seconds("heartbeat_interval", heartbeat_interval))
-        if self.heartbeat_interval >= self.lease:
-            raise ConfigurationError(
-                f"SQLiteQueue: heartbeat_interval ({self.heartbeat_interval}) must be "
-                f"shorter than lease ({self.lease}), or leases run out between heartbeats")
-        if isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) \
-                or max_deliveries < 1:
-            raise ConfigurationError(
-                f"SQLiteQueue: max_deliveries must be an int >= 1, not {max_deliveries!r}")
-        self.max_deliveries = max_deliveries
+        self.lease, self.heartbeat_interval, self.max_deliveries = protocol.lease_options(
+            "SQLiteQueue", lease, heartbeat_interval, max_deliveries)
         self.busy_timeout = _seconds("busy_timeout", busy_timeout)
 
         self._names = _names(table)

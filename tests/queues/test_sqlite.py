@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -25,9 +24,9 @@ from tempest.queues.sqlite import SQLiteQueue
 from tempest.testing import QueueContract
 
 from ..conftest import main_log, wait_for
+from .engines import EngineProcesses, check_engines_share_the_work, check_kill_9_loses_nothing
 
 REPO = Path(__file__).resolve().parents[2]
-ENGINE_SCRIPT = REPO / "tests" / "scripts" / "sqlite_engine.py"
 CONSUMER_SCRIPT = REPO / "tests" / "scripts" / "sqlite_consumer.py"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -711,112 +710,25 @@ def test_engine_rejects_what_it_cannot_run_into_the_file(path, queues, make_engi
 # -- engines in processes of their own -----------------------------------------------------
 
 
-class EngineProcesses:
-    """sqlite_engine.py processes sharing one file and one results file."""
-
-    def __init__(self, tmp_path: Path, path: Path) -> None:
-        self.tmp_path, self.path = tmp_path, path
-        self.results = tmp_path / "results.txt"
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, threads: int, lease: float) -> subprocess.Popen[bytes]:
-        folder = self.tmp_path / f"engine{len(self.procs)}"
-        folder.mkdir()
-        out = folder / "out.txt"
-        with open(out, "wb") as stdout, open(folder / "err.txt", "wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, str(ENGINE_SCRIPT), str(self.path), str(self.results),
-                 str(folder), str(threads), str(lease)],
-                stdout=stdout, stderr=stderr, cwd=folder, env=ENV)
-        self.procs.append(proc)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                err = (folder / "err.txt").read_text()
-                raise AssertionError(f"the engine exited early ({proc.returncode}):\n{err}")
-            return "ready" in out.read_text()
-        wait_for(ready, 30)
-        return proc
-
-    def done(self) -> list[tuple[str, int]]:
-        if not self.results.exists():
-            return []
-        lines = self.results.read_text().split("\n")[:-1]  # a line being written: later
-        return [(task_id, int(pid)) for task_id, pid in (line.split() for line in lines)]
-
-    def left(self) -> int:
-        return int(sql(self.path, "SELECT count(*) FROM tempest_messages")[0][0])
-
-    def wait_all_processed(self, ids: list[str], timeout: float) -> None:
-        wait_for(lambda: {t for t, _ in self.done()} >= set(ids) and self.left() == 0, timeout)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            assert proc.wait(15) in (0, -signal.SIGKILL)
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
 @pytest.fixture
 def engines(tmp_path: Path, path: Path) -> Iterator[EngineProcesses]:
     """Engine processes on the test's file; any still running is killed afterwards."""
-    processes = EngineProcesses(tmp_path, path)
+    processes = EngineProcesses(
+        tmp_path, "sqlite", [str(path)],
+        left=lambda: int(sql(path, "SELECT count(*) FROM tempest_messages")[0][0]))
     try:
         yield processes
     finally:
         processes.kill_all()
 
 
-def enqueue(queue: SQLiteQueue, count: int, pause: float) -> list[str]:
-    ids = [f"m{i:04d}" for i in range(count)]
-    for task_id in ids:
-        queue.enqueue([task_id, "SqRecord", pause])
-    return ids
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_kill_9_mid_run_loses_nothing(engines, queues):
-    """Of two engines, one is killed with SIGKILL mid-run and restarted: every message
-    runs, and only those the dead engine held (at most its threads' worth) run twice."""
-    ids = enqueue(queues(), 300, 0.02)
-    victim = engines.start(threads=4, lease=1)
-    engines.start(threads=2, lease=1)
-    wait_for(lambda: len(engines.done()) >= 60, 30)
-    victim.kill()
-    victim.wait(10)
-    killed_at = len(engines.done())
-    assert killed_at < len(ids), "the engines finished before one could be killed"
-    engines.start(threads=4, lease=1)  # the restart
-    engines.wait_all_processed(ids, 30)
-    engines.stop_all()
-    done = engines.done()
-    counts = collections.Counter(task_id for task_id, _ in done)
-    twice = sorted(task_id for task_id, count in counts.items() if count > 1)
-    print(f"killed after {killed_at} of {len(ids)}; run twice: {twice}")
-    assert sorted(counts) == ids  # at least once: none lost
-    assert set(counts.values()) <= {1, 2} and len(twice) <= 4
-    # Each rerun is one the dead engine had started.
-    first_runs = {task_id: pid for task_id, pid in reversed(done)}
-    assert all(first_runs[task_id] == victim.pid for task_id in twice)
+    """An engine killed with SIGKILL mid-run: the others take over once its leases expire."""
+    check_kill_9_loses_nothing(engines, queues())
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_three_engines_share_one_file(engines, queues):
     """Three engine processes on one file run each of 300 messages exactly once."""
-    for _ in range(3):
-        engines.start(threads=2, lease=30)
-    ids = enqueue(queues(), 300, 0.005)
-    engines.wait_all_processed(ids, 30)
-    engines.stop_all()
-    done = engines.done()
-    counts = collections.Counter(task_id for task_id, _ in done)
-    assert sorted(counts) == ids and set(counts.values()) == {1}
-    print("per engine:", collections.Counter(pid for _, pid in done))
-    assert len({pid for _, pid in done}) >= 2  # the work was shared
+    check_engines_share_the_work(engines, queues())
