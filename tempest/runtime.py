@@ -66,6 +66,9 @@ __all__ = ["Runtime"]
 DEQUEUE_WAIT = 0.25
 """Seconds one blocking dequeue waits before the leader looks for a stop request."""
 
+BURST_WAIT = 0.01
+"""Seconds a burst run's blocking dequeue waits while tasks still run (see _next_message)."""
+
 POLL_MIN, POLL_MAX = 0.001, 0.5
 """Backoff between polls of a queue whose dequeue cannot block (doubles while empty)."""
 
@@ -326,7 +329,10 @@ class Runtime:
                 idle = self.running == 0
                 try:
                     if self._blocking:
-                        wait = 0 if self.burst and idle else DEQUEUE_WAIT
+                        # Burst: with the queue empty, the run ends when the last
+                        # task does, so do not sleep through that in a long wait.
+                        wait = (DEQUEUE_WAIT if not self.burst
+                                else 0 if idle else BURST_WAIT)
                         message = self._take(wait) if self._waiting else self._dequeue(
                             timeout=wait)
                     else:
@@ -350,7 +356,8 @@ class Runtime:
                         return None
                     if not self._blocking:
                         self._stop_event.wait(self._poll)
-                        self._poll = min(self._poll * 2, POLL_MAX)
+                        self._poll = min(self._poll * 2,
+                                         BURST_WAIT if self.burst else POLL_MAX)
                     continue
                 self._poll = POLL_MIN
                 with self._lock:

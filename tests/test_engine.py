@@ -572,3 +572,32 @@ def test_stop_gives_back_what_was_taken_for_waiting_workers(make_engine):
     # Every message either ran or is back in the queue: none was lost.
     assert stats["processed"] + len(queue) == 50
     assert "given back" in main_log(engine)
+
+
+class TimeoutRecordingQueue(MemoryQueue):
+    """A MemoryQueue recording the timeout of every dequeue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def dequeue(self, timeout: float | None = None) -> Any:
+        self.timeouts.append(timeout)
+        return super().dequeue(timeout)
+
+
+def test_burst_never_waits_long_while_the_last_tasks_run(make_engine):
+    """In burst mode the dispatcher waits briefly, so the run ends right after the last task."""
+    from tempest.runtime import BURST_WAIT
+
+    queue = TimeoutRecordingQueue()
+    engine = make_engine(queue=queue, threads=2)
+    release = threading.Event()
+    engine.submit(EngHold, share((threading.Semaphore(0), release)))
+    thread = threading.Thread(target=engine.run, kwargs={"burst": True})
+    thread.start()
+    wait_for(lambda: len(queue.timeouts) >= 5, 10)  # it polls while the task runs
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert max(t for t in queue.timeouts if t is not None) <= BURST_WAIT
