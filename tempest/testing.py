@@ -304,7 +304,8 @@ class QueueContract:
         for i in range(3):
             queue.enqueue([f"id-{i}", "Task", i])
         batch = queue.dequeue_many(3, timeout=1)
-        batch += _until(lambda: queue.dequeue_many(3 - len(batch), timeout=1), 5) or []
+        if len(batch) < 3:  # a queue may hand out fewer than asked: ask again
+            batch += _until(lambda: queue.dequeue_many(3 - len(batch), timeout=1), 5) or []
         assert sorted(m[2] for m in batch) == [0, 1, 2]
         for message in batch:
             if message[2] != 1:

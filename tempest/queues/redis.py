@@ -50,6 +50,18 @@ from the in-flight list (``LREM``; the acks of concurrent threads go in one
 round trip); ``reject`` moves it to ``rejected``; ``requeue`` moves it back to
 the taking end of ``waiting``, to be taken next.
 
+``dequeue_many(n)`` (the engine's leader takes one message for itself and one
+for each worker waiting behind it) moves up to *n* messages in one round trip:
+one Lua script ``LMOVE``-s them one by one, oldest first, onto the in-flight
+list. While the lease is fresh, that script first checks on the server's clock
+that the lease still runs, and moves nothing otherwise; else (and whenever it
+finds nothing) the claim script above renews, recovers and moves up to *n*.
+When nothing waits, ``BLMOVE`` waits for the first message as in ``dequeue``,
+and the renewal that follows it takes up to *n* - 1 more in the same script:
+two round trips for a batch that had to be waited for. Each message of a batch
+is then an in-flight entry like any other: leased, recovered, counted and
+settled on its own.
+
 An in-flight entry is identified by its exact bytes: two messages with the same
 bytes (the same task id and arguments) are interchangeable, and share their
 delivery count.
@@ -79,6 +91,13 @@ running a message twice.
   The queue marks itself suspect and, before its next move (and at every
   heartbeat, while no dequeue is between request and reply), gives back every
   in-flight entry it does not know of. It never ran, so it runs once.
+  The same for a ``dequeue_many`` whose reply is lost: every message the
+  script moved is such a stray, and all are given back, oldest taken first.
+  After a ``BLMOVE`` whose reply did come, a lost reply of the renewal that
+  takes the rest of the batch raises too, before any message of the batch is
+  handed out: the one ``BLMOVE`` moved is given back with the rest. The
+  messages of a reply that did arrive are all leased at once (under the lock
+  a reconciliation takes), so none is ever taken for a stray.
 * An ``ack``, ``reject`` or ``requeue`` that fails for a connection error is not
   an error for the engine: the queue keeps it and retries it at the next
   heartbeat or dequeue (logged as a warning on the ``tempest.queues.redis``
@@ -92,7 +111,16 @@ running a message twice.
 * Between ``BLMOVE`` handing a message over and the lease renewal that follows
   it, a consumer whose lease had run out during the wait (a stall longer than
   half a lease) is not registered: dying in those microseconds would strand
-  the message in an in-flight list no one recovers.
+  the message in an in-flight list no one recovers. (The rest of a batch is
+  moved after that renewal, in the same script: only the first is exposed.)
+  ``dequeue``'s bare ``LMOVE`` has the same exposure after a stall of most of
+  a lease between its freshness check and the move; ``dequeue_many``'s
+  script checks the lease where it moves, so a batch never lands in the list
+  of a consumer whose lease ran out.
+* The messages of a batch wait in the engine for their workers (a moment:
+  only workers already free get one) and are leased meanwhile. An engine dying
+  then loses none: they are in its in-flight list and return with the rest.
+  A stopping engine requeues those it did not start.
 * Redis itself must keep what it acknowledged: with ``appendonly yes`` and
   ``appendfsync always`` a crash of Redis loses nothing; with ``everysec``, up
   to a second of writes: enqueues are lost, and messages moved or acked in that
@@ -147,6 +175,9 @@ _FRESH = 0.25
 _SWEEP_LIMIT = 50
 """Dead consumers one script recovers at most, so that it never holds Redis for long."""
 
+_BATCH_LIMIT = 1000
+"""Messages one ``dequeue_many`` takes at most, so that it never holds Redis for long."""
+
 _CONNECTION_ERRORS: tuple[type[Exception], ...] = ()
 if not _DRIVER_MISSING:
     _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
@@ -158,9 +189,9 @@ if not _DRIVER_MISSING:
 
 _CLAIM = """\
 -- KEYS: waiting, inflight, consumers, deliveries, rejected
--- ARGV: consumer, lease (ms), max_deliveries, poison reason, inflight prefix, take (0/1),
---       sweep limit
--- Returns {registered anew (0/1), dead consumers recovered, message or nothing}.
+-- ARGV: consumer, lease (ms), max_deliveries, poison reason, inflight prefix,
+--       messages to take (0 or more), sweep limit
+-- Returns {registered anew (0/1), dead consumers recovered, messages taken...}.
 local waiting, inflight, consumers, deliveries, rejected =
     KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local time = redis.call('TIME')
@@ -187,13 +218,36 @@ for _, consumer in ipairs(dead) do
     end
     redis.call('ZREM', consumers, consumer)
 end
-if ARGV[6] == '1' then
+local reply = {added, #dead}
+for _ = 1, tonumber(ARGV[6]) do
     local body = redis.call('LMOVE', waiting, inflight, 'RIGHT', 'LEFT')
-    if body then
-        return {added, #dead, body}
+    if not body then
+        break
     end
+    reply[#reply + 1] = body
 end
-return {added, #dead}
+return reply
+"""
+
+_TAKE = """\
+-- KEYS: waiting, inflight, consumers    ARGV: consumer, messages to take
+-- Returns the messages taken, oldest first: none unless this consumer's lease
+-- is still running (then the caller runs _CLAIM, which renews it).
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local leased_until = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not leased_until or tonumber(leased_until) <= now then
+    return {}
+end
+local taken = {}
+for _ = 1, tonumber(ARGV[2]) do
+    local body = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+    if not body then
+        break
+    end
+    taken[#taken + 1] = body
+end
+return taken
 """
 
 _ACK = """\
@@ -275,6 +329,11 @@ class RedisQueue:
     Waiting
         ``dequeue(timeout=...)`` blocks in ``BLMOVE``: an idle engine wakes the
         moment a message is enqueued, without polling.
+    Batches
+        ``dequeue_many(n, timeout=...)`` takes up to *n* messages in one round
+        trip (the engine asks for one per free worker): the first as
+        ``dequeue`` would, then whatever else waits. Each is leased and settled
+        on its own.
     Outages
         redis-py's own retries are off (a retried move could strand a message):
         a ``dequeue`` or ``heartbeat`` that meets a connection error raises it
@@ -355,6 +414,7 @@ class RedisQueue:
         # Registered once: redis-py runs them by SHA and loads them again when a
         # restarted server has forgotten them.
         self._claim_script = client.register_script(_CLAIM)
+        self._take_script = client.register_script(_TAKE)
         self._settle_scripts = {"ack": client.register_script(_ACK),
                                 "reject": client.register_script(_REJECT),
                                 "requeue": client.register_script(_REQUEUE)}
@@ -414,15 +474,54 @@ class RedisQueue:
                     # script: half the work on Redis). The claim script below renews,
                     # recovers dead consumers' messages, and moves.
                     body = client.lmove(self._waiting, self._inflight, "RIGHT", "LEFT")
-                if body is None:
-                    body = self._claim(client, take=True)
-                if body is None and timeout is not None and timeout > 0:
-                    body = self._wait(client, time.monotonic() + timeout)
-            message = None if body is None else self._hold(body)
+                bodies = [body] if body is not None else self._claim(client, take=1)
+                if not bodies and timeout is not None and timeout > 0:
+                    bodies = self._wait(client, time.monotonic() + timeout, 1)
+            message = self._hold(bodies)[0] if bodies else None
             failed = False
         finally:
             self._end_move(failed)
         return message
+
+    def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
+        """Lease up to *count* messages, oldest first; wait up to *timeout* seconds for the first.
+
+        One round trip takes the batch (at most ``1000``): the first message as
+        ``dequeue(timeout=)`` would take it, then whatever else waits right
+        now, up to *count*. An empty list if nothing came within *timeout*
+        (at once for a *count* below 1).
+        Each message is leased, counted and settled on its own, as if
+        ``dequeue`` had returned it. A connection error propagates (the engine
+        retries).
+        """
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"RedisQueue.dequeue_many: count must be an int, not {count!r}")
+        if count < 1:
+            return []
+        count = min(count, _BATCH_LIMIT)
+        self._check_fork()
+        if self._deferred:
+            self._settle_deferred()
+        self._start_move()
+        failed = True
+        try:
+            with self._mover() as client:
+                bodies: list[bytes] = []
+                if time.monotonic() - self._renewed_at < self.lease * _FRESH:
+                    # The lease was renewed a moment ago: moves only. The script
+                    # checks the lease itself and takes nothing if it ran out.
+                    bodies = self._take_script(
+                        client=client, keys=[self._waiting, self._inflight, self._consumers],
+                        args=[self.consumer, count])
+                if not bodies:
+                    bodies = self._claim(client, take=count)
+                if not bodies and timeout is not None and timeout > 0:
+                    bodies = self._wait(client, time.monotonic() + timeout, count)
+            messages = self._hold(bodies)
+            failed = False
+        finally:
+            self._end_move(failed)
+        return messages
 
     def ack(self, message: Any) -> None:
         """The message's outcome is final: remove it from this consumer's in-flight list.
@@ -456,8 +555,7 @@ class RedisQueue:
         """
         self._check_fork()
         while True:
-            added, recovered, _ = self._run_claim(self._client, take=False)
-            self._note_registration(added)
+            recovered, _ = self._run_claim(self._client, take=0)
             if recovered < _SWEEP_LIMIT:
                 break
         if self._acks:
@@ -523,60 +621,71 @@ class RedisQueue:
         return redis.Redis(connection_pool=self._client.connection_pool,
                            single_connection_client=True)
 
-    def _run_claim(self, client: Any, *, take: bool) -> tuple[int, int, bytes | None]:
+    def _run_claim(self, client: Any, *, take: int) -> tuple[int, list[bytes]]:
+        """Run the claim script: (dead consumers recovered, messages taken)."""
+        with self._cond:
+            # Only a registration seen before this claim was sent can have run
+            # out: the engine's first heartbeat and first dequeue race, and the
+            # one whose reply comes second may be the one that registered.
+            registered = self._registered
         sent = time.monotonic()
         reply = self._claim_script(
             client=client,
             keys=[self._waiting, self._inflight, self._consumers, self._deliveries,
                   self._rejected],
             args=[self.consumer, round(self.lease * 1000), self.max_deliveries,
-                  protocol.POISON_REASON, f"{self.prefix}inflight:", "1" if take else "0",
-                  _SWEEP_LIMIT])
+                  protocol.POISON_REASON, f"{self.prefix}inflight:", take, _SWEEP_LIMIT])
         # Renewed no earlier than *sent*: Redis ran the script after it was sent.
         self._renewed_at = max(self._renewed_at, sent)
-        return int(reply[0]), int(reply[1]), (reply[2] if len(reply) > 2 else None)
+        self._note_registration(int(reply[0]), registered)
+        return int(reply[1]), list(reply[2:])
 
-    def _claim(self, client: Any, *, take: bool) -> bytes | None:
-        added, _, body = self._run_claim(client, take=take)
-        self._note_registration(added)
-        return body
+    def _claim(self, client: Any, *, take: int) -> list[bytes]:
+        _, bodies = self._run_claim(client, take=take)
+        return bodies
 
-    def _wait(self, client: Any, deadline: float) -> bytes | None:
+    def _wait(self, client: Any, deadline: float, count: int) -> list[bytes]:
         """BLMOVE in slices until a message comes or *deadline* (monotonic) passes.
 
         Each slice is at most half a lease, and the lease was renewed just
         before it (by the claim that found nothing): this consumer cannot be
         taken for dead while it waits, so what BLMOVE moves into its in-flight
-        list is always recoverable.
+        list is always recoverable. Returns the message BLMOVE moved and up
+        to *count* - 1 more, taken by the renewal that follows it.
         """
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return None
+                return []
             wait = max(min(remaining, self._max_wait), _MIN_WAIT)
             body: bytes | None = client.blmove(
                 self._waiting, self._inflight, wait, "RIGHT", "LEFT")
             if body is not None:
                 # Renew at once: had the lease run out anyway (a stall longer than
                 # half a lease), this registers the consumer again, so the
-                # message just moved cannot be stranded.
-                self._claim(client, take=False)
-                return body
-            body = self._claim(client, take=True)
-            if body is not None:
-                return body
+                # message just moved cannot be stranded. The same script takes
+                # the rest of a batch.
+                return [body, *self._claim(client, take=count - 1)]
+            bodies = self._claim(client, take=count)
+            if bodies:
+                return bodies
 
-    def _hold(self, body: bytes) -> Any:
-        message = protocol.decode(body)
-        if message is body:
-            message = _Raw(body)
-        # Under the lock: a reconciliation never sees the entry without its lease.
+    def _hold(self, bodies: list[bytes]) -> list[Any]:
+        """Lease each of *bodies* to the message object handed out for it."""
+        held = []
+        for body in bodies:
+            message = protocol.decode(body)
+            if message is body:
+                message = _Raw(body)
+            held.append((message, bytes(body)))
+        # Under the lock: a reconciliation never sees the entries without their leases.
         with self._cond:
-            return self._leases.add(message, bytes(body))
+            return [self._leases.add(message, entry) for message, entry in held]
 
-    def _note_registration(self, added: int) -> None:
+    def _note_registration(self, added: int, registered: bool) -> None:
+        """*added*: the claim registered this consumer anew; *registered*: it was before."""
         with self._cond:
-            lost = added and self._registered
+            lost = added and registered
             self._registered = True
         if lost:
             _log.warning(

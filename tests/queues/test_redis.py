@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import socket
 import subprocess
@@ -189,6 +190,30 @@ def test_late_ack_after_a_lost_lease(queues, caplog):
     assert "had run out" in caplog.text
 
 
+def test_racing_first_claims_do_not_warn_of_a_lost_lease(queues, monkeypatch, caplog):
+    """First heartbeat and first dequeue at once: the later reply may be the registering one."""
+    queue = queues()
+    claim = queue._claim_script
+    first_ran, second_done = threading.Event(), threading.Event()
+
+    def slow_first(**kwargs: Any) -> Any:
+        reply = claim(**kwargs)  # registers this consumer in Redis
+        if not first_ran.is_set():
+            first_ran.set()
+            second_done.wait(10)  # its reply comes back after the other claim's
+        return reply
+
+    monkeypatch.setattr(queue, "_claim_script", slow_first)
+    beat = threading.Thread(target=queue.heartbeat)
+    with caplog.at_level(logging.WARNING, logger="tempest.queues.redis"):
+        beat.start()
+        assert first_ran.wait(10)
+        assert queue.dequeue() is None
+        second_done.set()
+        beat.join(10)
+    assert "had run out" not in caplog.text
+
+
 def test_a_stray_in_flight_entry_is_given_back(queues, client):
     """An entry moved for this consumer whose reply was lost returns at the next heartbeat."""
     queue = queues()
@@ -228,6 +253,200 @@ def test_threads_sharing_one_queue_object(queues, client, name):
         thread.join(30)
     assert sorted(seen) == list(range(400))
     assert in_flight(client, name) == 0 and len(queue) == 0
+
+
+def test_threads_sharing_one_queue_object_in_batches(queues, client, name):
+    """Eight threads take batches through one queue object: each message once, all acked."""
+    queue = queues()
+    for i in range(400):
+        queue.enqueue([f"id-{i}", "Task", i])
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        while batch := queue.dequeue_many(3, timeout=0.2):
+            assert len(batch) <= 3
+            with lock:
+                seen.extend(message[2] for message in batch)
+            for message in batch:
+                queue.ack(message)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(seen) == list(range(400))
+    assert in_flight(client, name) == 0 and len(queue) == 0
+
+
+# -- dequeue_many ------------------------------------------------------------------------
+
+
+class CommandCounter:
+    """Counts the commands (each one round trip: no pipelines) sent by any client."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[str] = []
+        original = redis.Redis.execute_command
+
+        def execute_command(client: Any, *args: Any, **options: Any) -> Any:
+            self.sent.append(str(args[0]))
+            return original(client, *args, **options)
+
+        monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
+
+
+def test_a_batch_is_one_round_trip_into_the_in_flight_list(queues, client, monkeypatch):
+    """dequeue_many moves up to n messages, oldest first, in one command, all in flight."""
+    queue = queues()
+    assert queue.dequeue_many(4) == []  # registers; loads the scripts
+    for i in range(6):
+        queue.enqueue([f"id-{i}", "Task", i])
+    counter = CommandCounter(monkeypatch)
+    first = queue.dequeue_many(4, timeout=1)  # fresh lease: the take script only
+    assert counter.sent == ["EVALSHA"]
+    assert [m[2] for m in first] == [0, 1, 2, 3]
+    inflight = f"{queue.prefix}inflight:{queue.consumer}"
+    assert client.llen(inflight) == 4 and len(queue) == 2
+    counter.sent.clear()
+    queue._renewed_at = -math.inf  # as if the last renewal were old: the claim script
+    second = queue.dequeue_many(4, timeout=1)
+    assert counter.sent == ["EVALSHA"]
+    assert [m[2] for m in second] == [4, 5]
+    assert client.llen(inflight) == 6 and len(queue) == 0
+    for message in [*first, *second]:
+        queue.ack(message)
+    assert client.llen(inflight) == 0
+
+
+def test_a_waited_for_batch_takes_the_rest_with_the_renewal(queues, monkeypatch):
+    """Empty queue: BLMOVE waits for the first; the renewal after it takes the others."""
+    queue, producer = queues(), queues()
+    assert queue.dequeue_many(3) == []
+    counter = CommandCounter(monkeypatch)
+    claim = queue._claim_script
+
+    def claim_then_produce(**kwargs: Any) -> Any:
+        reply = claim(**kwargs)
+        if len(counter.sent) == 1:  # the claim that found nothing, before BLMOVE
+            for i in range(4):
+                producer.enqueue([f"id-{i}", "Task", i])
+        return reply
+
+    monkeypatch.setattr(queue, "_claim_script", claim_then_produce)
+    queue._renewed_at = -math.inf
+    batch = queue.dequeue_many(3, timeout=5)
+    assert [m[2] for m in batch] == [0, 1, 2]
+    assert [c for c in counter.sent if c != "LPUSH"] == ["EVALSHA", "BLMOVE", "EVALSHA"]
+    assert len(queue) == 1
+
+
+def test_dequeue_many_counts(queues, client):
+    """A count below 1 takes nothing; a count over the limit takes the limit; not an int: error."""
+    queue = queues()
+    pipe = client.pipeline(transaction=False)
+    for i in range(1005):
+        pipe.lpush(f"{queue.prefix}waiting", f'["id-{i}","Task",{i}]')
+    pipe.execute()
+    assert queue.dequeue_many(0) == [] and queue.dequeue_many(-1, timeout=1) == []
+    with pytest.raises(TypeError, match="count must be an int"):
+        queue.dequeue_many("3")
+    batch = queue.dequeue_many(5000)
+    assert len(batch) == 1000 and [m[2] for m in batch] == list(range(1000))
+    assert len(queue) == 5
+
+
+def test_a_dead_consumers_batch_comes_back_in_order_and_counted(queues):
+    """A batch never settled returns whole after the lease, oldest first; poison counts each."""
+    dead, other = queues(lease=0.3, max_deliveries=2), queues(lease=0.3, max_deliveries=2)
+    for i in range(4):
+        dead.enqueue([f"id-{i}", "Task", i])
+    assert [m[2] for m in dead.dequeue_many(3)] == [0, 1, 2]  # then never settled
+    assert [m[2] for m in other.dequeue_many(3)] == [3]
+    wait_for(lambda: swept(other) == 3, 10)
+    again = other.dequeue_many(5)
+    assert [m[2] for m in again] == [0, 1, 2]  # a second delivery; then it dies too
+    last = queues(lease=0.3, max_deliveries=2)
+    wait_for(lambda: swept(last) == 1, 10)  # 3 was delivered once only: it waits again
+    assert sorted(last.rejected()) == [([f"id-{i}", "Task", i], POISON_REASON)
+                                       for i in range(3)]
+    assert [m[2] for m in last.dequeue_many(5)] == [3]
+
+
+def test_a_batch_lost_in_its_reply_is_given_back(queues, client, monkeypatch, caplog):
+    """The take script ran but its reply was lost: the next dequeue_many gives all back first."""
+    queue = queues()
+    assert queue.dequeue_many(3) == []  # the lease is fresh: the take script runs next
+    for i in range(3):
+        queue.enqueue([f"id-{i}", "Task", i])
+    take = queue._take_script
+
+    def take_then_break(**kwargs: Any) -> Any:
+        take(**kwargs)
+        raise redis.ConnectionError("the reply was lost")
+
+    monkeypatch.setattr(queue, "_take_script", take_then_break)
+    with pytest.raises(redis.ConnectionError):
+        queue.dequeue_many(3)
+    inflight = f"{queue.prefix}inflight:{queue.consumer}"
+    assert client.llen(inflight) == 3 and len(queue) == 0  # moved, unknown to the queue
+    monkeypatch.setattr(queue, "_take_script", take)
+    with caplog.at_level(logging.WARNING, logger="tempest.queues.redis"):
+        batch = queue.dequeue_many(5)
+    assert "gave back 3 message(s)" in caplog.text
+    assert [m[2] for m in batch] == [0, 1, 2]  # once each, in order
+    assert client.llen(inflight) == 3 and len(queue) == 0
+
+
+def test_a_lost_renewal_after_blmove_gives_the_whole_batch_back(queues, client, monkeypatch):
+    """BLMOVE's reply came, the renewal taking the rest lost its: all given back at heartbeat."""
+    queue, producer = queues(), queues()
+    claim = queue._claim_script
+    calls: list[int] = []
+
+    def claim_once_then_break(**kwargs: Any) -> Any:
+        calls.append(1)
+        reply = claim(**kwargs)
+        if len(calls) == 1:  # found nothing: BLMOVE waits next
+            for i in range(3):
+                producer.enqueue([f"id-{i}", "Task", i])
+            return reply
+        raise redis.ConnectionError("the reply was lost")
+
+    monkeypatch.setattr(queue, "_claim_script", claim_once_then_break)
+    with pytest.raises(redis.ConnectionError):
+        queue.dequeue_many(3, timeout=5)
+    inflight = f"{queue.prefix}inflight:{queue.consumer}"
+    assert client.llen(inflight) == 3 and len(queue) == 0
+    monkeypatch.setattr(queue, "_claim_script", claim)
+    queue.heartbeat()
+    assert client.llen(inflight) == 0 and len(queue) == 3
+    assert [m[2] for m in queue.dequeue_many(3)] == [0, 1, 2]
+
+
+def test_a_batch_never_lands_with_a_lapsed_lease(queues, client, monkeypatch):
+    """The take script moves nothing once the lease ran out: the claim renews, then moves."""
+    queue = queues()
+    assert queue.dequeue_many(2) == []  # registered; the lease is fresh to this object
+    queue.enqueue(["id-0", "Task", 0])
+    consumers = f"{queue.prefix}consumers"
+    client.zadd(consumers, {queue.consumer: 0})  # ran out (a stall), not swept yet
+    inflight = f"{queue.prefix}inflight:{queue.consumer}"
+    take = queue._take_script
+
+    def take_and_look(**kwargs: Any) -> Any:
+        reply = take(**kwargs)
+        assert reply == [] and client.llen(inflight) == 0 and len(queue) == 1
+        return reply
+
+    monkeypatch.setattr(queue, "_take_script", take_and_look)
+    counter = CommandCounter(monkeypatch)
+    batch = queue.dequeue_many(2)
+    assert [m[2] for m in batch] == [0]
+    assert [c for c in counter.sent if c == "EVALSHA"] == ["EVALSHA", "EVALSHA"]
+    seconds, micros = client.time()
+    assert client.zscore(consumers, queue.consumer) > seconds * 1000 + micros // 1000
 
 
 def test_named_queues_are_apart(redis_url, queues, name):
@@ -294,6 +513,28 @@ def test_without_redis_the_error_names_the_extra():
 class RedisSum(Task):
     def process(self, a: int, b: int) -> int:
         return a + b
+
+
+def test_engine_with_eight_threads_takes_batches(queues, client, name, make_engine):
+    """Workers waiting for the leader get their messages in batches; each acked once."""
+    queue = queues()
+    sizes: list[int] = []
+    dequeue_many = queue.dequeue_many
+
+    def spy(count: int, timeout: float | None = None) -> list[Any]:
+        batch = dequeue_many(count, timeout=timeout)
+        sizes.append(len(batch))
+        return batch
+
+    queue.dequeue_many = spy  # type: ignore[method-assign]
+    engine = make_engine(threads=8, queue=queue)
+    for i in range(1000):
+        engine.submit(RedisSum, i, 1)
+    engine.run(burst=True)
+    stats = engine.stats()
+    assert (stats["processed"], stats["succeeded"], stats["queued"]) == (1000, 1000, 0)
+    assert in_flight(client, name) == 0
+    assert max(sizes) > 1
 
 
 def test_engine_with_four_threads_drains_500_messages(queues, client, name, make_engine):
