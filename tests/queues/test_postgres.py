@@ -9,13 +9,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tempest import ConfigurationError, Task
-from tempest.queues import PostgresQueue
+from tempest.queues import PostgresQueue, protocol
 from tempest.queues import postgres as postgres_module
 from tempest.testing import QueueContract
 
@@ -38,6 +39,22 @@ def drop_tables(dsn: str, table: str) -> None:
 def rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(query, params).fetchall()
+
+
+def count_statements(queue: PostgresQueue) -> list[int]:
+    """Count the statements *queue* sends from now on (in a list, updated in place)."""
+    count = [0]
+    borrow = queue._connection
+
+    @contextmanager
+    def counting(*, listen: bool = False) -> Iterator[Any]:
+        with borrow(listen=listen) as conn:
+            if not listen:
+                count[0] += 1  # every borrow of a work connection is for one statement
+            yield conn
+
+    queue._connection = counting  # type: ignore[method-assign]
+    return count
 
 
 def with_app_name(dsn: str, name: str) -> str:
@@ -193,6 +210,182 @@ def test_requeue_does_not_count_a_delivery(queues):
         queue.requeue(message)
     assert queue.dequeue() is not None
     assert queue.rejected() == []
+
+
+def test_dequeue_many_claims_the_oldest_in_one_statement(postgres_dsn, queues):
+    """dequeue_many(n) leases the n oldest messages, each counted as delivered once."""
+    queue = queues()
+    for i in range(5):
+        queue.enqueue([f"id-{i}", "Task", i])
+    statements = count_statements(queue)
+    batch = queue.dequeue_many(3, timeout=5)
+    assert [m[2] for m in batch] == [0, 1, 2] and statements == [1]
+    state = rows(postgres_dsn, f"SELECT body::json->>2, leased_by, deliveries, "
+                               f"lease_until > now() FROM {queue.table} ORDER BY id")
+    assert state == [(str(i), queue.consumer, 1, True) for i in range(3)] + [
+        (str(i), None, 0, None) for i in (3, 4)]
+    assert [m[2] for m in queue.dequeue_many(10)] == [3, 4]
+    assert queue.dequeue_many(10) == [] and queue.dequeue() is None
+
+
+def test_dequeue_many_with_nothing_to_take(queues):
+    """A count of 0 takes nothing and does not wait; a count must be an int."""
+    queue = queues()
+    queue.enqueue(["id-1", "Task"])
+    started = time.monotonic()
+    assert queue.dequeue_many(0, timeout=10) == []
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(TypeError):
+        queue.dequeue_many(2.5)  # type: ignore[arg-type]
+    assert len(queue) == 1
+
+
+def test_dequeue_many_sets_poison_aside_and_fills_the_batch(postgres_dsn, queues):
+    """Poison among the oldest rows is moved aside; the batch is filled from the next ones."""
+    queue = queues(max_deliveries=2)
+    for i in range(6):
+        queue.enqueue([f"id-{i}", "Task", i])
+    # Messages 0 and 2 were delivered twice already, to engines that died.
+    rows(postgres_dsn, f"UPDATE {queue.table} SET deliveries = 2 "
+                       f"WHERE body::json->>2 IN ('0', '2') RETURNING id")
+    batch = queue.dequeue_many(3)
+    assert [m[2] for m in batch] == [1, 3, 4]
+    assert sorted(m[2] for m, reason in queue.rejected() if reason == "TooManyDeliveries") \
+        == [0, 2]
+    assert [m[2] for m in queue.dequeue_many(3)] == [5]
+
+
+def test_each_message_of_a_batch_is_leased_renewed_and_settled_alone(postgres_dsn, queues):
+    """A batch's messages are heartbeat-renewed together, then acked, rejected and requeued."""
+    queue, other = queues(lease=0.5), queues(lease=0.5)
+    for i in range(3):
+        queue.enqueue([f"id-{i}", "Task", i])
+    first, second, third = queue.dequeue_many(3)
+    deadline = time.monotonic() + 1.5  # three leases
+    while time.monotonic() < deadline:
+        queue.heartbeat()
+        assert other.dequeue() is None
+        time.sleep(0.1)
+    queue.ack(first)
+    queue.reject(second, "UnknownTask")
+    queue.requeue(third)
+    assert [(list(m), r) for m, r in queue.rejected()] == [(["id-1", "Task", 1], "UnknownTask")]
+    assert rows(postgres_dsn, f"SELECT body, leased_by, deliveries FROM {queue.table}") == [
+        ('["id-2","Task",2]', None, 0)]
+    for message in (first, second, third):
+        with pytest.raises(ValueError, match="already acked"):
+            queue.ack(message)
+    again = other.dequeue()
+    assert list(again) == ["id-2", "Task", 2]
+
+
+def test_concurrent_acks_each_return_once_deleted(postgres_dsn, queues):
+    """Acks from 8 threads share statements, and each returns only once its row is gone."""
+    queue = queues()
+    for i in range(200):
+        queue.enqueue([f"id-{i}", "Task", i])
+    statements = count_statements(queue)
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            barrier.wait(10)
+            while batch := queue.dequeue_many(3):
+                for message in batch:
+                    queue.ack(message)
+                    if rows(postgres_dsn, f"SELECT 1 FROM {queue.table} WHERE body = %s",
+                            protocol.encode(message)):
+                        raise AssertionError(f"{message} acked, yet still stored")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(0,)]
+    assert statements[0] < 200 + 200  # the claims (fewer than 200) and the grouped acks
+
+
+def test_acks_arriving_during_a_delete_share_the_next_one(postgres_dsn, queues):
+    """While a DELETE is in flight, later acks wait and go together in the next statement;
+    if that one fails, each of them raises and their rows stay for redelivery."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    for i in range(4):
+        queue.enqueue([f"id-{i}", "Task", i])
+    batch = queue.dequeue_many(4)
+    results: dict[int, str] = {}
+    errors: dict[int, BaseException] = {}
+
+    def ack(message: Any) -> None:
+        try:
+            queue.ack(message)
+            results[message[2]] = "acked"
+        except psycopg.OperationalError as exc:  # AdminShutdown: the backend was terminated
+            results[message[2]] = "failed"
+            errors[message[2]] = exc
+
+    def blocked_deletes() -> list[tuple[Any, ...]]:
+        return rows(postgres_dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = "
+                                  "%s AND wait_event_type = 'Lock'", app)
+
+    def body(i: int) -> str:
+        return protocol.encode([f"id-{i}", "Task", i])
+
+    with psycopg.connect(postgres_dsn) as blocker:  # a transaction holding rows 0 and 1
+        blocker.execute(f"SELECT 1 FROM {queue.table} WHERE body IN (%s, %s) FOR UPDATE",
+                        (body(0), body(1)))
+        statements = count_statements(queue)
+        threads = [threading.Thread(target=ack, args=(batch[0],))]
+        threads[0].start()
+        wait_for(blocked_deletes, 5)  # the DELETE of row 0 waits for the lock
+        threads += [threading.Thread(target=ack, args=(m,)) for m in batch[1:]]
+        for t in threads[1:]:
+            t.start()
+        wait_for(lambda: len(queue._pending) == 3, 5)
+        assert statements == [1] and results == {}
+        blocker.commit()  # row 0 goes; the next DELETE takes rows 1, 2 and 3 at once
+        threads[0].join(5)
+        wait_for(lambda: results == {0: "acked", 1: "acked", 2: "acked", 3: "acked"}, 5)
+        assert statements == [2]
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(0,)]
+
+    for i in range(4, 7):
+        queue.enqueue([f"id-{i}", "Task", i])
+    batch = queue.dequeue_many(3)
+    with psycopg.connect(postgres_dsn) as first, psycopg.connect(postgres_dsn) as second:
+        first.execute(f"SELECT 1 FROM {queue.table} WHERE body = %s FOR UPDATE", (body(4),))
+        second.execute(f"SELECT 1 FROM {queue.table} WHERE body = %s FOR UPDATE", (body(5),))
+        threads = [threading.Thread(target=ack, args=(batch[0],))]
+        threads[0].start()
+        wait_for(blocked_deletes, 5)
+        threads += [threading.Thread(target=ack, args=(m,)) for m in batch[1:]]
+        for t in threads[1:]:
+            t.start()
+        wait_for(lambda: len(queue._pending) == 2, 5)
+        first.commit()  # row 4 goes; the DELETE of rows 5 and 6 then waits for row 5
+        threads[0].join(5)
+        assert results == {**results, 4: "acked"} and len(results) == 5
+        (pid,), = wait_for(blocked_deletes, 5)
+        rows(postgres_dsn, "SELECT pg_terminate_backend(%s)", pid)
+        for t in threads:
+            t.join(5)
+        assert (results[5], results[6]) == ("failed", "failed")
+        # Each thread raises an exception of its own, of the same class, chained.
+        leader, follower = (errors[5], errors[6]) if errors[6].__cause__ else (errors[6], errors[5])
+        assert follower is not leader and follower.__cause__ is leader
+        assert type(follower) is type(leader)
+        second.rollback()
+    # Both rows stay, and come back once their leases run out.
+    assert rows(postgres_dsn, f"SELECT body FROM {queue.table} ORDER BY id") == [
+        (body(5),), (body(6),)]
+    queue.enqueue(["id-7", "Task", 7])
+    queue.ack(queue.dequeue())  # the queue reconnected; acks work again
+    assert queue._pending == [] and not queue._acking
 
 
 def test_named_queues_share_a_table_apart(queues):
