@@ -47,11 +47,12 @@ whatever instant the process dies at.
   since the last checkpoint (which syncs the disk) -- enqueued messages lost,
   acked ones run again -- but never corrupts the file. That is the one loss
   this queue allows, to spare an fsync per message.
-- A claim (``BEGIN IMMEDIATE``: select the oldest available row, lease it)
-  holds the file's write lock from the select to the commit, so two consumers,
-  in any threads or processes, never lease the same row. A consumer that dies
-  after the commit, before or while running the task, leaves the row leased:
-  it becomes available again when the lease runs out, and runs again. That is
+- A claim (``BEGIN IMMEDIATE``: select the oldest available rows -- one for
+  ``dequeue``, up to *count* for ``dequeue_many`` -- and lease them) holds the
+  file's write lock from the select to the commit, so two consumers, in any
+  threads or processes, never lease the same row. A consumer that dies after
+  the commit, before or while running the task, leaves the rows leased: each
+  becomes available again when its lease runs out, and runs again. That is
   the only way a message runs twice -- apart from a task that outlives its
   lease because heartbeats stopped or the clock stepped forward.
 - ``ack`` deletes the row after the outcome, and returns once the delete is
@@ -117,8 +118,8 @@ _POISON_BATCH = 50
 
 _ABSORB_WINDOW = 0.002
 _ABSORB_WAIT = 0.001
-"""Seconds: an ack made less than _ABSORB_WINDOW after another thread's claim waits up to
-_ABSORB_WAIT for the next claim to commit it (see SQLiteQueue._claims_expected)."""
+"""Seconds: an ack made less than _ABSORB_WINDOW after a claim for several messages waits
+up to _ABSORB_WAIT for the next claim to commit it (see SQLiteQueue._claims_expected)."""
 
 _CHECKPOINT_EVERY = 400
 """Commits of a queue object between the checkpoints its acks make (1.5 to 2.2 WAL pages
@@ -157,7 +158,7 @@ AND (lease_until IS NULL OR lease_until < :now)"""
 _SQL = {
     "peek": "SELECT 1 FROM {table} WHERE " + _AVAILABLE + " LIMIT 1",
     "candidate": "SELECT id, deliveries, CAST(body AS BLOB) FROM {table} WHERE "
-                 + _AVAILABLE + " ORDER BY priority DESC, id LIMIT 1",
+                 + _AVAILABLE + " ORDER BY priority DESC, id LIMIT :limit",
     "lease": "UPDATE {table} SET leased_by = :consumer, lease_until = :until, "
              "deliveries = deliveries + 1 WHERE id = :id",
     "enqueue": "INSERT INTO {table} (queue, body, available_at, enqueued_at) "
@@ -341,14 +342,15 @@ class SQLiteQueue:
         without an outcome is moved to ``<table>_rejected`` with the reason
         ``TooManyDeliveries`` instead of being handed out again.
     Waiting
-        ``dequeue(timeout=...)`` wakes at once when this process enqueues (any
+        ``dequeue(timeout=...)`` (and ``dequeue_many``, which waits the same
+        way for its first message) wakes at once when this process enqueues (any
         SQLiteQueue object on the same file, table and name). Another process's
         message is found by looking at the file: every 5 ms while messages
         come, backing off to every 0.1 s while none do. So it waits at most
         about 0.1 s, and an idle engine costs ten cheap reads a second.
     Many consumers
         A claim runs in ``BEGIN IMMEDIATE``, holding the file's write lock from
-        choosing the row to leasing it: no two consumers, in any threads or
+        choosing the rows to leasing them: no two consumers, in any threads or
         processes, lease the same row. A statement waits up to
         ``busy_timeout`` seconds (default 10) for another connection's write
         lock, then raises ``sqlite3.OperationalError: database is locked``;
@@ -452,8 +454,7 @@ class SQLiteQueue:
         self._commits = 0
         self._checkpointing = threading.Lock()  # guards _checkpointer
         self._checkpointer: sqlite3.Connection | None = None
-        self._last_claimer = 0  # thread ident of the last claim that found a message
-        self._last_claim_at = self._other_claim_at = -math.inf  # by it, by another thread
+        self._batch_claimed_at = -math.inf  # the last claim for several (see _claims_expected)
 
     # -- the queue protocol ---------------------------------------------------------
 
@@ -471,28 +472,20 @@ class SQLiteQueue:
         What the queue cannot decode is returned raw (str, or bytes if it is
         not UTF-8), for the engine to reject.
         """
-        self._check_fork()
-        seen = self._doorbell.seen()
-        message = self._claim()
-        if message is not None or timeout is None or timeout <= 0:
-            return message
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            # The bell count is read before each claim: a local enqueue after an
-            # empty claim, even before this wait begins, cuts the wait short.
-            pause = self._pause
-            self._doorbell.wait(seen, min(pause, remaining))
-            # The pause grows across calls while the queue stays empty: an idle
-            # engine, calling with short timeouts, looks ~1/_POLL_MAX times a second.
-            self._pause = min(pause * 2, _POLL_MAX)
-            seen = self._doorbell.seen()
-            message = self._claim()
-            if message is not None:
-                self._pause = _POLL_MIN
-                return message
+        messages = self._dequeue(1, timeout)
+        return messages[0] if messages else None
+
+    def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
+        """Lease up to *count* messages, in order; wait up to *timeout* seconds for the first.
+
+        Waits as ``dequeue`` does, then takes whatever else is available at
+        once, up to *count*, in the same transaction: one commit for the lot.
+        Each message is leased, settled and counted like one from ``dequeue``.
+        An empty list if none came within *timeout*, and at once if *count* < 1.
+        """
+        if count < 1:
+            return []
+        return self._dequeue(count, timeout)
 
     def ack(self, message: Any) -> None:
         """The message's outcome is final: delete it. Returns once the delete is committed.
@@ -621,14 +614,39 @@ class SQLiteQueue:
 
     # -- internals ------------------------------------------------------------------
 
-    def _claim(self) -> Any:
-        """Lease the next message, setting poison aside; None if there is none.
+    def _dequeue(self, count: int, timeout: float | None) -> list[Any]:
+        """dequeue and dequeue_many: wait up to *timeout* for a first message; up to *count*."""
+        self._check_fork()
+        seen = self._doorbell.seen()
+        messages = self._claim(count)
+        if messages or timeout is None or timeout <= 0:
+            return messages
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return messages
+            # The bell count is read before each claim: a local enqueue after an
+            # empty claim, even before this wait begins, cuts the wait short.
+            pause = self._pause
+            self._doorbell.wait(seen, min(pause, remaining))
+            # The pause grows across calls while the queue stays empty: an idle
+            # engine, calling with short timeouts, looks ~1/_POLL_MAX times a second.
+            self._pause = min(pause * 2, _POLL_MAX)
+            seen = self._doorbell.seen()
+            messages = self._claim(count)
+            if messages:
+                self._pause = _POLL_MIN
+                return messages
 
-        Its transaction also deletes the acks pending when it is about to
-        commit (see "Group commit").
+    def _claim(self, count: int) -> list[Any]:
+        """Lease the next *count* messages at most, setting poison aside; [] if there is none.
+
+        One transaction (unless poison alone fills one), which also deletes the
+        acks pending when it is about to commit (see "Group commit").
         """
         params: dict[str, Any] = {"queue": self.name, "consumer": self.consumer}
-        found = None
+        found: list[tuple[int, bytes]] = []
         peek = self._peek_first  # read once: another thread's claim may change it
         # Announced before waiting for the connection, so that acks arriving
         # meanwhile wait for this transaction instead of making one of their own;
@@ -647,30 +665,15 @@ class SQLiteQueue:
                         # processes' claims and enqueues go on) tells there is nothing.
                         params["now"] = time.time()
                         if conn.execute(self._sql["peek"], params).fetchone() is None:
-                            return None
-                    poisoned = _POISON_BATCH
-                    while poisoned == _POISON_BATCH:  # a batch of poison only: commit, go on
-                        poisoned = 0
+                            return []
+                    while True:
                         batch: list[_Ack] = []
                         try:
                             # The write lock is ours from BEGIN IMMEDIATE to the commit:
-                            # the row chosen cannot be leased by anyone else first.
+                            # the rows chosen cannot be leased by anyone else first.
                             conn.execute("BEGIN IMMEDIATE")
-                            params["now"] = now = time.time()
-                            while poisoned < _POISON_BATCH:
-                                row = conn.execute(self._sql["candidate"], params).fetchone()
-                                if row is None:
-                                    break
-                                key, deliveries, body = row
-                                if deliveries >= self.max_deliveries:
-                                    self._move(conn, key, protocol.POISON_REASON)
-                                    poisoned += 1
-                                    continue  # set aside; look at the next message
-                                conn.execute(self._sql["lease"], {
-                                    "consumer": self.consumer, "until": now + self.lease,
-                                    "id": key})
-                                found = key, body
-                                break
+                            params["now"] = time.time()
+                            poisoned = self._lease_next(conn, count, params, found)
                             if absorbing:
                                 # Taken last, so that the most share this commit.
                                 batch = self._take_acks()
@@ -679,9 +682,13 @@ class SQLiteQueue:
                             conn.execute("COMMIT")
                             self._commits += 1
                         except BaseException as exc:
+                            found.clear()  # rolled back: leased by no one
                             self._settle_acks(batch, exc)
                             raise
                         self._settle_acks(batch, None)
+                        if found or poisoned < _POISON_BATCH:
+                            break
+                        # A transaction's worth of poison only: committed, go on.
                 except BaseException:
                     self._abort(conn)
                     raise
@@ -690,18 +697,45 @@ class SQLiteQueue:
                 with acks:
                     self._absorbers -= 1
                     self._hand_over()  # acks that came after the take
-        # A crash from here on leaves the row leased: it comes back after the lease.
-        self._peek_first = found is None
-        if found is None:
-            return None
-        # For _claims_expected (unlocked: a hint, read without guarantees).
-        claimer = threading.get_ident()
-        if claimer != self._last_claimer:
-            self._other_claim_at = self._last_claim_at
-            self._last_claimer = claimer
-        self._last_claim_at = time.monotonic()
-        key, body = found
-        return self._leases.add(_stored(body), key)
+        # A crash from here on leaves the rows leased: they come back after the lease.
+        self._peek_first = not found
+        if not found:
+            return []
+        if count > 1:  # for _claims_expected (unlocked: a hint, read without guarantees)
+            self._batch_claimed_at = time.monotonic()
+        add = self._leases.add
+        return [add(_stored(body), key) for key, body in found]
+
+    def _lease_next(self, conn: sqlite3.Connection, count: int, params: dict[str, Any],
+                    found: list[tuple[int, bytes]]) -> int:
+        """Within a claim's transaction: lease available rows, in order, until *found*
+        holds *count*; set aside the poison met on the way (``_POISON_BATCH`` at most).
+
+        Returns how many rows were set aside.
+        """
+        poisoned = 0
+        until = params["now"] + self.lease
+        while poisoned < _POISON_BATCH:
+            wanted = count - len(found)
+            params["limit"] = wanted
+            rows = conn.execute(self._sql["candidate"], params).fetchall()
+            leased: list[int] = []
+            for key, deliveries, body in rows:
+                if deliveries >= self.max_deliveries:
+                    self._move(conn, key, protocol.POISON_REASON)
+                    poisoned += 1
+                    if poisoned == _POISON_BATCH:
+                        break  # the rows after it stay as they are
+                    continue
+                leased.append(key)
+                found.append((key, body))
+            if leased:
+                conn.executemany(self._sql["lease"], [
+                    {"consumer": self.consumer, "until": until, "id": key} for key in leased])
+            if len(found) == count or len(rows) < wanted:
+                break  # enough, or nothing more is available
+            # Poison took places in this look: look again, past what is leased now.
+        return poisoned
 
     def _move(self, conn: sqlite3.Connection, row: int, reason: str) -> None:
         """Within a transaction: move *row* to the rejected table with *reason*."""
@@ -765,18 +799,18 @@ class SQLiteQueue:
     def _claims_expected(self) -> float:
         """Seconds an ack may wait for a claim to share its commit: 0 unless one is likely.
 
-        A claim is likely soon when another thread claimed a message of this
-        queue object a moment ago: several threads are consuming at full speed
-        (an engine's workers, whose next dispatcher claims as soon as it gets
-        the GIL, which this thread holds until it blocks). Then waiting a
-        little costs less than a commit. A single consumer thread, or threads
-        busy with long tasks, never wait.
+        A claim is likely soon when this queue object was asked for several
+        messages at once a moment ago: the engine asks for one per worker
+        waiting for its dispatcher, so workers are queueing for claims (the
+        claims, not the tasks, are the bottleneck), and the next claim comes as
+        soon as the dispatcher gets the GIL, which this thread holds until it
+        blocks. Then waiting a little costs less than a commit: most acks share
+        a claim's. When claims are for one message -- workers busy with long
+        tasks, a single consumer thread -- the next claim is most likely the
+        acking thread's own, after its ack: waiting would only delay it.
         """
-        if threading.get_ident() != self._last_claimer:
-            last = self._last_claim_at
-        else:
-            last = self._other_claim_at
-        return _ABSORB_WAIT if time.monotonic() - last < _ABSORB_WINDOW else 0.0
+        return (_ABSORB_WAIT if time.monotonic() - self._batch_claimed_at < _ABSORB_WINDOW
+                else 0.0)
 
     def _flush(self, ticket: _Ack) -> None:
         """As the flusher: commit the delete of every pending ack; then give up the duty.

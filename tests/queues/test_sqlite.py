@@ -242,6 +242,118 @@ def test_a_run_of_poison_is_set_aside_in_one_dequeue(path, queues, monkeypatch):
     assert queue.rejected() == [([f"id-p{i}", "Task"], POISON_REASON) for i in range(5)]
 
 
+def test_dequeue_many_leases_a_batch_in_one_transaction(path, queues, monkeypatch):
+    """dequeue_many takes what is there, up to count, oldest first, in one commit; each
+    message is leased and counted as delivered like one from dequeue."""
+    queue = queues()
+    for i in range(5):
+        queue.enqueue([f"id-{i}", "Task", i])
+    commits = queue._commits
+    batch = queue.dequeue_many(3, timeout=0)
+    assert [list(m) for m in batch] == [[f"id-{i}", "Task", i] for i in range(3)]
+    assert queue._commits == commits + 1
+    assert sql(path, "SELECT leased_by, deliveries FROM tempest_messages ORDER BY id") == [
+        (queue.consumer, 1)] * 3 + [(None, 0)] * 2
+    assert len(queue) == 2
+    assert [m[2] for m in queue.dequeue_many(10, timeout=0)] == [3, 4]  # fewer: all there is
+    assert queue.dequeue_many(10, timeout=0) == []
+    assert queue.dequeue_many(0, timeout=5) == []  # at once
+
+
+def test_each_message_of_a_batch_is_acked_rejected_or_requeued_on_its_own(path, queues):
+    queue = queues()
+    for i in range(4):
+        queue.enqueue([f"id-{i}", "Task", i])
+    first, second, third, fourth = queue.dequeue_many(4)
+    queue.ack(first)
+    queue.reject(second, "BadMessage")
+    queue.requeue(third)
+    with pytest.raises(ValueError):
+        queue.ack(first)
+    assert queue.rejected() == [(["id-1", "Task", 1], "BadMessage")]
+    assert sql(path, "SELECT body, leased_by, deliveries FROM tempest_messages ORDER BY id") == [
+        ('["id-2","Task",2]', None, 0), ('["id-3","Task",3]', queue.consumer, 1)]
+    assert list(queue.dequeue()) == ["id-2", "Task", 2]
+    queue.ack(fourth)
+
+
+def test_heartbeat_renews_every_message_of_a_batch(path, queues):
+    queue = queues(lease=60)
+    for i in range(3):
+        queue.enqueue([f"id-{i}", "Task", i])
+    batch = queue.dequeue_many(3)
+    sql(path, "UPDATE tempest_messages SET lease_until = 0")  # as if about to run out
+    before = time.time()
+    queue.heartbeat()
+    leases = [until for (until,) in sql(path, "SELECT lease_until FROM tempest_messages")]
+    assert len(leases) == 3 and all(until >= before + 59 for until in leases)
+    for message in batch:
+        queue.ack(message)
+
+
+def test_poison_in_a_batch_is_set_aside_and_the_rest_returned(path, queues, monkeypatch):
+    """Poison met while filling a batch is set aside (a transaction's worth, alone, is
+    committed and the claim goes on); the batch is filled with the good messages."""
+    monkeypatch.setattr(sqlite_module, "_POISON_BATCH", 3)
+    queue = queues(max_deliveries=3)
+    for name in ["p0", "p1", "p2", "g0", "p3", "g1", "g2", "g3"]:
+        queue.enqueue([f"id-{name}", "Task"])
+    sql(path, "UPDATE tempest_messages SET deliveries = 3 WHERE body LIKE '%-p%'")
+    batch = queue.dequeue_many(3)
+    assert [m[0] for m in batch] == ["id-g0", "id-g1", "id-g2"]
+    assert [m[0] for m, _ in queue.rejected()] == [f"id-p{i}" for i in range(4)]
+    assert sql(path, "SELECT body FROM tempest_messages WHERE leased_by IS NULL") == [
+        ('["id-g3","Task"]',)]
+
+
+def test_dequeue_many_waits_for_the_first_message_only(queues):
+    """It returns as soon as one message comes, with whatever else is there by then."""
+    queue, producer = queues(), queues()
+    result: list[Any] = []
+    consumer = threading.Thread(target=lambda: result.append(queue.dequeue_many(8, timeout=10)))
+    started = time.monotonic()
+    consumer.start()
+    time.sleep(0.05)
+    producer.enqueue(["id-1", "Task"])
+    consumer.join(10)
+    assert [[list(m) for m in batch] for batch in result] == [[["id-1", "Task"]]]
+    assert time.monotonic() - started < 5
+
+
+def test_a_failed_batch_claim_leases_nothing(path, queues, monkeypatch):
+    """A claim whose transaction fails rolls back every lease of the batch."""
+    queue = queues()
+    for i in range(3):
+        queue.enqueue([f"id-{i}", "Task"])
+    first = queue.dequeue()
+    queue._pending.append(sqlite_module._Ack(queue._settle(first, "ack")))  # an ack to take
+
+    def fail(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(queue, "_delete_acked", fail)
+    with pytest.raises(sqlite3.OperationalError):
+        queue.dequeue_many(2)
+    assert len(queue._leases) == 0
+    assert sql(path, "SELECT count(*) FROM tempest_messages WHERE leased_by IS NOT NULL") == [(1,)]
+    monkeypatch.undo()
+    assert [m[0] for m in queue.dequeue_many(2)] == ["id-1", "id-2"]
+
+
+def test_acks_wait_for_a_claim_only_after_a_claim_for_several(queues):
+    """Group commit: an ack waits a moment for the next claim to share its commit only
+    when workers queue for claims (a batch was asked for), never after single claims."""
+    queue = queues()
+    for i in range(4):
+        queue.enqueue([f"id-{i}", "Task"])
+    assert queue.dequeue() is not None
+    assert queue._claims_expected() == 0
+    assert len(queue.dequeue_many(2)) == 2
+    assert queue._claims_expected() > 0
+    queue._batch_claimed_at -= 1  # a second later
+    assert queue._claims_expected() == 0
+
+
 def test_named_queues_and_tables_stay_apart(queues):
     """Different names, or tables, in one file never see each other's messages."""
     mail, video, other = queues(name="mail"), queues(name="video"), queues(table="jobs")
