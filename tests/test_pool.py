@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from tempest import Task
 
 from .conftest import main_log
@@ -46,5 +48,13 @@ def test_stale_deadlines_never_time_out_a_later_task(make_engine):
         engine.submit(PoolTight, i)
     engine.run(burst=True)
     stats = engine.stats()
-    assert stats["succeeded"] == 500 and stats["timed_out"] == 0, stats
-    assert "worker crashed" not in main_log(engine)
+    assert stats["succeeded"] + stats["timed_out"] == stats["processed"] == 500, stats
+    log = main_log(engine)
+    assert "worker crashed" not in log
+    # On a loaded machine a task may really be descheduled past its 50 ms: a
+    # timeout is then right. A stale deadline would time out a task that ran
+    # for less than its own limit.
+    durations = [float(d) for d in re.findall(r"outcome=timeout duration=([\d.]+)", log)]
+    assert len(durations) == stats["timed_out"]
+    assert all(d >= 0.05 for d in durations), durations
+    assert stats["timed_out"] <= 25, stats  # a few stalls, not a pattern
