@@ -99,7 +99,8 @@ def test_kill_9_while_tasks_run_dies_at_once_and_a_new_process_starts_clean(spaw
     """kill -9 mid-task: the process dies at once, nothing hangs; a fresh engine runs normally."""
     engine = spawn("nap")
     running = engine.wait_started(2)
-    assert "guarantee=at-most-once" in engine.main()
+    # (The log is written by a thread of its own, a moment after the line is logged.)
+    wait_for(lambda: "guarantee=at-most-once" in engine.main(), 10)
     engine.proc.send_signal(signal.SIGKILL)
     code, waited = engine.wait(5)
     assert code == -signal.SIGKILL and waited < 2
