@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from tempest.exceptions import UnknownTask
-from tempest.task import Task, lookup
+from tempest.task import Task, _registry, lookup
 
 __all__ = ["BadMessage", "encode", "new_task_id", "parse"]
 
@@ -63,6 +63,20 @@ def parse(raw: Any) -> tuple[str | None, type[Task], tuple[Any, ...]]:
 
     Raises BadMessage with the reason the engine logs and passes to ``reject``.
     """
+    # The common case in a few steps: a list, a string id, a registered
+    # name, an argument count that process() takes. Anything else is looked
+    # at closely below, to say what is wrong.
+    if type(raw) is list and len(raw) >= 2:
+        task_id, name = raw[0], raw[1]
+        if type(task_id) is str and task_id and type(name) is str:
+            cls = _registry.get(name)
+            arity = cls._arity if cls is not None else None
+            if arity is not None and arity[0] <= len(raw) - 2 <= arity[1]:
+                return task_id, cls, tuple(raw[2:])  # type: ignore[return-value]
+    return _parse_closely(raw)
+
+
+def _parse_closely(raw: Any) -> tuple[str | None, type[Task], tuple[Any, ...]]:
     if isinstance(raw, (str, bytes, bytearray)):
         raise BadMessage("Undecodable", "the queue could not decode this message")
     if not isinstance(raw, (list, tuple)):

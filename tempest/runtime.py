@@ -20,8 +20,8 @@ the lock. So
 Batches
 -------
 A queue with ``dequeue_many(count, timeout=)`` lets the leader take, in one
-call, a message for itself and one for each worker waiting for the lock
-behind it (never more: each has a free worker). It keeps the extra ones in
+call, a message for itself and one for each other free worker, waiting for
+the lock or on its way there (never more: each has a worker). It keeps the extra ones in
 ``_taken``, counted as running, and each follower pops its own the moment it
 gets the lock. A stop gives back whatever is still in ``_taken``, like a
 message dequeued just as the engine closed. One round trip to a server then
@@ -137,7 +137,6 @@ class Runtime:
         # Taken for workers that were waiting for the leader (see "Batches" in
         # the module docstring); appended under _dequeue_lock, popped by anyone.
         self._taken: collections.deque[Any] = collections.deque()
-        self._waiting = 0  # workers waiting for _dequeue_lock (under _lock)
         self._ack = getattr(self.queue, "ack", None)
         self._reject_to = getattr(self.queue, "reject", None)
         self.guarantee = "at-least-once" if callable(self._ack) else "at-most-once"
@@ -315,11 +314,7 @@ class Runtime:
 
     def _next_message(self) -> Any:
         """Dequeue as the leader; None once stopping (see the module docstring)."""
-        with self._lock:
-            self._waiting += 1
         with self._dequeue_lock:
-            with self._lock:
-                self._waiting -= 1
             while not self.stopping:
                 try:
                     return self._taken.popleft()  # counted as running when taken
@@ -333,8 +328,7 @@ class Runtime:
                         # task does, so do not sleep through that in a long wait.
                         wait = (DEQUEUE_WAIT if not self.burst
                                 else 0 if idle else BURST_WAIT)
-                        message = self._take(wait) if self._waiting else self._dequeue(
-                            timeout=wait)
+                        message = self._take(wait)
                     else:
                         message = self._dequeue()
                 except Exception as exc:  # noqa: BLE001 - any queue error is retried
@@ -367,15 +361,17 @@ class Runtime:
         return None
 
     def _take(self, wait: float) -> Any:
-        """Dequeue for this worker and for the ones waiting behind it, in one call.
+        """Dequeue for this worker and for the other free ones, in one call.
 
-        Only as many as there are workers waiting for the dispatcher lock right
-        now: each extra message has a free worker that takes it the moment the
-        lock is released, so nothing is prefetched. Counted as running at once.
+        Only as many as there are workers not running a message right now: each
+        is waiting for the dispatcher lock or on its way to it, having just
+        finished a task, and takes its message the moment it gets the lock. So
+        nothing is prefetched. Counted as running at once.
         """
-        if self._dequeue_many is None:
+        free = self.threads - self.running  # this worker, and those waiting or on their way
+        if self._dequeue_many is None or free < 2:
             return self._dequeue(timeout=wait)
-        messages = self._dequeue_many(1 + self._waiting, timeout=wait)
+        messages = self._dequeue_many(free, timeout=wait)
         if not messages:
             return None
         if len(messages) > 1:
@@ -445,8 +441,9 @@ class Runtime:
                 duration: float) -> None:
         name = task.task_name
         if error is None:
-            self.logs.main_line(INFO, "task ended", task_id=task.task_id, task=name,
-                                outcome="success", duration=round(duration, 6))
+            if self.logs.level <= INFO:  # (not even the arguments, at WARNING)
+                self.logs.main_line(INFO, "task ended", task_id=task.task_id, task=name,
+                                    outcome="success", duration=round(duration, 6))
             self._callback(task, "after_success", result)
         else:
             self.logs.main_line(ERROR, "task ended", task_id=task.task_id, task=name,
@@ -562,20 +559,24 @@ class Runtime:
 
     def _callback(self, task: Task, which: str, *args: Any) -> None:
         """The task's own callback, then the engine-wide one; failures are logged."""
-        engine_cb = self.options[which]
-        for label, fn, fn_args in (
-            (f"{task.task_name}.{which}", getattr(task, which), args),
-            (f"{self.engine.__name__}.configure.{which}", engine_cb, (task, *args)),
-        ):
-            if fn is None:
-                continue
+        own = getattr(task, which)
+        # Task's own no-op default is skipped: most tasks define no callbacks.
+        if own is not None and getattr(type(task), which) is not getattr(Task, which):
             try:
-                fn(*fn_args)
-            except BaseException as exc:  # a callback never stops the engine
-                self.logs.main.error("callback failed", task_id=task.task_id,
-                                     task=task.task_name, callback=label,
-                                     error=_describe(exc))
-                task.task_logger.error("callback failed", callback=label, exc_info=exc)
+                own(*args)
+            except BaseException as exc:  # noqa: BLE001 - a callback never stops the engine
+                self._callback_failed(task, f"{task.task_name}.{which}", exc)
+        engine_cb = self.options[which]
+        if engine_cb is not None:
+            try:
+                engine_cb(task, *args)
+            except BaseException as exc:  # noqa: BLE001 - logged with its traceback
+                self._callback_failed(task, f"{self.engine.__name__}.configure.{which}", exc)
+
+    def _callback_failed(self, task: Task, label: str, exc: BaseException) -> None:
+        self.logs.main.error("callback failed", task_id=task.task_id, task=task.task_name,
+                             callback=label, error=_describe(exc))
+        task.task_logger.error("callback failed", callback=label, exc_info=exc)
 
     def _count(self, outcome: str) -> None:
         with self._lock:
