@@ -46,7 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from logging import DEBUG, ERROR, INFO, WARNING
+from logging import DEBUG, ERROR, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -441,9 +441,7 @@ class Runtime:
                 duration: float) -> None:
         name = task.task_name
         if error is None:
-            if self.logs.level <= INFO:  # (not even the arguments, at WARNING)
-                self.logs.main_line(INFO, "task ended", task_id=task.task_id, task=name,
-                                    outcome="success", duration=round(duration, 6))
+            self.logs.success_line(task.task_id, name, duration)
             self._callback(task, "after_success", result)
         else:
             self.logs.main_line(ERROR, "task ended", task_id=task.task_id, task=name,
