@@ -21,11 +21,12 @@ Batches
 -------
 A queue with ``dequeue_many(count, timeout=)`` lets the leader take, in one
 call, a message for itself and one for each other free worker, waiting for
-the lock or on its way there (never more: each has a worker). It keeps the extra ones in
-``_taken``, counted as running, and each follower pops its own the moment it
-gets the lock. A stop gives back whatever is still in ``_taken``, like a
-message dequeued just as the engine closed. One round trip to a server then
-serves several workers, instead of each waiting its turn for its own.
+the lock or on its way there (never more: each has a worker). It keeps the
+extra ones in ``_taken``, counted as running, and each free worker pops one,
+before it would queue for the lock or once it holds it. A stop gives back
+whatever is still in ``_taken``, like a message dequeued just as the engine
+closed. One round trip to a server then serves several workers, instead of
+each waiting its turn for its own.
 
 Where a message can be lost or run twice
 ----------------------------------------
@@ -314,6 +315,12 @@ class Runtime:
 
     def _next_message(self) -> Any:
         """Dequeue as the leader; None once stopping (see the module docstring)."""
+        if not self.stopping:
+            # One taken for a free worker in a batch: no need to queue for the lock.
+            try:
+                return self._taken.popleft()
+            except IndexError:
+                pass
         with self._dequeue_lock:
             while not self.stopping:
                 try:
