@@ -604,12 +604,7 @@ class PostgresQueue:
 
     def _settle(self, message: Any, action: str) -> Any:
         self._check_fork()  # a child must not settle its parent's messages
-        try:
-            return self._leases.pop(message)
-        except KeyError:
-            raise ValueError(
-                f"PostgresQueue.{action}: {message!r:.80} is not a message this queue "
-                f"object dequeued, or it was already acked, rejected or requeued") from None
+        return self._leases.settle(message, f"PostgresQueue.{action}")
 
     def _connect(self) -> psycopg.Connection[Any]:
         options: dict[str, Any] = {}

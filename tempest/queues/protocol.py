@@ -82,6 +82,7 @@ __all__ = [
     "decode",
     "encode",
     "lease_options",
+    "seconds",
 ]
 
 DEFAULT_LEASE = 30.0
@@ -166,6 +167,15 @@ class Leases:
             raise KeyError(message)
         return key
 
+    def settle(self, message: Any, where: str) -> Any:
+        """``pop``, for ack, reject or requeue: ValueError (naming *where*) if not held."""
+        try:
+            return self.pop(message)
+        except KeyError:
+            raise ValueError(
+                f"{where}: {message!r:.80} is not a message this queue object dequeued, "
+                f"or it was already acked, rejected or requeued") from None
+
     def keys(self) -> list[Any]:
         """Keys of every message held."""
         with self._lock:
@@ -179,6 +189,15 @@ class Leases:
         return iter(self.keys())
 
 
+def seconds(owner: str, option: str, value: object) -> float:
+    """*value* as a number of seconds > 0; ConfigurationError naming *owner* and *option*."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < math.inf:
+        raise ConfigurationError(
+            f"{owner}: {option} must be a number of seconds > 0, not {value!r}")
+    return float(value)
+
+
 def lease_options(owner: str, lease: object, heartbeat_interval: object,
                   max_deliveries: object) -> tuple[float, float, int]:
     """A reliable queue's ``lease``, ``heartbeat_interval`` and ``max_deliveries``, checked.
@@ -186,16 +205,9 @@ def lease_options(owner: str, lease: object, heartbeat_interval: object,
     ``heartbeat_interval`` None means a third of the lease. *owner* (the
     queue's class name) starts each ConfigurationError message.
     """
-    def seconds(option: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0 < value < math.inf:
-            raise ConfigurationError(
-                f"{owner}: {option} must be a number of seconds > 0, not {value!r}")
-        return float(value)
-
-    lease_s = seconds("lease", lease)
+    lease_s = seconds(owner, "lease", lease)
     interval = (lease_s / 3 if heartbeat_interval is None
-                else seconds("heartbeat_interval", heartbeat_interval))
+                else seconds(owner, "heartbeat_interval", heartbeat_interval))
     if interval >= lease_s:
         raise ConfigurationError(
             f"{owner}: heartbeat_interval ({interval}) must be shorter than lease "

@@ -775,13 +775,7 @@ class RedisQueue:
         """*message*'s in-flight entry, moved from its lease to ``_settling``."""
         self._check_fork()
         with self._cond:
-            try:
-                entry: bytes = self._leases.pop(message)
-            except KeyError:
-                raise ValueError(
-                    f"RedisQueue.{action}: {message!r:.80} is not a message this queue "
-                    f"object dequeued, or it was already acked, rejected or "
-                    f"requeued") from None
+            entry: bytes = self._leases.settle(message, f"RedisQueue.{action}")
             self._settling[entry] += 1
         return entry
 

@@ -425,7 +425,7 @@ class SQLiteQueue:
         self.name = name
         self.lease, self.heartbeat_interval, self.max_deliveries = protocol.lease_options(
             "SQLiteQueue", lease, heartbeat_interval, max_deliveries)
-        self.busy_timeout = _seconds("busy_timeout", busy_timeout)
+        self.busy_timeout = protocol.seconds("SQLiteQueue", "busy_timeout", busy_timeout)
 
         self._names = _names(table)
         quoted = {key: f'"{value}"' for key, value in self._names.items()}
@@ -918,12 +918,7 @@ class SQLiteQueue:
             lead.signal()
 
     def _settle(self, message: Any, action: str) -> Any:
-        try:
-            return self._leases.pop(message)
-        except KeyError:
-            raise ValueError(
-                f"SQLiteQueue.{action}: {message!r:.80} is not a message this queue "
-                f"object dequeued, or it was already acked, rejected or requeued") from None
+        return self._leases.settle(message, f"SQLiteQueue.{action}")
 
     @contextmanager
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -1036,11 +1031,3 @@ def _until_unlocked(step: Callable[[], _T], deadline: float) -> _T:
             if "locked" not in str(exc) or time.monotonic() >= deadline:
                 raise
         pause.wait(0.01)
-
-
-def _seconds(option: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 < value < math.inf:
-        raise ConfigurationError(
-            f"SQLiteQueue: {option} must be a number of seconds > 0, not {value!r}")
-    return float(value)
