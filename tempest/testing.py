@@ -37,6 +37,9 @@ from tempest.queues.protocol import POISON_REASON
 __all__ = ["QueueContract"]
 
 
+_AT_MOST_ONCE = "an at-most-once queue (no ack): leases do not apply"
+
+
 def _accepts_timeout(queue: Any) -> bool:
     try:
         params = inspect.signature(queue.dequeue).parameters.values()
@@ -111,11 +114,15 @@ class QueueContract:
         self._made.append(queue)
         return queue
 
-    def _reliable(self, **options: Any) -> Any:
+    def _having(self, method: str, why: str, **options: Any) -> Any:
+        """A new handle; the test is skipped (*why*) if the queue has no *method*."""
         queue = self._queue(**options)
-        if not callable(getattr(queue, "ack", None)):
-            pytest.skip("an at-most-once queue (no ack): leases do not apply")
+        if not callable(getattr(queue, method, None)):
+            pytest.skip(why)
         return queue
+
+    def _reliable(self, **options: Any) -> Any:
+        return self._having("ack", _AT_MOST_ONCE, **options)
 
     # -- every queue ---------------------------------------------------------------------
 
@@ -246,10 +253,7 @@ class QueueContract:
     # -- batches (dequeue_many) -----------------------------------------------------------
 
     def _batching(self, **options: Any) -> Any:
-        queue = self._queue(**options)
-        if not callable(getattr(queue, "dequeue_many", None)):
-            pytest.skip("the queue has no dequeue_many")
-        return queue
+        return self._having("dequeue_many", "the queue has no dequeue_many", **options)
 
     def test_dequeue_many_takes_up_to_count_in_order(self) -> None:
         """dequeue_many(n) returns at most n messages, oldest first, each only once."""
@@ -300,7 +304,7 @@ class QueueContract:
         """Acked messages of a batch are gone; an unacked one returns after its lease."""
         queue = self._batching(lease=0.5)
         if not callable(getattr(queue, "ack", None)):
-            pytest.skip("an at-most-once queue (no ack): leases do not apply")
+            pytest.skip(_AT_MOST_ONCE)
         for i in range(3):
             queue.enqueue([f"id-{i}", "Task", i])
         batch = queue.dequeue_many(3, timeout=1)

@@ -154,17 +154,9 @@ class ToStraddler(Task):
         return seconds
 
 
-class ToTightStraddler(Task):
+class ToTightStraddler(ToStraddler):
     class configure:
         timeout = 0.0002
-
-    def process(self, seconds):
-        try:
-            _spin(seconds)
-        except TaskTimeout:
-            SEEN_TIMEOUT.add(self.task_id)
-            raise
-        return seconds
 
 
 class ToSteady(Task):

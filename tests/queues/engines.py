@@ -1,7 +1,8 @@
 """Engines in processes of their own on one durable queue: kill -9 and sharing tests.
 
-Each backend's test module builds an :class:`EngineProcesses` for its queue
-and calls :func:`check_kill_9_loses_nothing` and :func:`check_engines_share_the_work`.
+Each backend's test module defines two fixtures -- ``engines`` (an
+:class:`EngineProcesses` on its queue) and ``queues`` (a factory of queue
+handles) -- and subclasses :class:`EngineProcessChecks` as ``Test...``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ..conftest import wait_for
 
@@ -136,3 +139,16 @@ def check_engines_share_the_work(engines: EngineProcesses, queue: Any) -> None:
     assert sorted(counts) == ids and set(counts.values()) == {1}
     print("per engine:", collections.Counter(pid for _, pid in done))
     assert len({pid for _, pid in done}) >= 2  # the work was shared
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+class EngineProcessChecks:
+    """kill -9 and shared work, for the queue of the module's fixtures."""
+
+    def test_kill_9_loses_nothing(self, engines: EngineProcesses, queues: Any) -> None:
+        """An engine killed with SIGKILL mid-run: the others take over once its leases end."""
+        check_kill_9_loses_nothing(engines, queues())
+
+    def test_engines_share_the_work(self, engines: EngineProcesses, queues: Any) -> None:
+        """Three engine processes on one queue run each of 300 messages exactly once."""
+        check_engines_share_the_work(engines, queues())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 import threading
 import time
@@ -20,7 +19,7 @@ from tempest.queues import postgres as postgres_module
 from tempest.testing import QueueContract
 
 from ..conftest import main_log, wait_for
-from .engines import EngineProcesses, check_engines_share_the_work, check_kill_9_loses_nothing
+from .engines import EngineProcessChecks, EngineProcesses
 
 try:
     import psycopg
@@ -470,13 +469,5 @@ def engines(tmp_path: Path, postgres_dsn: str, table: str) -> Iterator[EnginePro
         processes.kill_all()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_kill_9_loses_nothing(engines, queues):
-    """An engine killed with SIGKILL mid-run: another takes over once its leases expire."""
-    check_kill_9_loses_nothing(engines, queues())
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_three_engines_share_one_table(engines, queues):
-    """Three engine processes on one table run each of 300 messages exactly once."""
-    check_engines_share_the_work(engines, queues())
+class TestEngineProcesses(EngineProcessChecks):
+    """kill -9 and three engines, on this queue."""

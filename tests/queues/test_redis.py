@@ -23,9 +23,8 @@ from tempest.testing import QueueContract
 
 from ..conftest import main_log, service_unavailable, wait_for
 from .engines import (
+    EngineProcessChecks,
     EngineProcesses,
-    check_engines_share_the_work,
-    check_kill_9_loses_nothing,
     enqueue,
 )
 
@@ -648,16 +647,8 @@ def engines(tmp_path: Path, redis_url: str, name: str) -> Iterator[EngineProcess
         processes.kill_all()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_kill_9_loses_nothing(engines, queues):
-    """An engine killed with SIGKILL mid-run: another takes over once its lease expires."""
-    check_kill_9_loses_nothing(engines, queues())
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_three_engines_share_one_queue(engines, queues):
-    """Three engine processes on one queue run each of 300 messages exactly once."""
-    check_engines_share_the_work(engines, queues())
+class TestEngineProcesses(EngineProcessChecks):
+    """kill -9 and three engines, on this queue."""
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -24,7 +24,7 @@ from tempest.queues.sqlite import SQLiteQueue
 from tempest.testing import QueueContract
 
 from ..conftest import main_log, wait_for
-from .engines import EngineProcesses, check_engines_share_the_work, check_kill_9_loses_nothing
+from .engines import EngineProcessChecks, EngineProcesses
 
 REPO = Path(__file__).resolve().parents[2]
 CONSUMER_SCRIPT = REPO / "tests" / "scripts" / "sqlite_consumer.py"
@@ -834,13 +834,5 @@ def engines(tmp_path: Path, path: Path) -> Iterator[EngineProcesses]:
         processes.kill_all()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_kill_9_mid_run_loses_nothing(engines, queues):
-    """An engine killed with SIGKILL mid-run: the others take over once its leases expire."""
-    check_kill_9_loses_nothing(engines, queues())
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_three_engines_share_one_file(engines, queues):
-    """Three engine processes on one file run each of 300 messages exactly once."""
-    check_engines_share_the_work(engines, queues())
+class TestEngineProcesses(EngineProcessChecks):
+    """kill -9 and three engines, on this queue."""
