@@ -317,16 +317,14 @@ class Runtime:
         """Dequeue as the leader; None once stopping (see the module docstring)."""
         if not self.stopping:
             # One taken for a free worker in a batch: no need to queue for the lock.
-            try:
-                return self._taken.popleft()
-            except IndexError:
-                pass
+            message = self._pop_taken()
+            if message is not None:
+                return message
         with self._dequeue_lock:
             while not self.stopping:
-                try:
-                    return self._taken.popleft()  # counted as running when taken
-                except IndexError:
-                    pass
+                message = self._pop_taken()
+                if message is not None:
+                    return message
                 self.last_progress = time.monotonic()
                 idle = self.running == 0
                 try:
@@ -372,8 +370,8 @@ class Runtime:
 
         Only as many as there are workers not running a message right now: each
         is waiting for the dispatcher lock or on its way to it, having just
-        finished a task, and takes its message the moment it gets the lock. So
-        nothing is prefetched. Counted as running at once.
+        finished a task, and pops its message from ``_taken`` at once. So
+        nothing is prefetched. The extra ones are counted as running at once.
         """
         free = self.threads - self.running  # this worker, and those waiting or on their way
         if self._dequeue_many is None or free < 2:
@@ -387,13 +385,20 @@ class Runtime:
             self._taken.extend(messages[1:])
         return messages[0]
 
+    def _pop_taken(self) -> Any:
+        """A message taken in a batch (counted as running already), or None.
+
+        Any thread may pop, with or without the dispatcher lock: popleft is
+        atomic, so each message goes to exactly one worker or back to the queue.
+        """
+        try:
+            return self._taken.popleft()
+        except IndexError:
+            return None
+
     def _give_back_taken(self) -> None:
         """Stopping: return what was taken for workers that will not run it now."""
-        while True:
-            try:
-                message = self._taken.popleft()
-            except IndexError:
-                return
+        while (message := self._pop_taken()) is not None:
             self.logs.main.info("given back", message=repr(message),
                                 how=self._give_back(message))
             self._done()
