@@ -380,9 +380,9 @@ class Runtime:
         if not messages:
             return None
         if len(messages) > 1:
-            with self._lock:
+            with self._lock:  # stats() sees them counted and queued together
                 self.running += len(messages) - 1
-            self._taken.extend(messages[1:])
+                self._taken.extend(messages[1:])
         return messages[0]
 
     def _pop_taken(self) -> Any:
@@ -613,7 +613,9 @@ class Runtime:
             stats: dict[str, Any] = {
                 "processed": self.processed, "succeeded": self.succeeded,
                 "failed": self.failed, "timed_out": self.timed_out,
-                "rejected": self.rejected, "running": self.running,
+                # Taken in a batch but not yet popped by a worker: not running
+                # yet (a stop gives them back), so not shown as running.
+                "rejected": self.rejected, "running": self.running - len(self._taken),
                 "threads": self.threads, "abandoned": self.abandoned,
                 "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
             }
