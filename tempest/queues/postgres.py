@@ -50,6 +50,7 @@ import operator
 import os
 import re
 import secrets
+import selectors
 import socket
 import threading
 import time
@@ -86,6 +87,24 @@ _WORK_CONNECTIONS = 4
 
 Every statement is one short round trip, so a few connections keep up with many
 threads, and a hundred engines stay within a server's max_connections.
+"""
+
+_RECLAIM = 1.0
+"""Seconds a listening wait goes at most without a claim.
+
+Every enqueue and requeue notifies, so while no notification comes nothing
+new is available -- except a message whose lease ran out (its consumer died),
+which no one announces: a claim this often finds it, long before a lease
+(30 s by default) would matter.
+"""
+
+_KEEP = 5.0
+"""Seconds a listener kept between waits may go unused before it is closed.
+
+The engine's next wait comes within a fraction of a second; one that does not
+come (the engine stopped, the application only enqueues now) must not leave a
+connection listening unread, which would hold back the server's notification
+queue. The queue object's next statement, or ``close()``, closes it.
 """
 
 _SCHEMA = """\
@@ -259,6 +278,33 @@ def _shared_failure(error: BaseException) -> BaseException:
     return twin
 
 
+def _wait_readable(conn: psycopg.Connection[Any], timeout: float) -> None:
+    """Sleep until *conn*'s socket has input (a notification) or *timeout* passes.
+
+    The next ``notifies(timeout=0)`` reads what came. Not ``notifies(timeout=)``
+    itself: psycopg's wait rounds its last interval down to whole milliseconds
+    and spins through the final one, a millisecond of CPU per wait -- most of
+    what an idle engine would cost.
+    """
+    if timeout > 0:
+        with selectors.DefaultSelector() as selector:
+            selector.register(conn.fileno(), selectors.EVENT_READ)
+            selector.select(timeout)
+
+
+class _Kept:
+    """A connection left LISTENing between two waits of the same queue object."""
+
+    __slots__ = ("claimed_at", "conn", "generation", "used_at")
+
+    def __init__(self, conn: psycopg.Connection[Any], generation: int,
+                 claimed_at: float) -> None:
+        self.conn = conn
+        self.generation = generation
+        self.claimed_at = claimed_at  # the last claim made while it listened
+        self.used_at = time.monotonic()
+
+
 class PostgresQueue:
     """A durable queue in a PostgreSQL table, shared by many engines on many machines.
 
@@ -284,8 +330,13 @@ class PostgresQueue:
     Waiting
         ``dequeue(timeout=...)`` LISTENs for the ``pg_notify`` that every
         ``enqueue`` sends in its transaction: an idle engine wakes the moment
-        work arrives, without polling, and claims again when its timeout
-        ends (a lease that ran out sends no notification).
+        work arrives, without polling. A lease that ran out sends no
+        notification, so a waiting dequeue also claims once a second. The
+        listening connection stays LISTENing from one empty wait to the next,
+        so an idle engine costs the server one claim a second. It stops
+        listening as soon as a wait finds work; once waits stop coming (the
+        engine stopped), the queue object's next statement after 5 s closes
+        it, and so does ``close()``.
     Many engines
         Each dequeue claims the oldest available row with ``FOR UPDATE SKIP
         LOCKED``: engines never block each other and never take the same row.
@@ -397,6 +448,9 @@ class PostgresQueue:
         self._acks = threading.Lock()
         self._pending: list[_Ack] = []
         self._acking = False
+        # The listener kept between waits (see _wait), used by one waiter at a time.
+        self._listening = threading.Lock()
+        self._kept: _Kept | None = None
 
     # -- the queue protocol ---------------------------------------------------------
 
@@ -428,36 +482,18 @@ class PostgresQueue:
         count = operator.index(count)
         if count <= 0:
             return []
-        messages = self._claim(count)
-        if messages or timeout is None or timeout <= 0:
-            return messages
+        if timeout is None or timeout <= 0:
+            return self._claim(count)
         deadline = time.monotonic() + timeout
-        # The listening connection only listens: claims borrow another, so a
-        # notification is never read in the middle of a query. It LISTENs
-        # *before* the next claim, so a message enqueued between the empty
-        # claim above and the wait still wakes it.
-        with self._connection(listen=True) as listener:
-            listener.execute(self._sql["listen"])
-            try:
-                while True:
-                    messages = self._claim(count)
-                    remaining = deadline - time.monotonic()
-                    if messages or remaining <= 0:
-                        break
-                    # One notification (or a stale one from before this wait, which
-                    # costs a claim) is enough: the claim decides, not the payload.
-                    for _ in listener.notifies(timeout=remaining, stop_after=1):
-                        break
-            except BaseException:
-                listener.close()  # closing ends the LISTEN; the pool drops it
-                raise
-            # A connection left listening and unread would hold back the server's
-            # notification queue while it idles in the pool.
-            try:
-                listener.execute(self._sql["unlisten"])
-            except psycopg.Error:
-                listener.close()  # the messages in hand must not be lost to this
-        return messages
+        self._check_fork()
+        # One waiter at a time may keep its listener for the next wait; any
+        # other waits as before, on a listener of its own for this wait only.
+        if not self._listening.acquire(blocking=False):
+            return self._wait(count, deadline, keep=False)
+        try:
+            return self._wait(count, deadline, keep=True)
+        finally:
+            self._listening.release()
 
     def ack(self, message: Any) -> None:
         """The message's outcome is final: delete it. Returns once the DELETE is committed.
@@ -540,6 +576,13 @@ class PostgresQueue:
         with self._pool_lock:
             idle, self._idle = self._idle, []
             self._generation += 1
+        if self._listening.acquire(blocking=False):  # else a wait closes it as it ends
+            try:
+                kept, self._kept = self._kept, None
+            finally:
+                self._listening.release()
+            if kept is not None:
+                idle.append((kept.conn, kept.generation))
         for conn, _ in idle:
             conn.close()
 
@@ -571,6 +614,96 @@ class PostgresQueue:
                 return messages
             # Poison took places in the batch: look for messages to fill them.
             params["count"] = count - len(messages)
+
+    def _wait(self, count: int, deadline: float, *, keep: bool) -> list[Any]:
+        """Claim, waiting for a notification while nothing is available, until *deadline*.
+
+        The listening connection only listens: claims borrow another, so a
+        notification is never read in the middle of a query. A claim comes
+        after the LISTEN and after every notification, so a message enqueued
+        at any moment of the wait wakes it. With *keep*, the connection stays
+        listening when the wait ends empty, for the next wait: an idle engine
+        then costs a claim per ``_RECLAIM`` seconds and nothing more (no claim,
+        LISTEN, claim, UNLISTEN each time its leader's wait returns).
+        """
+        kept = self._take_kept() if keep else None
+        claimed_at: float | None = None  # the claim before a new LISTEN does not count
+        if kept is None:
+            messages = self._claim(count)
+            if messages:
+                return messages
+            conn, generation = self._borrow_listener()
+        else:
+            conn, generation, claimed_at = kept.conn, kept.generation, kept.claimed_at
+            messages = []
+        try:
+            if kept is None:
+                conn.execute(self._sql["listen"])
+            while True:
+                # What was announced since the last claim (stale ones too: they
+                # cost a claim). The claim decides, not the payloads.
+                announced = False
+                for _ in conn.notifies(timeout=0):  # reads what arrived, waits for nothing
+                    announced = True
+                now = time.monotonic()
+                if announced or claimed_at is None or now - claimed_at >= _RECLAIM:
+                    messages = self._claim(count)
+                    claimed_at = now
+                    if messages:
+                        break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                _wait_readable(conn, min(remaining, claimed_at + _RECLAIM - time.monotonic()))
+        except BaseException:
+            lost = conn.broken
+            conn.close()  # closing ends the LISTEN
+            if lost:
+                self.close()  # the server went away, most likely for every connection
+            raise
+        if messages or not keep or generation != self._generation:
+            # Busy again (or closed meanwhile): a connection left listening and
+            # unread would hold back the server's notification queue.
+            self._stop_listening(conn, generation)
+        else:
+            self._kept = _Kept(conn, generation, claimed_at)
+        return messages
+
+    def _take_kept(self) -> _Kept | None:
+        """The kept listener, if it is still good; the caller holds ``_listening``."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        if kept.generation != self._generation or kept.conn.closed or kept.conn.broken:
+            kept.conn.close()
+            return None
+        return kept
+
+    def _borrow_listener(self) -> tuple[psycopg.Connection[Any], int]:
+        """A pooled connection for a wait; it takes no work slot (see _connection)."""
+        with self._pool_lock:
+            conn, generation = self._idle.pop() if self._idle else (None, self._generation)
+        return conn or self._connect(), generation
+
+    def _stop_listening(self, conn: psycopg.Connection[Any], generation: int) -> None:
+        try:
+            conn.execute(self._sql["unlisten"])
+        except psycopg.Error:
+            conn.close()  # the messages in hand must not be lost to this
+        self._give_back(conn, generation)
+
+    def _close_stale_listener(self) -> None:
+        """Close a listener kept longer than ``_KEEP`` without a wait."""
+        if not self._listening.acquire(blocking=False):
+            return  # a wait is using it
+        try:
+            kept = self._kept
+            if kept is None or time.monotonic() - kept.used_at <= _KEEP:
+                return
+            self._kept = None
+        finally:
+            self._listening.release()
+        kept.conn.close()  # no round trip: closing ends the LISTEN
 
     def _delete_acked(self, ticket: _Ack) -> None:
         """With the duty: delete every pending ack's row in one statement, then pass it on."""
@@ -625,17 +758,19 @@ class PostgresQueue:
             self._new_identity()
 
     @contextmanager
-    def _connection(self, *, listen: bool = False) -> Iterator[psycopg.Connection[Any]]:
-        """Borrow a pooled connection; each is used by one thread at a time.
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """Borrow a pooled connection for a statement; one thread uses it at a time.
 
         A statement waits for one of the ``_WORK_CONNECTIONS`` slots; a waiting
         dequeue's listener takes none, so waiters can never starve the claims
         they depend on.
         """
         self._check_fork()
-        slots = None if listen else self._work_slots
-        if slots is not None:
-            slots.acquire()
+        kept = self._kept
+        if kept is not None and time.monotonic() - kept.used_at > _KEEP:
+            self._close_stale_listener()
+        slots = self._work_slots
+        slots.acquire()
         try:
             with self._pool_lock:
                 conn, generation = self._idle.pop() if self._idle else (None, self._generation)
@@ -654,8 +789,7 @@ class PostgresQueue:
             finally:
                 self._give_back(conn, generation)
         finally:
-            if slots is not None:
-                slots.release()
+            slots.release()
 
     def _give_back(self, conn: psycopg.Connection[Any], generation: int) -> None:
         reusable = (not conn.closed and not conn.broken

@@ -45,10 +45,9 @@ def count_statements(queue: PostgresQueue) -> list[int]:
     borrow = queue._connection
 
     @contextmanager
-    def counting(*, listen: bool = False) -> Iterator[Any]:
-        with borrow(listen=listen) as conn:
-            if not listen:
-                count[0] += 1  # every borrow of a work connection is for one statement
+    def counting() -> Iterator[Any]:
+        with borrow() as conn:
+            count[0] += 1  # every borrow is for one statement (waits listen on their own)
             yield conn
 
     queue._connection = counting  # type: ignore[method-assign]
@@ -139,6 +138,78 @@ def test_waiting_dequeue_wakes_within_a_second_of_an_enqueue(postgres_dsn, queue
     message, received = got[0]
     assert list(message) == ["id-n", "Task", 1]
     assert received - sent < 1.0
+
+
+def listening(dsn: str, app: str) -> list[tuple[Any, ...]]:
+    """The backends of *app* whose last statement was a LISTEN (so: listening now)."""
+    return rows(dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                     "AND query LIKE 'LISTEN%%'", app)
+
+
+def test_idle_waits_keep_one_listener_and_claim_once_a_second(postgres_dsn, queues):
+    """Empty waits in a row reuse one LISTENing connection and claim about once a second."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    len(queue)
+    statements = count_statements(queue)
+    began = time.monotonic()
+    for _ in range(8):
+        assert queue.dequeue_many(4, timeout=0.25) == []
+    elapsed = time.monotonic() - began
+    kept = queue._kept
+    assert kept is not None and not kept.conn.closed
+    assert len(listening(postgres_dsn, app)) == 1
+    # A claim before the first LISTEN, one after it, then one per _RECLAIM seconds.
+    assert statements[0] <= 2 + elapsed / postgres_module._RECLAIM + 1
+    # Still woken at once by an enqueue from elsewhere.
+    producer = queues()
+    got: list[tuple[Any, float]] = []
+    thread = threading.Thread(
+        target=lambda: got.append((queue.dequeue(timeout=10), time.monotonic())))
+    thread.start()
+    sent = time.monotonic()
+    producer.enqueue(["id-k", "Task"])
+    thread.join(15)
+    message, received = got[0]
+    assert list(message) == ["id-k", "Task"] and received - sent < 1.0
+    # Busy again: the listener stops listening and returns to the pool.
+    assert queue._kept is None
+    wait_for(lambda: not listening(postgres_dsn, app), 5)
+
+
+def test_a_kept_listener_finds_an_expired_lease_without_a_notification(postgres_dsn, queues):
+    """A dead consumer's message (its lease ran out: no NOTIFY) reaches a waiting dequeue."""
+    dead = queues(lease=1.0)
+    waiter = queues()
+    dead.enqueue(["id-d", "Task"])
+    assert dead.dequeue() is not None  # leased, then never acked nor renewed
+    assert waiter.dequeue_many(1, timeout=0.2) == []  # leaves its listener kept
+    began = time.monotonic()
+    message = waiter.dequeue(timeout=10)
+    assert message is not None and list(message) == ["id-d", "Task"]
+    assert time.monotonic() - began < 1.0 + 2 * postgres_module._RECLAIM + 1.0
+
+
+def test_a_kept_listener_is_closed_by_close_or_when_left_unused(postgres_dsn, queues,
+                                                                 monkeypatch):
+    """close() ends a kept LISTEN; so does the next statement after _KEEP idle seconds."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    assert queue.dequeue(timeout=0.1) is None
+    assert len(listening(postgres_dsn, app)) == 1
+    queue.close()
+    assert queue._kept is None
+    wait_for(lambda: not listening(postgres_dsn, app), 5)
+
+    monkeypatch.setattr(postgres_module, "_KEEP", 0.2)
+    assert queue.dequeue(timeout=0.1) is None
+    kept = queue._kept
+    assert kept is not None
+    wait_for(lambda: time.monotonic() - kept.used_at > 0.2, 5)
+    queue.enqueue(["id-s", "Task"])  # the queue's next statement, from a producer
+    assert queue._kept is None and kept.conn.closed
+    wait_for(lambda: not listening(postgres_dsn, app), 5)
+    assert list(queue.dequeue(timeout=1)) == ["id-s", "Task"]
 
 
 def test_reconnects_after_the_backend_is_terminated(postgres_dsn, queues):
