@@ -440,6 +440,8 @@ class RedisQueue:
         self._registered = False
         self._renewed_at = -math.inf
         """When (monotonic) this consumer's lease was last renewed, at the latest."""
+        self._found_none = False
+        """The last waiting dequeue found nothing (see _fetch)."""
         self._acks: list[bytes] = []
         """Acked entries waiting for the ack being sent (see ack)."""
         self._flushing = False
@@ -461,27 +463,8 @@ class RedisQueue:
         What the queue cannot decode is returned raw (bytes), for the engine
         to reject. A connection error propagates (the engine retries).
         """
-        self._check_fork()
-        if self._deferred:
-            self._settle_deferred()
-        self._start_move()
-        failed = True
-        try:
-            with self._mover() as client:
-                body = None
-                if time.monotonic() - self._renewed_at < self.lease * _FRESH:
-                    # The lease was renewed a moment ago: a bare LMOVE is enough (no
-                    # script: half the work on Redis). The claim script below renews,
-                    # recovers dead consumers' messages, and moves.
-                    body = client.lmove(self._waiting, self._inflight, "RIGHT", "LEFT")
-                bodies = [body] if body is not None else self._claim(client, take=1)
-                if not bodies and timeout is not None and timeout > 0:
-                    bodies = self._wait(client, time.monotonic() + timeout, 1)
-            message = self._hold(bodies)[0] if bodies else None
-            failed = False
-        finally:
-            self._end_move(failed)
-        return message
+        messages = self._fetch(1, timeout)
+        return messages[0] if messages else None
 
     def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
         """Lease up to *count* messages, oldest first; wait up to *timeout* seconds for the first.
@@ -498,30 +481,7 @@ class RedisQueue:
             raise TypeError(f"RedisQueue.dequeue_many: count must be an int, not {count!r}")
         if count < 1:
             return []
-        count = min(count, _BATCH_LIMIT)
-        self._check_fork()
-        if self._deferred:
-            self._settle_deferred()
-        self._start_move()
-        failed = True
-        try:
-            with self._mover() as client:
-                bodies: list[bytes] = []
-                if time.monotonic() - self._renewed_at < self.lease * _FRESH:
-                    # The lease was renewed a moment ago: moves only. The script
-                    # checks the lease itself and takes nothing if it ran out.
-                    bodies = self._take_script(
-                        client=client, keys=[self._waiting, self._inflight, self._consumers],
-                        args=[self.consumer, count])
-                if not bodies:
-                    bodies = self._claim(client, take=count)
-                if not bodies and timeout is not None and timeout > 0:
-                    bodies = self._wait(client, time.monotonic() + timeout, count)
-            messages = self._hold(bodies)
-            failed = False
-        finally:
-            self._end_move(failed)
-        return messages
+        return self._fetch(min(count, _BATCH_LIMIT), timeout)
 
     def ack(self, message: Any) -> None:
         """The message's outcome is final: remove it from this consumer's in-flight list.
@@ -597,6 +557,49 @@ class RedisQueue:
 
     # -- taking messages --------------------------------------------------------------
 
+    def _fetch(self, count: int, timeout: float | None) -> list[Any]:
+        """Lease up to *count* messages; wait up to *timeout* seconds for the first.
+
+        With the lease renewed a moment ago (``_FRESH``), no claim script: a
+        bare LMOVE takes one message, the take script (which checks the lease
+        in Redis and takes nothing once it ran out) several. Otherwise the
+        claim script renews the lease, recovers dead consumers' messages and
+        takes. A waiting dequeue that follows one that found nothing, with the
+        lease still fresh, goes straight to BLMOVE: one round trip per wait
+        while the engine idles.
+        """
+        self._check_fork()
+        if self._deferred:
+            self._settle_deferred()
+        wait_for = timeout if timeout is not None and timeout > 0 else 0.0
+        waits = wait_for > 0
+        self._start_move()
+        failed = True
+        try:
+            with self._mover() as client:
+                bodies: list[bytes] = []
+                fresh = time.monotonic() - self._renewed_at < self.lease * _FRESH
+                if not (fresh and waits and self._found_none):
+                    if fresh and count == 1:
+                        body = client.lmove(self._waiting, self._inflight, "RIGHT", "LEFT")
+                        bodies = [] if body is None else [body]
+                    elif fresh:
+                        bodies = self._take_script(
+                            client=client,
+                            keys=[self._waiting, self._inflight, self._consumers],
+                            args=[self.consumer, count])
+                    if not bodies:
+                        bodies = self._claim(client, take=count)
+                if not bodies and waits:
+                    bodies = self._wait(client, time.monotonic() + wait_for, count)
+                # A hint for the next dequeue, shared by threads: any path is correct.
+                self._found_none = waits and not bodies
+            messages = self._hold(bodies)
+            failed = False
+        finally:
+            self._end_move(failed)
+        return messages
+
     @contextmanager
     def _mover(self) -> Iterator[Any]:
         """The client to move messages with: a connection of its own for dequeues.
@@ -647,11 +650,13 @@ class RedisQueue:
     def _wait(self, client: Any, deadline: float, count: int) -> list[bytes]:
         """BLMOVE in slices until a message comes or *deadline* (monotonic) passes.
 
-        Each slice is at most half a lease, and the lease was renewed just
-        before it (by the claim that found nothing): this consumer cannot be
-        taken for dead while it waits, so what BLMOVE moves into its in-flight
-        list is always recoverable. Returns the message BLMOVE moved and up
-        to *count* - 1 more, taken by the renewal that follows it.
+        Each slice is at most half a lease, and the lease was renewed less
+        than a quarter lease before it (``_FRESH``: by the claim that found
+        nothing, or a recent one): this consumer cannot be taken for dead while
+        it waits, so what BLMOVE moves into its in-flight list is always
+        recoverable. Between slices the lease is renewed once it is no longer
+        fresh. Returns the message BLMOVE moved and up to *count* - 1 more,
+        taken by the renewal that follows it.
         """
         while True:
             remaining = deadline - time.monotonic()
@@ -666,9 +671,10 @@ class RedisQueue:
                 # message just moved cannot be stranded. The same script takes
                 # the rest of a batch.
                 return [body, *self._claim(client, take=count - 1)]
-            bodies = self._claim(client, take=count)
-            if bodies:
-                return bodies
+            if time.monotonic() - self._renewed_at >= self.lease * _FRESH:
+                bodies = self._claim(client, take=count)
+                if bodies:
+                    return bodies
 
     def _hold(self, bodies: list[bytes]) -> list[Any]:
         """Lease each of *bodies* to the message object handed out for it."""

@@ -340,6 +340,30 @@ def test_a_waited_for_batch_takes_the_rest_with_the_renewal(queues, monkeypatch)
     assert len(queue) == 1
 
 
+def test_idle_waits_are_one_blmove_each_while_the_lease_is_fresh(queues, monkeypatch):
+    """After a wait that found nothing, the next ones go straight to BLMOVE (one round trip)."""
+    queue, producer = queues(), queues()
+    assert queue.dequeue_many(3, timeout=0.05) == []  # claims (renews), then waits
+    counter = CommandCounter(monkeypatch)
+    for _ in range(3):
+        assert queue.dequeue_many(3, timeout=0.05) == []
+        assert queue.dequeue(timeout=0.05) is None
+    assert counter.sent == ["BLMOVE"] * 6
+    for i in range(4):
+        producer.enqueue([f"id-{i}", "Task", i])
+    counter.sent.clear()
+    batch = queue.dequeue_many(3, timeout=5)  # the first by BLMOVE, the rest with a renewal
+    assert [m[2] for m in batch] == [0, 1, 2]
+    assert counter.sent == ["BLMOVE", "EVALSHA"]
+    counter.sent.clear()
+    assert [m[2] for m in queue.dequeue_many(3, timeout=5)] == [3]  # not idle: the take script
+    assert counter.sent == ["EVALSHA"]
+    queue._renewed_at = -math.inf  # no longer fresh: a wait claims (renews) first
+    counter.sent.clear()
+    assert queue.dequeue_many(3, timeout=0.05) == []
+    assert counter.sent[0] == "EVALSHA" and "BLMOVE" in counter.sent
+
+
 def test_dequeue_many_counts(queues, client):
     """A count below 1 takes nothing; a count over the limit takes the limit; not an int: error."""
     queue = queues()
