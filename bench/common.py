@@ -60,6 +60,8 @@ class FinishLine:
         self.first: float | None = None
         self.last: float | None = None
         self.done = threading.Event()
+        self.slept: list[float] = []
+        """Seconds each :func:`sleep` task's sleep took (list.append is atomic)."""
         self._count = itertools.count(1)
         self._on_done = on_done
 
@@ -87,6 +89,11 @@ def arm(target: int, on_done: Callable[[FinishLine], None] | None = None) -> Fin
     return _line
 
 
+def current_line() -> FinishLine:
+    """The finish line armed last in this process."""
+    return _line
+
+
 def set_probe_sink(sink: Callable[[float], None]) -> None:
     """Where :func:`probe` reports its delay (a worker process sends it to Redis)."""
     global _probe_sink
@@ -109,10 +116,17 @@ def noop() -> None:
 
 
 def sleep() -> None:
-    """The I/O-bound task: sleeps SLEEP seconds, releasing the GIL."""
+    """The I/O-bound task: sleeps SLEEP seconds, releasing the GIL.
+
+    It notes how long the sleep took (in this process), so that a drain's
+    shortfall splits into the sleep's own overshoot and the time a worker
+    spends between two tasks.
+    """
     line = _line
     line.begin()
+    began = time.monotonic()
     time.sleep(SLEEP)
+    line.slept.append(time.monotonic() - began)
     line.end()
 
 

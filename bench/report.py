@@ -156,6 +156,10 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
                 summary["sleep"][key] = spread(fractions)
                 summary["sleep"][key]["rate"] = spread([r["rate"] for r in mine])
                 summary["sleep"][key]["tasks"] = sorted({r["n"] for r in mine})
+                for field in ("sleep_ms", "gap_ms"):
+                    values = [r[field] for r in mine if field in r]
+                    if values:
+                        summary["sleep"][key][field] = common.percentile(values, 50)
                 by_round["sleep"][key] = dict(zip([r["round"] for r in mine], fractions,
                                                   strict=True))
     floor = summary["noop"].get("threadpool")
@@ -368,17 +372,24 @@ def write_markdown(data: dict[str, Any], path: Path, json_name: str) -> None:
     if sleep:
         ideal = config["threads"] / common.SLEEP
         w(f"## 10 ms sleep tasks (ideal {ideal:.0f}/s)\n")
-        w("| contender | % of ideal (median) | min–max | tasks/s | × floor | tasks per run |")
-        w("|---|---:|---:|---:|---:|---:|")
+        w("| contender | % of ideal (median) | min–max | tasks/s | × floor | sleep ms | "
+          "gap ms | tasks per run |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|")
         floor_sleep = sleep.get("threadpool")
         for key in ORDER:
             if key in sleep:
                 s = sleep[key]
                 vs = f"{s['median'] / floor_sleep['median']:.3f}" if floor_sleep else "—"
+                sleep_ms = f"{s['sleep_ms']:.3f}" if "sleep_ms" in s else "—"
+                gap_ms = f"{s['gap_ms']:.3f}" if "gap_ms" in s else "—"
                 w(f"| {LABELS[key]} | {100 * s['median']:.1f}% | {100 * s['min']:.1f}–"
                   f"{100 * s['max']:.1f}% | {_fmt_rate(s['rate']['median'])} | {vs} | "
-                  f"{', '.join(f'{t:,}' for t in s.get('tasks', []))} |")
+                  f"{sleep_ms} | {gap_ms} | {', '.join(f'{t:,}' for t in s.get('tasks', []))} |")
         w("")
+        w("sleep ms: how long `time.sleep(0.01)` took inside the task (median of the "
+          "rounds' means); gap ms: the mean time a worker spent between two tasks "
+          "(8 × the drain time, less the sleeps, per task). In-process engines only. "
+          "At 10 ms a task, 97% of ideal leaves 0.31 ms per task for both.\n")
     latency = summary["latency"]
     if latency:
         w("## Submit→start latency and idle CPU\n")

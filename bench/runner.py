@@ -40,6 +40,13 @@ def drain(contender: Contender, spec: dict[str, Any]) -> dict[str, Any]:
     result = {"n": n, "body": body, "enqueue_s": enqueued - began,
               "enqueue_rate": n / (enqueued - began), "startup_s": first - enqueued,
               "drain_s": last - first, "rate": n / (last - first)}
+    slept = common.current_line().slept
+    if slept and len(slept) >= n:
+        # In-process engines: the mean sleep, and the mean time a worker spent
+        # between two tasks (its share of the drain not spent sleeping).
+        threads = spec["threads"]
+        result.update(sleep_ms=sum(slept) / len(slept) * 1e3,
+                      gap_ms=(threads * (last - first) - sum(slept)) / len(slept) * 1e3)
     if contender.engine_pids() == [os.getpid()]:
         # In-process engines: CPU seconds of this process from start() to the last
         # task (thread start-up included), against the wall time of that span.
