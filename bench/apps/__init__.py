@@ -62,6 +62,7 @@ class SharedFinishLine:
 
     def __init__(self, target: int) -> None:
         self.target = target
+        self.slept: list[float] = []  # common.sleep notes here; this process's only, unused
         self._began = False
 
     def begin(self) -> None:
