@@ -23,6 +23,7 @@ message. Needs pytest.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import time
 import uuid
@@ -321,6 +322,33 @@ class QueueContract:
         assert _until(other.dequeue, 1.0) is None
 
     # -- reliable queues -------------------------------------------------------------------
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+    def test_a_forked_child_is_a_consumer_of_its_own(self) -> None:
+        """In a forked child the queue object holds none of its parent's messages."""
+        queue = self._reliable()
+        queue.enqueue(["id-parent", "Task"])
+        held = _until(queue.dequeue, 5)
+        assert held is not None
+        queue.enqueue(["id-child", "Task"])
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by its exit code only
+            code = 1
+            try:
+                try:
+                    queue.ack(held)
+                    code = 2  # acked its parent's message
+                except ValueError:
+                    message = _until(queue.dequeue, 5)
+                    if message is not None and list(message) == ["id-child", "Task"]:
+                        queue.ack(message)
+                        code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        queue.ack(held)  # still the parent's to settle
+        assert len(queue) == 0
 
     def test_acked_message_is_gone(self) -> None:
         """After ack, the message is never delivered again, even after its lease."""

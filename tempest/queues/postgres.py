@@ -439,9 +439,9 @@ class PostgresQueue:
         self._new_identity()
 
     def _new_identity(self) -> None:
-        self._pid = os.getpid()
+        self._forks = protocol.forks()
         self._work_slots = threading.BoundedSemaphore(_WORK_CONNECTIONS)
-        self.consumer = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._leases = protocol.Leases()
         # Grouped acks (see ack): tickets waiting for the next DELETE, and whether
         # a thread has the duty to send it (one DELETE in flight at a time).
@@ -748,7 +748,7 @@ class PostgresQueue:
         return psycopg.connect(self._dsn, autocommit=True, **options)
 
     def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
+        if protocol.forks() != self._forks:
             # A forked child must not touch its parent's sockets, nor hold its
             # leases or acks: drop them unclosed (psycopg never closes a parent's
             # connection from a child) and become a consumer of its own.

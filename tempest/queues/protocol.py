@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
@@ -81,6 +82,7 @@ __all__ = [
     "ReliableQueue",
     "decode",
     "encode",
+    "forks",
     "lease_options",
     "seconds",
 ]
@@ -96,6 +98,28 @@ DEFAULT_MAX_DELIVERIES = 5
 
 POISON_REASON = "TooManyDeliveries"
 """The reason a poison message is rejected with."""
+
+
+_forks = 0
+
+
+def _after_fork_in_child() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forks() -> int:
+    """How many forks this process is removed from its first ancestor.
+
+    A queue object notes it when made; a different count later means it runs
+    in a forked child, which must not use its parent's connections or leases.
+    Compared on every call, where ``os.getpid()`` would cost a system call.
+    """
+    return _forks
 
 
 @runtime_checkable

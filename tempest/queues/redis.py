@@ -421,8 +421,8 @@ class RedisQueue:
         self._new_identity()
 
     def _new_identity(self) -> None:
-        self._pid = os.getpid()
-        self.consumer = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"
+        self._forks = protocol.forks()
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._inflight = f"{self.prefix}inflight:{self.consumer}"
         self._leases = protocol.Leases()
         # Guards the bookkeeping below (a fresh one in a forked child: the
@@ -542,7 +542,7 @@ class RedisQueue:
         The queue stays usable: a later call connects again. A ``dequeue``
         waiting in another thread ends with a connection error.
         """
-        if self._deferred and os.getpid() == self._pid:
+        if self._deferred and protocol.forks() == self._forks:
             try:
                 self._settle_deferred()
             except _CONNECTION_ERRORS as exc:
@@ -885,7 +885,7 @@ class RedisQueue:
             self._deferred_lock.release()
 
     def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
+        if protocol.forks() != self._forks:
             # A forked child must not hold its parent's leases nor share its
             # in-flight list: it becomes a consumer of its own. (redis-py gives
             # the child fresh connections itself.)

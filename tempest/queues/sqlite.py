@@ -297,18 +297,11 @@ def _doorbell(key: tuple[str, str, str]) -> _Doorbell:
         return bell
 
 
-_generation = 0
-"""Forks this process is removed from its first ancestor by: a queue object made in
-another generation belongs to an ancestor (compared on every call, where os.getpid()
-would cost a system call)."""
-
-
 def _after_fork_in_child() -> None:
     # Another thread may have held the lock (or a bell's) at the fork: start afresh.
-    global _doorbells, _doorbells_lock, _generation
+    global _doorbells, _doorbells_lock
     _doorbells = weakref.WeakValueDictionary()
     _doorbells_lock = threading.Lock()
-    _generation += 1
 
 
 if hasattr(os, "register_at_fork"):
@@ -438,12 +431,11 @@ class SQLiteQueue:
         self._new_identity()
 
     def _new_identity(self) -> None:
-        self._pid = os.getpid()
-        self._generation = _generation
+        self._forks = protocol.forks()
         self._lock = threading.Lock()  # guards _conn: one statement or transaction at a time
         self._conn: sqlite3.Connection | None = None
         self._doorbell = _doorbell((os.path.realpath(self.path), self.table, self.name))
-        self.consumer = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._leases = protocol.Leases()
         # Group commit of acks (see _flush): all four under _acks.
         self._acks = threading.Lock()
@@ -597,7 +589,7 @@ class SQLiteQueue:
         Leases this object holds stay held until they run out. A waiting
         ``dequeue`` is not interrupted; it returns within its timeout.
         """
-        if self._generation != _generation:
+        if self._forks != protocol.forks():
             return  # the parent's connection is not ours to close
         with self._lock:
             conn, self._conn = self._conn, None
@@ -866,7 +858,7 @@ class SQLiteQueue:
         if not self._checkpointing.acquire(blocking=False):
             return  # another thread is at it
         try:
-            if self._commits < _CHECKPOINT_EVERY or self._generation != _generation:
+            if self._commits < _CHECKPOINT_EVERY or self._forks != protocol.forks():
                 return
             self._commits = 0  # a lost update under a race only shifts the next one
             conn = self._checkpointer
@@ -934,7 +926,7 @@ class SQLiteQueue:
         conn.execute("COMMIT")
 
     def _check_fork(self) -> None:
-        if self._generation != _generation:
+        if self._forks != protocol.forks():
             # A forked child must not touch its parent's connection (SQLite
             # forbids it), nor its leases, nor locks another thread may have
             # held at the fork: keep the connection unclosed and become a

@@ -724,31 +724,6 @@ def test_close_keeps_the_queue_usable(queues):
     assert len(queue) == 0
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
-def test_a_forked_child_is_a_consumer_of_its_own(queues):
-    """A child process never uses its parent's connection or leases."""
-    queue = queues()
-    queue.enqueue(["id-parent", "Task"])
-    held = queue.dequeue()
-    queue.enqueue(["id-child", "Task"])
-    parent = queue.consumer
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 3
-        try:
-            message = queue.dequeue()
-            code = 2 if queue.consumer == parent else 1
-            if message is not None and list(message) == ["id-child", "Task"]:
-                queue.ack(message)
-                code = 0 if queue.consumer != parent else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    queue.ack(held)
-    assert queue.dequeue() is None and len(queue) == 0
-
-
 def test_schema_is_the_documented_one():
     """The tables the queue creates are the ones its docstring shows."""
     names = {key: f'"{value}"' for key, value in sqlite_module._names("tempest_messages").items()}
