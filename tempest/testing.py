@@ -350,6 +350,28 @@ class QueueContract:
         queue.ack(held)  # still the parent's to settle
         assert len(queue) == 0
 
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+    def test_close_in_a_forked_child_leaves_the_parent_working(self) -> None:
+        """A child that closes its copy of the queue closes none of its parent's connections."""
+        queue = self._queue()
+        queue.enqueue(["id-1", "Task"])
+        assert _until(queue.dequeue, 5) is not None  # the parent's connections are open
+        if not callable(getattr(queue, "close", None)):
+            pytest.skip("the queue has no close")
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by its exit code only
+            code = 1
+            try:
+                queue.close()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        queue.enqueue(["id-2", "Task"])  # the parent's connections still work
+        message = _until(queue.dequeue, 5)
+        assert message is not None and list(message) == ["id-2", "Task"]
+
     def test_acked_message_is_gone(self) -> None:
         """After ack, the message is never delivered again, even after its lease."""
         queue = self._reliable(lease=0.3)

@@ -104,7 +104,7 @@ _KEEP = 5.0
 The engine's next wait comes within a fraction of a second; one that does not
 come (the engine stopped, the application only enqueues now) must not leave a
 connection listening unread, which would hold back the server's notification
-queue. The queue object's next statement, or ``close()``, closes it.
+queue. A thread of the queue object's (see ``_reap``) or ``close()`` closes it.
 """
 
 _SCHEMA = """\
@@ -335,8 +335,8 @@ class PostgresQueue:
         listening connection stays LISTENing from one empty wait to the next,
         so an idle engine costs the server one claim a second. It stops
         listening as soon as a wait finds work; once waits stop coming (the
-        engine stopped), the queue object's next statement after 5 s closes
-        it, and so does ``close()``.
+        engine stopped), a thread of the queue object's closes it after 5 s,
+        and so does ``close()``.
     Many engines
         Each dequeue claims the oldest available row with ``FOR UPDATE SKIP
         LOCKED``: engines never block each other and never take the same row.
@@ -448,9 +448,13 @@ class PostgresQueue:
         self._acks = threading.Lock()
         self._pending: list[_Ack] = []
         self._acking = False
-        # The listener kept between waits (see _wait), used by one waiter at a time.
+        # The listener kept between waits (see _wait): _kept changes under _pool_lock;
+        # _listening lets one waiter at a time use it; the reaper thread closes it
+        # once waits stop coming (_reap).
         self._listening = threading.Lock()
         self._kept: _Kept | None = None
+        self._reaper: threading.Thread | None = None
+        self._reaper_stop = threading.Event()
 
     # -- the queue protocol ---------------------------------------------------------
 
@@ -573,16 +577,15 @@ class PostgresQueue:
         The queue stays usable: a later call opens new connections. A waiting
         ``dequeue`` is not interrupted; it returns within its timeout.
         """
+        self._check_fork()  # a child closes nothing of its parent's
         with self._pool_lock:
             idle, self._idle = self._idle, []
-            self._generation += 1
-        if self._listening.acquire(blocking=False):  # else a wait closes it as it ends
-            try:
-                kept, self._kept = self._kept, None
-            finally:
-                self._listening.release()
-            if kept is not None:
-                idle.append((kept.conn, kept.generation))
+            self._generation += 1  # a wait under way stops listening as it ends
+            kept, self._kept = self._kept, None
+            self._reaper_stop.set()
+            self._reaper = None
+        if kept is not None:
+            idle.append((kept.conn, kept.generation))
         for conn, _ in idle:
             conn.close()
 
@@ -661,20 +664,61 @@ class PostgresQueue:
             if lost:
                 self.close()  # the server went away, most likely for every connection
             raise
-        if messages or not keep or generation != self._generation:
-            # Busy again (or closed meanwhile): a connection left listening and
-            # unread would hold back the server's notification queue.
-            self._stop_listening(conn, generation)
-        else:
-            self._kept = _Kept(conn, generation, claimed_at)
+        if not messages and keep and self._keep(_Kept(conn, generation, claimed_at)):
+            return messages
+        # Busy again (or closed meanwhile): a connection left listening and
+        # unread would hold back the server's notification queue.
+        self._stop_listening(conn, generation)
         return messages
+
+    def _keep(self, kept: _Kept) -> bool:
+        """Keep *kept* listening for the next wait, unless close() came meanwhile."""
+        with self._pool_lock:
+            if kept.generation != self._generation:
+                return False
+            self._kept = kept
+            if self._reaper is None:
+                self._reaper_stop = threading.Event()
+                self._reaper = threading.Thread(
+                    target=self._reap, args=(self._reaper_stop,), daemon=True,
+                    name=f"tempest-postgres-listener:{self.name}")
+                self._reaper.start()
+        return True
+
+    def _reap(self, stop: threading.Event) -> None:
+        """Reaper thread: close the kept listener once no wait has used it for _KEEP s.
+
+        An engine's leader waits again within a fraction of a second; when waits
+        stop coming (the engine stopped, the application only enqueues now), a
+        connection left listening unread would hold back the server's
+        notification queue. Ends with the kept listener, or at close().
+        """
+        pause = _KEEP
+        while not stop.wait(pause):
+            with self._pool_lock:
+                kept = self._kept
+                if kept is None:
+                    if self._listening.locked():  # a wait has it in hand
+                        pause = _KEEP
+                        continue
+                    self._reaper = None
+                    return
+                idle = time.monotonic() - kept.used_at
+                if idle < _KEEP:
+                    pause = _KEEP - idle
+                    continue
+                self._kept = self._reaper = None
+            kept.conn.close()  # no round trip: closing ends the LISTEN
+            return
 
     def _take_kept(self) -> _Kept | None:
         """The kept listener, if it is still good; the caller holds ``_listening``."""
-        kept, self._kept = self._kept, None
+        with self._pool_lock:
+            kept, self._kept = self._kept, None
+            good = kept is not None and kept.generation == self._generation
         if kept is None:
             return None
-        if kept.generation != self._generation or kept.conn.closed or kept.conn.broken:
+        if not good or kept.conn.closed or kept.conn.broken:
             kept.conn.close()
             return None
         return kept
@@ -691,19 +735,6 @@ class PostgresQueue:
         except psycopg.Error:
             conn.close()  # the messages in hand must not be lost to this
         self._give_back(conn, generation)
-
-    def _close_stale_listener(self) -> None:
-        """Close a listener kept longer than ``_KEEP`` without a wait."""
-        if not self._listening.acquire(blocking=False):
-            return  # a wait is using it
-        try:
-            kept = self._kept
-            if kept is None or time.monotonic() - kept.used_at <= _KEEP:
-                return
-            self._kept = None
-        finally:
-            self._listening.release()
-        kept.conn.close()  # no round trip: closing ends the LISTEN
 
     def _delete_acked(self, ticket: _Ack) -> None:
         """With the duty: delete every pending ack's row in one statement, then pass it on."""
@@ -751,10 +782,12 @@ class PostgresQueue:
         if protocol.forks() != self._forks:
             # A forked child must not touch its parent's sockets, nor hold its
             # leases or acks: drop them unclosed (psycopg never closes a parent's
-            # connection from a child) and become a consumer of its own.
-            with self._pool_lock:
-                self._idle = []
-                self._generation += 1
+            # connection from a child) and become a consumer of its own. Fresh
+            # locks: another thread of the parent may have held one at the fork.
+            self._pool_lock = threading.Lock()
+            self._schema_lock = threading.Lock()
+            self._idle = []
+            self._generation += 1
             self._new_identity()
 
     @contextmanager
@@ -766,9 +799,6 @@ class PostgresQueue:
         they depend on.
         """
         self._check_fork()
-        kept = self._kept
-        if kept is not None and time.monotonic() - kept.used_at > _KEEP:
-            self._close_stale_listener()
         slots = self._work_slots
         slots.acquire()
         try:

@@ -118,6 +118,9 @@ def forks() -> int:
     A queue object notes it when made; a different count later means it runs
     in a forked child, which must not use its parent's connections or leases.
     Compared on every call, where ``os.getpid()`` would cost a system call.
+    Counted by ``os.register_at_fork``: forks made through ``os.fork`` (and
+    ``multiprocessing``'s fork start method); a fork in C code that skips
+    Python's at-fork hooks is not seen.
     """
     return _forks
 

@@ -72,9 +72,9 @@ has its in-flight list pushed back to the taking end of ``waiting`` (oldest
 first), each message counted in ``deliveries``. A message that has now been
 delivered ``max_deliveries`` times without an outcome goes to ``rejected`` with
 the reason ``TooManyDeliveries`` instead. Recovery is atomic (a Lua script) and
-runs in dequeues too (those that find the queue empty or renew the lease), so
-idle engines pick up a dead engine's messages within a slice of their wait
-after its lease ends. All times are the Redis
+runs in dequeues too (a dequeue renews the lease once its last renewal is a
+quarter lease old), so an engine picks up a dead engine's messages
+within about a heartbeat interval after its lease ends. All times are the Redis
 server's (``TIME``), so engines on machines with skewed clocks agree.
 
 Where a message can be lost or run twice

@@ -192,24 +192,39 @@ def test_a_kept_listener_finds_an_expired_lease_without_a_notification(postgres_
 
 def test_a_kept_listener_is_closed_by_close_or_when_left_unused(postgres_dsn, queues,
                                                                  monkeypatch):
-    """close() ends a kept LISTEN; so does the next statement after _KEEP idle seconds."""
+    """close() ends a kept LISTEN; so does the queue's own thread after _KEEP idle seconds."""
     app = f"tempest-test-{uuid.uuid4().hex[:8]}"
     queue = queues(with_app_name(postgres_dsn, app))
     assert queue.dequeue(timeout=0.1) is None
     assert len(listening(postgres_dsn, app)) == 1
     queue.close()
-    assert queue._kept is None
+    assert queue._kept is None and queue._reaper is None
     wait_for(lambda: not listening(postgres_dsn, app), 5)
 
     monkeypatch.setattr(postgres_module, "_KEEP", 0.2)
     assert queue.dequeue(timeout=0.1) is None
     kept = queue._kept
     assert kept is not None
-    wait_for(lambda: time.monotonic() - kept.used_at > 0.2, 5)
-    queue.enqueue(["id-s", "Task"])  # the queue's next statement, from a producer
-    assert queue._kept is None and kept.conn.closed
+    wait_for(lambda: kept.conn.closed, 5)  # no statement needed: the reaper closed it
+    assert queue._kept is None
+    wait_for(lambda: queue._reaper is None, 5)
     wait_for(lambda: not listening(postgres_dsn, app), 5)
+    queue.enqueue(["id-s", "Task"])
     assert list(queue.dequeue(timeout=1)) == ["id-s", "Task"]
+
+
+def test_close_during_a_wait_leaves_nothing_listening(postgres_dsn, queues):
+    """A wait that ends after close() does not keep its listener."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    len(queue)
+    waiter = threading.Thread(target=lambda: queue.dequeue(timeout=1.0))
+    waiter.start()
+    wait_for(lambda: listening(postgres_dsn, app), 5)
+    queue.close()
+    waiter.join(10)
+    assert queue._kept is None
+    wait_for(lambda: not listening(postgres_dsn, app), 5)
 
 
 def test_reconnects_after_the_backend_is_terminated(postgres_dsn, queues):
