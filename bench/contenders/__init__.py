@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,16 +124,27 @@ def by_key(key: str) -> Contender:
     raise KeyError(f"no contender {key!r}")
 
 
-def wait_for_file(path: Path, timeout: float, proc: object = None) -> None:
+def wait_for_file(path: Path, timeout: float, proc: object = None,
+                  failure: Callable[[], str | None] | None = None) -> None:
     """Wait for *path* to appear, polling every 5 ms; TimeoutError after *timeout*.
 
     The runner polls while worker processes drain; the times it reports come
     from the workers, so the polling interval does not enter the result.
+    *failure* (looked at twice a second) says why the drain cannot finish, if
+    it cannot -- a task that raised never counts, and the run would otherwise
+    wait out its whole timeout.
     """
     deadline = time.monotonic() + timeout
+    look_at = time.monotonic() + 0.5
     while not path.exists():
         if proc is not None and proc.poll() is not None:  # type: ignore[attr-defined]
             raise RuntimeError(f"the worker process exited early with {proc.returncode}")  # type: ignore[attr-defined]
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise TimeoutError(f"{path.name} did not appear within {timeout:.0f}s")
+        if failure is not None and now > look_at:
+            look_at = now + 0.5
+            reason = failure()
+            if reason is not None:
+                raise RuntimeError(reason)
         time.sleep(0.005)

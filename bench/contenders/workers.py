@@ -73,9 +73,16 @@ class WorkerProcesses(Contender):
                                      stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float) -> tuple[float, float]:
-        wait_for_file(self.result, timeout, self.proc)
+        wait_for_file(self.result, timeout, self.proc, self.task_failed)
         data = json.loads(self.result.read_text())
         return data["first"], data["last"]
+
+    def task_failed(self) -> str | None:
+        """A task raised in a worker (its traceback is in the worker's log), or None."""
+        log = self.worker_log()
+        if "Traceback (most recent call last)" not in log:
+            return None
+        return "a task raised in the worker process:\n" + log[-1200:]
 
     def next_probe(self, timeout: float) -> float:
         item = self.redis.blpop([f"{self.ctx.ns}:probes"], timeout=max(1, round(timeout)))
