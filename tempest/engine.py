@@ -196,9 +196,10 @@ class Engine:
         """Counters of the running engine, or of its last run.
 
         Keys: ``processed``, ``succeeded``, ``failed``, ``timed_out``,
-        ``rejected`` (bad input), ``running``, ``threads``, ``abandoned``
-        (cumulative), ``uptime`` (seconds), and ``queued`` where the queue
-        has ``__len__``.
+        ``rejected`` (bad input), ``running`` (messages a worker has in hand:
+        not those taken in a batch for workers still on their way), ``threads``,
+        ``abandoned`` (cumulative), ``uptime`` (seconds), and ``queued`` where
+        the queue has ``__len__``.
         """
         state = cls._state
         runtime = state.control.runtime if state.control else state.last
