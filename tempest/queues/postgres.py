@@ -635,7 +635,7 @@ class PostgresQueue:
             messages = self._claim(count)
             if messages:
                 return messages
-            conn, generation = self._borrow_listener()
+            conn, generation = self._borrow()  # a wait takes no work slot
         else:
             conn, generation, claimed_at = kept.conn, kept.generation, kept.claimed_at
             messages = []
@@ -723,8 +723,8 @@ class PostgresQueue:
             return None
         return kept
 
-    def _borrow_listener(self) -> tuple[psycopg.Connection[Any], int]:
-        """A pooled connection for a wait; it takes no work slot (see _connection)."""
+    def _borrow(self) -> tuple[psycopg.Connection[Any], int]:
+        """An idle pooled connection, or a new one, with its generation; give it back."""
         with self._pool_lock:
             conn, generation = self._idle.pop() if self._idle else (None, self._generation)
         return conn or self._connect(), generation
@@ -802,10 +802,7 @@ class PostgresQueue:
         slots = self._work_slots
         slots.acquire()
         try:
-            with self._pool_lock:
-                conn, generation = self._idle.pop() if self._idle else (None, self._generation)
-            if conn is None:
-                conn = self._connect()
+            conn, generation = self._borrow()
             try:
                 if not self._schema_ready:
                     self._create_schema(conn)

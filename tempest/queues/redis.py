@@ -578,7 +578,7 @@ class RedisQueue:
         try:
             with self._mover() as client:
                 bodies: list[bytes] = []
-                fresh = time.monotonic() - self._renewed_at < self.lease * _FRESH
+                fresh = self._fresh()
                 if not (fresh and waits and self._found_none):
                     if fresh and count == 1:
                         body = client.lmove(self._waiting, self._inflight, "RIGHT", "LEFT")
@@ -647,6 +647,10 @@ class RedisQueue:
         _, bodies = self._run_claim(client, take=take)
         return bodies
 
+    def _fresh(self) -> bool:
+        """Whether this consumer's lease was renewed within the last ``_FRESH`` of a lease."""
+        return time.monotonic() - self._renewed_at < self.lease * _FRESH
+
     def _wait(self, client: Any, deadline: float, count: int) -> list[bytes]:
         """BLMOVE in slices until a message comes or *deadline* (monotonic) passes.
 
@@ -671,7 +675,7 @@ class RedisQueue:
                 # message just moved cannot be stranded. The same script takes
                 # the rest of a batch.
                 return [body, *self._claim(client, take=count - 1)]
-            if time.monotonic() - self._renewed_at >= self.lease * _FRESH:
+            if not self._fresh():
                 bodies = self._claim(client, take=count)
                 if bodies:
                     return bodies
