@@ -34,6 +34,24 @@ method                what it buys
                       be shared and outlive a run): the application does
 ====================  =============================================================
 
+Scheduling (all four, or none: the engine looks for ``schedule``):
+
+==========================  =======================================================
+method                      what it buys
+==========================  =======================================================
+``schedule(m, *, delay=,    store *m* to become ready ``delay`` seconds from now on
+at=, priority=)``           the queue's clock, or at POSIX time ``at`` (neither: now;
+                            a time in the past: now); among ready messages, higher
+                            ``priority`` first. ``submit(delay=, at=, priority=)``
+                            needs it
+``scheduled_count()``       messages waiting for their time (not ready yet):
+                            ``stats()["scheduled"]``
+``fire(schedule, slot, m,   store *m* to become ready at POSIX time *slot* unless
+*, priority=, keep=)``      slot *slot* of *schedule* was fired already; True if it
+                            stored it. Periodic tasks (``periodic``) need it
+``last_fired(schedule)``    the latest slot of *schedule* still remembered, or None
+==========================  =======================================================
+
 The engine passes ``ack``, ``reject`` and ``requeue`` the very object that
 ``dequeue`` returned. Durable queues use that identity to find the stored
 row (see :class:`Leases`), so the message itself needs no hidden fields.
@@ -54,11 +72,40 @@ than ``max_deliveries`` times (default 5) without an outcome -- it keeps
 killing the engines that take it -- is rejected with the reason
 ``TooManyDeliveries`` instead of being handed out again.
 
-Room to grow
-------------
-Stored messages carry an ``available_at`` time and a ``priority`` (always now
-and 0 today) so that delayed and prioritised messages can come later without
-a change of schema.
+Scheduling
+----------
+``schedule(message, *, delay=None, at=None, priority=0)``: at most one of
+*delay* (seconds, a float >= 0, counted from now on the queue's clock) and *at*
+(POSIX seconds, compared with the queue's clock: the machine's for
+MemoryQueue and SQLiteQueue, the server's for Redis and PostgreSQL) is given;
+neither means ready now. The engine checks the values before the call
+(:func:`priority` gives the range), so a queue may trust them.
+
+- A message is *ready* once its time has come. Only ready messages are
+  dequeued: never one before its time. ``__len__`` counts ready messages,
+  ``scheduled_count()`` the others.
+- Among ready messages, higher priority first; at equal priority, in the
+  order they became ready (their time, or when they were enqueued; ties in
+  the order of the calls). ``enqueue(m)`` is ``schedule(m)``: priority 0,
+  ready now.
+- The schedule lives in the queue, never in an engine's memory: on a durable
+  queue a delayed message survives every engine's death, and runs on
+  whichever engine is free once its time comes.
+- A waiting ``dequeue(timeout=)`` wakes when a message becomes ready: when
+  one is stored ready, and when a delayed one's time comes (also one stored,
+  while the dequeue waits, for a time earlier than any it knew of).
+- A message given back (``requeue``) or redelivered after its lease keeps
+  its priority and is ready at once.
+
+``fire(schedule, slot, message, *, priority=0, keep)`` is how periodic tasks
+fire exactly once across every engine sharing the queue: in one atomic step
+it records the pair (*schedule*, *slot*) and stores *message* to become ready
+at *slot* -- or, if the pair is recorded already, does nothing and returns
+False. The pair is remembered for at least *keep* seconds after it was
+recorded (long after the message ran and was acked, so a late engine cannot
+fire the slot again). Slots are floats, compared exactly (engines pass them
+rounded to whole milliseconds). ``last_fired(schedule)`` is the latest slot of
+*schedule* still remembered, or None.
 """
 
 from __future__ import annotations
@@ -78,12 +125,16 @@ __all__ = [
     "DEFAULT_MAX_DELIVERIES",
     "Leases",
     "POISON_REASON",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "Queue",
     "ReliableQueue",
+    "SchedulingQueue",
     "decode",
     "encode",
     "forks",
     "lease_options",
+    "priority",
     "seconds",
 ]
 
@@ -98,6 +149,9 @@ DEFAULT_MAX_DELIVERIES = 5
 
 POISON_REASON = "TooManyDeliveries"
 """The reason a poison message is rejected with."""
+
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+"""The priorities a message may have: PostgreSQL's ``integer``, SQLite's and Redis's too."""
 
 
 _forks = 0
@@ -148,6 +202,35 @@ class ReliableQueue(Queue, Protocol):
 
     def requeue(self, message: Any) -> None:
         """Give a leased message back now, unrun."""
+
+
+@runtime_checkable
+class SchedulingQueue(Queue, Protocol):
+    """A queue that stores delayed and prioritised messages, and fires periodic slots once."""
+
+    def schedule(self, message: list[Any], *, delay: float | None = None,
+                 at: float | None = None, priority: int = 0) -> None:
+        """Store *message* to become ready after *delay* seconds, or at POSIX time *at*."""
+
+    def scheduled_count(self) -> int:
+        """Messages waiting for their time."""
+
+    def fire(self, schedule: str, slot: float, message: list[Any], *, priority: int = 0,
+             keep: float) -> bool:
+        """Store *message* for *slot* unless that slot of *schedule* fired already."""
+
+    def last_fired(self, schedule: str) -> float | None:
+        """The latest slot of *schedule* still remembered, or None."""
+
+
+def priority(value: object, argument: str = "priority") -> int:
+    """*value* as a message priority; TypeError or ValueError naming *argument*."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be an int, not {value!r}")
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise ValueError(f"{argument} must be from {PRIORITY_MIN} to {PRIORITY_MAX} "
+                         f"(a 32-bit integer), not {value!r}")
+    return value
 
 
 def encode(message: Any) -> str:
