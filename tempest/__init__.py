@@ -12,7 +12,9 @@ from tempest.exceptions import (
     TempestError,
     TooManyAbandoned,
     UnknownTask,
+    Unsupported,
 )
+from tempest.periodic import cron, every
 from tempest.task import Task
 
 __version__ = "0.1.0"
@@ -25,5 +27,8 @@ __all__ = [
     "TempestError",
     "TooManyAbandoned",
     "UnknownTask",
+    "Unsupported",
     "__version__",
+    "cron",
+    "every",
 ]

@@ -21,7 +21,9 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tempest import periodic as periodic_schedules
 from tempest.exceptions import ConfigurationError
+from tempest.queues import protocol
 
 __all__ = ["Option", "read_block"]
 
@@ -149,6 +151,19 @@ def task_name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(f"must be a non-empty string, not {value!r}")
     return value
+
+
+def priority(value: Any) -> int:
+    """A message priority: an int in the 32-bit range."""
+    try:
+        return protocol.priority(value, "a priority")
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"must be {str(exc).partition(' must be ')[2]}") from None
+
+
+def periodic(value: Any) -> Any:
+    """A list of every(...) and cron(...) schedules with distinct names."""
+    return periodic_schedules.check(value)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

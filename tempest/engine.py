@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import threading
 from typing import Any, ClassVar
 
-from tempest import config
+from tempest import config, periodic
 from tempest.control import Control
-from tempest.exceptions import TempestError
+from tempest.exceptions import ConfigurationError, TempestError, Unsupported
 from tempest.messages import encode, new_task_id
+from tempest.queues import protocol
 from tempest.queues.memory import MemoryQueue
-from tempest.runtime import Runtime
+from tempest.runtime import Runtime, queue_counts
 from tempest.task import Task
 
 __all__ = ["Engine"]
@@ -54,6 +56,7 @@ class Engine:
             config.Option("after_success", None, config.callable_or_none),
             config.Option("after_failure", None, config.callable_or_none),
             config.Option("after_timeout", None, config.callable_or_none),
+            config.Option("periodic", (), config.periodic),
         )
     }
 
@@ -74,6 +77,13 @@ class Engine:
             cls._own_queue = True
         else:
             cls._own_queue = False
+        lacking = periodic.missing_methods(options["queue"]) if options["periodic"] else []
+        if lacking:
+            raise ConfigurationError(
+                f"{cls.__qualname__}.configure.periodic: the queue "
+                f"{type(options['queue']).__name__} has no {' or '.join(lacking)}() method, "
+                f"so engines sharing it cannot fire each slot once; use a built-in queue, or "
+                f"add fire() and last_fired() to yours (see tempest.queues.protocol)")
         cls._options = options
         cls._state = _EngineState()
 
@@ -86,13 +96,24 @@ class Engine:
     # -- producer side -----------------------------------------------------------------
 
     @classmethod
-    def submit(cls, task: type[Task] | str, *args: Any, task_id: str | None = None) -> str:
+    def submit(cls, task: type[Task] | str, *args: Any, task_id: str | None = None,
+               delay: float | datetime.timedelta | None = None,
+               at: float | datetime.datetime | None = None,
+               priority: int | None = None) -> str:
         """Enqueue a message for *task* with *args*; return its task id.
 
         *task* is a Task subclass or a task name (a producer need not import
         the task's code). Raises TypeError, enqueuing nothing, if an argument
         is not JSON-serializable or, for a Task class, if ``process`` cannot
         take these arguments. Works whether or not the engine is running.
+
+        *delay* (seconds, or a ``datetime.timedelta``) or *at* (a timezone-aware
+        ``datetime``, or a POSIX timestamp) holds the message in the queue until
+        then (a time in the past: now); *priority* (an int, higher first; default
+        the task's ``priority`` option, 0) orders it among ready messages. These
+        need a queue with ``schedule`` (every built-in one): on another,
+        ``tempest.Unsupported``. A bad value raises TypeError or ValueError
+        naming the argument; nothing is enqueued.
         """
         if isinstance(task, type) and issubclass(task, Task) and task is not Task:
             name = task.task_name
@@ -100,14 +121,21 @@ class Engine:
                 task.check_args(args)
             except TypeError as exc:
                 raise TypeError(f"{name}.process{task._signature}: {exc}") from None
+            default_priority = task.priority
         elif isinstance(task, str) and task:
             name = task
+            default_priority = 0
         else:
             raise TypeError(f"submit() takes a Task subclass or a task name, not {task!r}")
         if task_id is None:
             task_id = new_task_id()
         elif not isinstance(task_id, str) or not task_id:
             raise TypeError(f"task_id must be a non-empty string, not {task_id!r}")
+        when = None if delay is None and at is None else _when(delay, at)
+        if priority is not None:
+            priority = protocol.priority(priority)
+        elif default_priority:
+            priority = default_priority
         # The queue gets the message as JSON would give it back (tuples become
         # lists, dict keys strings), so MemoryQueue behaves like durable queues.
         # Plain scalars come back from JSON as they are: no round trip for them.
@@ -116,7 +144,22 @@ class Engine:
             message: list[Any] = [task_id, name, *args]
         else:
             message = json.loads(encode(task_id, name, args))
-        cls._options["queue"].enqueue(message)
+        queue = cls._options["queue"]
+        if when is None and priority is None:
+            queue.enqueue(message)
+            return task_id
+        schedule = getattr(queue, "schedule", None)
+        if not callable(schedule):
+            asked = ", ".join(f"{key}=" for key, value in
+                              (("delay", delay), ("at", at), ("priority", priority))
+                              if value is not None)
+            raise Unsupported(
+                f"{cls.__name__}.submit({asked}...): the queue {type(queue).__name__} has "
+                f"no schedule() method, so it cannot hold a message until a time or order "
+                f"it by priority; nothing was enqueued. Use a built-in queue, or add "
+                f"schedule() and scheduled_count() to yours (see tempest.queues.protocol)")
+        schedule(message, delay=when[0] if when else None, at=when[1] if when else None,
+                 priority=priority or 0)
         return task_id
 
     # -- running -----------------------------------------------------------------------
@@ -198,8 +241,9 @@ class Engine:
         Keys: ``processed``, ``succeeded``, ``failed``, ``timed_out``,
         ``rejected`` (bad input), ``running`` (messages a worker has in hand:
         not those taken in a batch for workers still on their way), ``threads``,
-        ``abandoned`` (cumulative), ``uptime`` (seconds), and ``queued`` where
-        the queue has ``__len__``.
+        ``abandoned`` (cumulative), ``uptime`` (seconds), ``queued`` (ready
+        messages) where the queue has ``__len__`` and ``scheduled`` (messages
+        waiting for their time) where it has ``scheduled_count``.
         """
         state = cls._state
         runtime = state.control.runtime if state.control else state.last
@@ -208,9 +252,7 @@ class Engine:
                 ("processed", "succeeded", "failed", "timed_out", "rejected", "running",
                  "abandoned"), 0)
             stats.update(threads=cls._options["threads"], uptime=0.0)
-            queue = cls._options["queue"]
-            if hasattr(type(queue), "__len__"):
-                stats["queued"] = len(queue)
+            stats.update(queue_counts(cls._options["queue"]))
             return stats
         return runtime.stats()
 
@@ -247,6 +289,35 @@ class Engine:
                 state.last = control.runtime
                 if keep_error and control.runtime.error is not None:
                     state.error = control.runtime.error
+
+
+def _when(delay: object, at: object) -> tuple[float | None, float | None]:
+    """submit()'s *delay* and *at*, checked: (seconds from now, None) or (None, timestamp)."""
+    if delay is not None and at is not None:
+        raise ValueError("submit() takes delay= or at=, not both")
+    if delay is not None:
+        if isinstance(delay, datetime.timedelta):
+            seconds = delay.total_seconds()
+        elif isinstance(delay, bool) or not isinstance(delay, (int, float)):
+            raise TypeError(f"delay must be a number of seconds or a datetime.timedelta, "
+                            f"not {delay!r}")
+        else:
+            seconds = float(delay)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"delay must be a finite number of seconds >= 0, not {delay!r}")
+        return seconds, None
+    if isinstance(at, datetime.datetime):
+        if at.utcoffset() is None:
+            raise ValueError(f"at must be a timezone-aware datetime (naive datetimes are "
+                             f"ambiguous across machines), not {at!r}; e.g. "
+                             f"datetime.now(timezone.utc)")
+        return None, at.timestamp()
+    if isinstance(at, bool) or not isinstance(at, (int, float)):
+        raise TypeError(f"at must be a timezone-aware datetime or a POSIX timestamp, "
+                        f"not {at!r}")
+    if not math.isfinite(at):
+        raise ValueError(f"at must be a finite POSIX timestamp, not {at!r}")
+    return None, float(at)
 
 
 class _EngineState:

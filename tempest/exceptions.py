@@ -8,7 +8,8 @@
           └── TempestError      base of the library's own errors
                ├── ConfigurationError   a bad configure block, option or extra
                ├── UnknownTask          a task name that no Task class registered
-               └── TooManyAbandoned     more stuck threads than ``max_abandoned``
+               ├── TooManyAbandoned     more stuck threads than ``max_abandoned``
+               └── Unsupported          the queue lacks what a call needs (scheduling)
 
 ``TaskTimeout`` derives from ``BaseException`` on purpose: task code that says
 ``except Exception`` must not swallow the engine's request to stop.
@@ -22,6 +23,7 @@ __all__ = [
     "TempestError",
     "TooManyAbandoned",
     "UnknownTask",
+    "Unsupported",
 ]
 
 
@@ -48,6 +50,14 @@ class TooManyAbandoned(TempestError):
     The engine drains and stops so that its supervisor (systemd, a container
     runtime) can start a clean process: threads stuck in C code cannot be
     killed from inside Python.
+    """
+
+
+class Unsupported(TempestError):
+    """The configured queue lacks the optional methods a call needs.
+
+    ``submit(..., delay=, at=, priority=)`` on a queue without ``schedule``,
+    say. The message names the queue and the methods; nothing was enqueued.
     """
 
 

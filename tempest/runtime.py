@@ -55,6 +55,7 @@ from tempest import config
 from tempest.exceptions import ConfigurationError, TaskTimeout, TooManyAbandoned
 from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
 from tempest.messages import BadMessage, new_task_id, parse
+from tempest.periodic import Scheduler
 from tempest.pool import ABANDONED, INTERRUPTED, TIMEOUT, WORKER, Slot, Supervisor
 from tempest.queues.protocol import DEFAULT_HEARTBEAT
 from tempest.task import UNSET, Task
@@ -62,7 +63,7 @@ from tempest.task import UNSET, Task
 if TYPE_CHECKING:
     from tempest.engine import Engine
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "queue_counts"]
 
 DEQUEUE_WAIT = 0.25
 """Seconds one blocking dequeue waits before the leader looks for a stop request."""
@@ -144,6 +145,7 @@ class Runtime:
         self._heartbeat = getattr(self.queue, "heartbeat", None)
         self.heartbeat_interval = _heartbeat_interval(self.queue)
         self._heartbeat_thread: threading.Thread | None = None
+        self._scheduler: Scheduler | None = None
 
         # Lock order: a Slot's lock may be held while taking _lock (the timeout
         # is counted under the slot lock), never the other way round.
@@ -211,6 +213,10 @@ class Runtime:
             self._heartbeat_thread = threading.Thread(
                 target=self._beat, daemon=True, name=f"tempest-heartbeat:{self.name}")
             self._heartbeat_thread.start()
+        if options["periodic"]:
+            self._scheduler = Scheduler(options["periodic"], self.queue, self.logs,
+                                        self._stop_event, self.name)
+            self._scheduler.start()
         for _ in range(self.threads):
             self._spawn(Slot())
 
@@ -244,6 +250,9 @@ class Runtime:
             if taken is not None:
                 self._interrupted(*taken)
         self.supervisor.stop()
+        if self._scheduler is not None:
+            # Bounded like the heartbeat: a fire stuck on a dead server is let go.
+            self._scheduler.join(HEARTBEAT_JOIN)
         self._heartbeat_stop.set()
         if self._heartbeat_thread is not None:
             # Bounded: a heartbeat stuck on a dead server must not hold up the
@@ -619,9 +628,18 @@ class Runtime:
                 "threads": self.threads, "abandoned": self.abandoned,
                 "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
             }
-        if hasattr(type(self.queue), "__len__"):
-            try:
-                stats["queued"] = len(self.queue)
-            except Exception:  # noqa: BLE001 - stats must not fail on a flaky queue
-                stats["queued"] = None
+        stats.update(queue_counts(self.queue))
         return stats
+
+
+def queue_counts(queue: Any) -> dict[str, Any]:
+    """``queued`` and ``scheduled`` for stats(), where the queue counts them (None: failed)."""
+    counts: dict[str, Any] = {}
+    for key, count in (("queued", getattr(type(queue), "__len__", None)),
+                       ("scheduled", getattr(type(queue), "scheduled_count", None))):
+        if callable(count):
+            try:
+                counts[key] = count(queue)
+            except Exception:  # noqa: BLE001 - stats must not fail on a flaky queue
+                counts[key] = None
+    return counts

@@ -39,6 +39,7 @@ _OPTIONS = {
         UNSET,
         lambda v: UNSET if v is UNSET else config.seconds_or_none(v),
     ),
+    "priority": config.Option("priority", 0, config.priority),
 }
 
 _registry: dict[str, type[Task]] = {}
@@ -67,8 +68,9 @@ class Task:
       line prefixed with the task id.
 
     Options of the ``class configure:`` block: ``name`` (default: the class
-    name) and ``timeout`` (seconds, overriding the engine's default; ``None``
-    means no limit even where the engine sets one).
+    name), ``timeout`` (seconds, overriding the engine's default; ``None``
+    means no limit even where the engine sets one) and ``priority`` (the
+    default of ``submit(priority=)`` for this task, an int; default 0).
     """
 
     task_name: ClassVar[str]
@@ -76,6 +78,9 @@ class Task:
 
     timeout: ClassVar[float | None]
     """Resolved timeout option (UNSET: the engine's default applies)."""
+
+    priority: ClassVar[int]
+    """Resolved priority option: the priority its messages get unless submit says."""
 
     task_id: str
     args: tuple[Any, ...]
@@ -94,6 +99,7 @@ class Task:
         cls._options = options
         cls.task_name = options["name"] or cls.__name__
         cls.timeout = options["timeout"]
+        cls.priority = options["priority"]
         try:
             cls._signature = inspect.signature(cls.process)
         except (TypeError, ValueError):  # a builtin without a signature: accept anything

@@ -57,6 +57,7 @@ EXPECTED_DEFAULTS = {
     "after_success": None,
     "after_failure": None,
     "after_timeout": None,
+    "periodic": (),
 }
 
 

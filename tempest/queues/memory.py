@@ -1,45 +1,154 @@
-"""MemoryQueue: a thread-safe in-process queue."""
+"""MemoryQueue: a thread-safe in-process queue, with delayed and prioritised messages."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import queue
 import threading
+import time
 from typing import Any
 
 __all__ = ["MemoryQueue"]
 
 
+class _Wake:
+    """The token ``schedule`` puts in the plain queue to wake a waiting ``dequeue``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<wake>"
+
+
+_WAKE = _Wake()
+
+
+class _Ranked(list):  # type: ignore[type-arg]
+    """A message of a priority other than 0, as ``dequeue`` hands it out.
+
+    A list like any other message; ``requeue`` reads its priority back from it.
+    """
+
+    __slots__ = ("priority",)
+    priority: int
+
+
 class MemoryQueue:
-    """A thread-safe first-in, first-out queue living in this process.
+    """A thread-safe queue living in this process.
 
     Fast and dependency-free, for tests, scripts and work that may be lost
-    with the process: delivery is at-most-once (it has no ``ack``). A waiting
-    ``dequeue(timeout=...)`` wakes the moment a message is enqueued and holds
-    no lock that ``enqueue`` would need.
+    with the process: delivery is at-most-once (it has no ``ack``), and
+    delayed messages are gone with the process too. A waiting
+    ``dequeue(timeout=...)`` wakes the moment a message is enqueued, or the
+    moment a delayed one's time comes, and holds no lock that ``enqueue``
+    would need.
+
+    ``schedule(message, delay=, at=, priority=)`` stores a message that becomes
+    ready later (times are this machine's ``time.time()``), or with a priority:
+    among ready messages, higher priority first, then in the order they became
+    ready. ``requeue`` puts a message back behind the others of its priority.
 
     Messages the engine rejects (bad input) are kept aside: ``rejected()``
     lists them with their reasons.
     """
 
     def __init__(self) -> None:
-        # SimpleQueue is implemented in C: put() never blocks, and get() with
-        # a timeout waits on a semaphore without polling.
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Plain mode (nothing delayed or prioritised, the common case): every
+        # message goes through _plain, a C SimpleQueue -- put() never blocks,
+        # get() with a timeout waits on a semaphore without polling, and no
+        # Python-level lock is taken. Ranked mode (_ranked True, switched under
+        # _lock): ready messages are ordered in the heap _ready by (-priority,
+        # ready time, seq), delayed ones wait in _scheduled by (due, seq); _plain
+        # still takes enqueues that raced with the switch and the _WAKE tokens,
+        # and each dequeue moves what it holds into _ready first.
+        self._plain: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._ranked = False
+        self._ready: list[tuple[int, float, int, Any]] = []
+        self._scheduled: list[tuple[float, int, int, Any]] = []
+        self._seq = itertools.count()
+        self._tokens = 0  # _WAKE tokens in _plain, so that len() leaves them out
+        self._fired: dict[str, dict[float, float]] = {}
         self._rejected: list[tuple[Any, str]] = []
         self._rejected_lock = threading.Lock()
 
+    # -- storing ---------------------------------------------------------------------
+
     def enqueue(self, message: Any) -> None:
-        """Append *message*."""
-        self._queue.put(message)
+        """Append *message*: ready now, priority 0."""
+        if self._ranked:
+            with self._lock:
+                if self._ranked:  # still: not switched back meanwhile
+                    self._push_ready(0, time.time(), message)
+                    return
+        self._plain.put(message)
+
+    def schedule(self, message: Any, *, delay: float | None = None, at: float | None = None,
+                 priority: int = 0) -> None:
+        """Store *message* to become ready after *delay* seconds or at POSIX time *at*."""
+        now = time.time()
+        due = now + delay if delay is not None else at if at is not None else now
+        with self._lock:
+            self._store(message, due, priority, now)
+
+    def fire(self, schedule: str, slot: float, message: Any, *, priority: int = 0,
+             keep: float) -> bool:
+        """Store *message* for time *slot* unless that slot of *schedule* fired already."""
+        now = time.time()
+        with self._lock:
+            fired = self._fired.setdefault(schedule, {})
+            for old in [s for s, recorded in fired.items() if recorded < now - keep]:
+                del fired[old]
+            if slot in fired:
+                return False
+            fired[slot] = now
+            self._store(message, slot, priority, now)
+            return True
+
+    def last_fired(self, schedule: str) -> float | None:
+        """The latest slot of *schedule* still remembered, or None."""
+        with self._lock:
+            fired = self._fired.get(schedule)
+            return max(fired) if fired else None
+
+    def _store(self, message: Any, due: float, priority: int, now: float) -> None:
+        """Under _lock: store *message*, ready at *due*, and wake a waiter if it must look."""
+        if due <= now and priority == 0 and not self._ranked:
+            self._plain.put(message)
+            return
+        self._ranked = True
+        if due <= now:
+            self._push_ready(priority, now, message)
+        else:
+            earliest = self._scheduled[0][0] if self._scheduled else None
+            heapq.heappush(self._scheduled, (due, next(self._seq), priority, message))
+            if earliest is not None and earliest <= due:
+                return  # a waiter already waits no longer than the earlier one's time
+        # A dequeue blocked in _plain.get() learns of the ranked message (or of
+        # an earlier time to wake at) from the token.
+        self._tokens += 1
+        self._plain.put(_WAKE)
+
+    def _push_ready(self, priority: int, ready_at: float, message: Any) -> None:
+        heapq.heappush(self._ready, (-priority, ready_at, next(self._seq), message))
+
+    # -- taking ----------------------------------------------------------------------
 
     def dequeue(self, timeout: float | None = None) -> Any:
-        """Take the oldest message, waiting up to *timeout* seconds; None if empty."""
-        try:
-            if timeout is not None and timeout > 0:
-                return self._queue.get(timeout=timeout)
-            return self._queue.get_nowait()
-        except queue.Empty:
-            return None
+        """Take the next ready message, waiting up to *timeout* seconds; None if none."""
+        waits = timeout is not None and timeout > 0
+        deadline = time.monotonic() + timeout if waits else 0.0  # type: ignore[operator]
+        if not self._ranked:
+            try:
+                message = self._plain.get(timeout=timeout) if waits else self._plain.get_nowait()
+            except queue.Empty:
+                return None
+            if message is not _WAKE and not self._ranked:
+                return message
+            self._took(message)
+        return self._dequeue_ranked(deadline)
 
     def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
         """Take up to *count* messages, waiting up to *timeout* seconds for the first."""
@@ -47,17 +156,93 @@ class MemoryQueue:
         if first is None:
             return []
         messages = [first]
-        get = self._queue.get_nowait
-        try:
-            while len(messages) < count:
-                messages.append(get())
-        except queue.Empty:
-            pass
+        get = self._plain.get_nowait
+        while len(messages) < count:
+            if self._ranked:
+                message = self._dequeue_ranked(0.0)
+                if message is None:
+                    break
+            else:
+                try:
+                    message = get()
+                except queue.Empty:
+                    break
+                if message is _WAKE or self._ranked:
+                    self._took(message)
+                    continue
+            messages.append(message)
         return messages
 
+    def _took(self, item: Any) -> None:
+        """Account for *item*, taken from _plain on the plain path: a token, or a message
+        that must now take its turn among the ranked ones."""
+        with self._lock:
+            if item is _WAKE:
+                self._tokens -= 1
+            elif self._ranked:
+                self._push_ready(0, time.time(), item)
+            else:  # switched back meanwhile: it is next
+                self._push_ready(0, -math.inf, item)
+                self._ranked = True
+
+    def _dequeue_ranked(self, deadline: float) -> Any:
+        """dequeue(), once ranked: look, then wait for a token or the next delayed time."""
+        while True:
+            message, due = self._take_ranked()
+            if message is not None:
+                return message
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return None
+            if due is not None:
+                wait = min(wait, due - time.time())
+                if wait <= 0:
+                    continue  # due already: take it
+            try:
+                item = self._plain.get(timeout=wait)
+            except queue.Empty:
+                continue  # the deadline, or a delayed message's time: look again
+            self._took(item)
+
+    def _take_ranked(self) -> tuple[Any, float | None]:
+        """The next ready message (None if none) and the next delayed one's time."""
+        now = time.time()
+        with self._lock:
+            # What _plain holds arrived before this look: ready now, in order.
+            while True:
+                try:
+                    message = self._plain.get_nowait()
+                except queue.Empty:
+                    break
+                if message is _WAKE:
+                    self._tokens -= 1
+                else:
+                    self._push_ready(0, now, message)
+            scheduled = self._scheduled
+            while scheduled and scheduled[0][0] <= now:
+                due, _, priority, message = heapq.heappop(scheduled)
+                self._push_ready(priority, due, message)
+            if self._ready:
+                neg_priority, _, _, message = heapq.heappop(self._ready)
+                if neg_priority:
+                    message = _Ranked(message)
+                    message.priority = -neg_priority
+                return message, None
+            if not scheduled:
+                self._ranked = False  # back to the plain queue alone
+                return None, None
+            return None, scheduled[0][0]
+
+    # -- settling --------------------------------------------------------------------
+
     def requeue(self, message: Any) -> None:
-        """Give back a message that was dequeued but not run (at the back)."""
-        self._queue.put(message)
+        """Give back a message that was dequeued but not run: behind those of its priority."""
+        priority = getattr(message, "priority", 0)
+        if priority == 0:
+            self.enqueue(message)
+            return
+        with self._lock:
+            self._store(list(message), time.time(), priority, time.time())
 
     def reject(self, message: Any, reason: str) -> None:
         """Keep a message the engine could not run, with the reason."""
@@ -69,9 +254,32 @@ class MemoryQueue:
         with self._rejected_lock:
             return list(self._rejected)
 
+    # -- counting --------------------------------------------------------------------
+
     def __len__(self) -> int:
-        """Messages waiting."""
-        return self._queue.qsize()
+        """Messages ready to be taken."""
+        with self._lock:
+            return (self._plain.qsize() - self._tokens + len(self._ready)
+                    + self._due(time.time()))
+
+    def scheduled_count(self) -> int:
+        """Messages waiting for their time."""
+        with self._lock:
+            return len(self._scheduled) - self._due(time.time())
+
+    def _due(self, now: float) -> int:
+        """Under _lock: delayed messages whose time has come (not yet moved to _ready).
+
+        Walks only the heap's entries due by *now* (their parents are due too),
+        so a count costs nothing for many messages far in the future.
+        """
+        heap, count, stack = self._scheduled, 0, [0] if self._scheduled else []
+        while stack:
+            index = stack.pop()
+            if index < len(heap) and heap[index][0] <= now:
+                count += 1
+                stack += (2 * index + 1, 2 * index + 2)
+        return count
 
     def __repr__(self) -> str:
         return f"<MemoryQueue waiting={len(self)}>"
