@@ -16,8 +16,11 @@ Reliable queues (those with ``ack``) must accept ``lease`` (seconds) and
 ``max_deliveries`` keyword options; the contract passes short leases to see
 redelivery happen within a test. Tests that do not apply to a queue (leases
 for an at-most-once queue, blocking for one without ``dequeue(timeout=)``)
-are skipped. Override ``put_raw`` to let the suite store an undecodable
-message. Needs pytest.
+are skipped, and so are the scheduling tests for a queue without
+``schedule`` and ``scheduled_count`` (delayed and prioritised messages) or
+without ``fire`` and ``last_fired`` (periodic tasks); see
+:mod:`tempest.queues.protocol` for what those promise. Override ``put_raw``
+to let the suite store an undecodable message. Needs pytest.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from typing import Any
 
 import pytest
 
-from tempest.queues.protocol import POISON_REASON
+from tempest.queues.protocol import POISON_REASON, PRIORITY_MAX, PRIORITY_MIN
 
 __all__ = ["QueueContract"]
 
 
 _AT_MOST_ONCE = "an at-most-once queue (no ack): leases do not apply"
+_NO_SCHEDULE = "the queue has no schedule(): delayed and prioritised messages do not apply"
+_NO_FIRE = "the queue has no fire(): periodic tasks do not apply"
 
 
 def _accepts_timeout(queue: Any) -> bool:
@@ -425,3 +430,261 @@ class QueueContract:
             pause.wait(0.05)
         assert deliveries == 2
         assert any(r == POISON_REASON for _, r in first.rejected())
+
+    # -- scheduling (schedule, scheduled_count) -------------------------------------------
+
+    def _scheduling(self, **options: Any) -> Any:
+        return self._having("schedule", _NO_SCHEDULE, **options)
+
+    def _wait_for_one(self, queue: Any, limit: float) -> tuple[Any, float]:
+        """The next message dequeue(timeout=) gives within *limit* s, and how long it took."""
+        started = time.monotonic()
+        if _accepts_timeout(queue):
+            message = queue.dequeue(timeout=limit)
+        else:
+            message = _until(queue.dequeue, limit)
+        return message, time.monotonic() - started
+
+    def test_delayed_message_waits_for_its_time(self) -> None:
+        """A message scheduled with delay= is not dequeued before its time, then is."""
+        queue = self._scheduling()
+        started = time.monotonic()
+        queue.schedule(["id-late", "Task", 1], delay=0.4)
+        assert queue.dequeue() is None
+        assert queue.scheduled_count() == 1
+        assert len(queue) == 0 if hasattr(type(queue), "__len__") else True
+        message, _ = self._wait_for_one(queue, 10)
+        assert message is not None and list(message) == ["id-late", "Task", 1]
+        assert time.monotonic() - started >= 0.4
+        assert queue.scheduled_count() == 0
+
+    def test_message_at_a_time_waits_for_it(self) -> None:
+        """A message scheduled at= a POSIX time is not dequeued before then."""
+        queue = self._scheduling()
+        at = time.time() + 0.4
+        queue.schedule(["id-at", "Task"], at=at)
+        assert queue.dequeue() is None
+        message, _ = self._wait_for_one(queue, 10)
+        assert message is not None and list(message) == ["id-at", "Task"]
+        assert time.time() >= at - 0.05  # the queue's clock may be another machine's
+
+    def test_a_time_in_the_past_means_now(self) -> None:
+        """at= in the past, and delay=0, make a message ready at once."""
+        queue = self._scheduling()
+        queue.schedule(["id-past", "Task"], at=time.time() - 3600)
+        queue.schedule(["id-zero", "Task"], delay=0.0)
+        assert queue.scheduled_count() == 0
+        got = [list(m) for m in _drain(queue)]
+        assert got == [["id-past", "Task"], ["id-zero", "Task"]]
+
+    def test_higher_priority_first_then_in_order(self) -> None:
+        """Ready messages come out by priority (higher first), equal ones in order."""
+        queue = self._scheduling()
+        priorities = [0, 5, -1, 5, 3, 0, PRIORITY_MAX, PRIORITY_MIN, -1]
+        for i, priority in enumerate(priorities):
+            queue.schedule([f"id-{i}", "Task", i], priority=priority)
+        queue.enqueue(["id-plain", "Task", 99])  # priority 0, after the others of 0
+        order = [m[2] for m in _drain(queue)]
+        expected = sorted(range(len(priorities)), key=lambda i: (-priorities[i], i))
+        expected.insert(expected.index(5) + 1, 99)
+        assert order == expected
+
+    def test_equal_priority_in_the_order_messages_became_ready(self) -> None:
+        """At one priority, a delayed message takes its turn from its time, not its enqueue."""
+        queue = self._scheduling()
+        queue.schedule(["id-delayed", "Task"], delay=0.3)
+        queue.enqueue(["id-now", "Task"])
+        _until(lambda: queue.scheduled_count() == 0, 10)
+        queue.enqueue(["id-later", "Task"])
+        assert [m[0] for m in _drain(queue)] == ["id-now", "id-delayed", "id-later"]
+
+    def test_a_ready_priority_message_passes_delayed_ones(self) -> None:
+        """Priorities order ready messages only: a later time is kept, whatever the priority."""
+        queue = self._scheduling()
+        queue.schedule(["id-urgent-later", "Task"], delay=30, priority=100)
+        queue.schedule(["id-low-now", "Task"], priority=-5)
+        assert [m[0] for m in _drain(queue)] == ["id-low-now"]
+        assert queue.scheduled_count() == 1
+
+    def test_len_counts_ready_and_scheduled_count_the_rest(self) -> None:
+        """len() counts ready messages (any priority); scheduled_count() those not ready."""
+        queue = self._scheduling()
+        if not hasattr(type(queue), "__len__"):
+            pytest.skip("the queue has no __len__")
+        for i in range(3):
+            queue.enqueue([f"id-{i}", "Task"])
+        queue.schedule(["id-p", "Task"], priority=7)
+        queue.schedule(["id-d1", "Task"], delay=60)
+        queue.schedule(["id-d2", "Task"], at=time.time() + 60, priority=3)
+        assert len(queue) == 4
+        assert queue.scheduled_count() == 2
+        assert len(_drain(queue)) == 4
+        assert len(queue) == 0 and queue.scheduled_count() == 2
+
+    def test_waiting_dequeue_wakes_when_the_time_comes(self) -> None:
+        """A waiting dequeue(timeout=) returns a delayed message soon after its time."""
+        queue = self._scheduling()
+        if not _accepts_timeout(queue):
+            pytest.skip("dequeue takes no timeout")
+        producer = self._queue()
+        producer.schedule(["id-soon", "Task"], delay=0.3)
+        started = time.monotonic()
+        message = queue.dequeue(timeout=10)
+        elapsed = time.monotonic() - started
+        assert message is not None and list(message) == ["id-soon", "Task"]
+        assert elapsed < 3.0  # its time, plus a bounded lateness; far from 10 s
+
+    def test_waiting_dequeue_wakes_for_an_earlier_message(self) -> None:
+        """A message scheduled while a dequeue waits, earlier than any it knew of, wakes it."""
+        queue = self._scheduling()
+        if not _accepts_timeout(queue):
+            pytest.skip("dequeue takes no timeout")
+        producer = self._queue()
+        producer.schedule(["id-far", "Task"], delay=60)
+        result: list[Any] = []
+        waiting = threading.Event()
+
+        def consume() -> None:
+            waiting.set()
+            result.append(queue.dequeue(timeout=10))
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        waiting.wait(5)
+        threading.Event().wait(0.2)  # let it block (the test holds either way)
+        started = time.monotonic()
+        producer.schedule(["id-near", "Task"], delay=0.3)
+        thread.join(15)
+        assert result and result[0] is not None and list(result[0]) == ["id-near", "Task"]
+        assert time.monotonic() - started < 3.0
+
+    def test_waiting_dequeue_wakes_for_a_priority_message(self) -> None:
+        """A waiting dequeue returns at once a message stored ready with a priority."""
+        queue = self._scheduling()
+        if not _accepts_timeout(queue):
+            pytest.skip("dequeue takes no timeout")
+        producer = self._queue()
+        result: list[Any] = []
+        waiting = threading.Event()
+
+        def consume() -> None:
+            waiting.set()
+            result.append(queue.dequeue(timeout=10))
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        waiting.wait(5)
+        threading.Event().wait(0.2)  # let it block (the test holds either way)
+        started = time.monotonic()
+        producer.schedule(["id-vip", "Task"], priority=9)
+        thread.join(15)
+        assert result and result[0] is not None and list(result[0]) == ["id-vip", "Task"]
+        assert time.monotonic() - started < 3.0
+
+    def test_dequeue_many_takes_by_priority_and_never_early(self) -> None:
+        """dequeue_many gives ready messages by priority and none before its time."""
+        queue = self._scheduling()
+        if not callable(getattr(queue, "dequeue_many", None)):
+            pytest.skip("the queue has no dequeue_many")
+        queue.schedule(["id-later", "Task"], delay=30, priority=50)
+        for i, priority in enumerate([1, 3, 2]):
+            queue.schedule([f"id-{i}", "Task"], priority=priority)
+        batch = queue.dequeue_many(10, timeout=1)
+        assert [m[0] for m in batch] == ["id-1", "id-2", "id-0"]
+        for message in batch:
+            if callable(getattr(queue, "ack", None)):
+                queue.ack(message)
+
+    def test_requeue_keeps_the_priority(self) -> None:
+        """A message given back takes its turn again at its own priority."""
+        queue = self._scheduling()
+        if not callable(getattr(queue, "requeue", None)):
+            pytest.skip("the queue has no requeue")
+        queue.enqueue(["id-plain", "Task"])
+        queue.schedule(["id-high", "Task"], priority=5)
+        first = queue.dequeue()
+        assert first is not None and first[0] == "id-high"
+        queue.requeue(first)
+        assert [m[0] for m in _drain(queue)] == ["id-high", "id-plain"]
+
+    def test_a_redelivered_message_keeps_its_priority(self) -> None:
+        """A message whose consumer died comes back at its priority once the lease ends."""
+        dead = self._reliable(lease=0.5)
+        if not callable(getattr(dead, "schedule", None)):
+            pytest.skip(_NO_SCHEDULE)
+        dead.schedule(["id-high", "Task"], priority=5)
+        assert dead.dequeue() is not None  # and never acked
+        other = self._reliable(lease=0.5)
+        other.enqueue(["id-plain", "Task"])
+        got = _until(lambda: [m[0] for m in _drain(other)], 10.0) or []
+        if got == ["id-plain"]:  # taken before the lease ran out: the other comes later
+            got += _until(lambda: [m[0] for m in _drain(other)], 10.0) or []
+            assert got == ["id-plain", "id-high"]
+        else:
+            assert got == ["id-high", "id-plain"]
+
+    def test_scheduled_message_outlives_its_producer(self) -> None:
+        """On a durable queue, a new handle sees and gets what another one scheduled."""
+        producer = self._reliable()
+        if not callable(getattr(producer, "schedule", None)):
+            pytest.skip(_NO_SCHEDULE)
+        producer.schedule(["id-kept", "Task"], delay=0.3, priority=2)
+        close = getattr(producer, "close", None)
+        if callable(close):
+            close()
+        consumer = self._reliable()
+        assert consumer.scheduled_count() == 1
+        message, _ = self._wait_for_one(consumer, 10)
+        assert message is not None and list(message) == ["id-kept", "Task"]
+
+    # -- periodic slots (fire, last_fired) ------------------------------------------------
+
+    def _firing(self, **options: Any) -> Any:
+        return self._having("fire", _NO_FIRE, **options)
+
+    def test_a_slot_fires_once(self) -> None:
+        """fire() stores the message for a slot once; again for that slot it does nothing."""
+        queue = self._firing()
+        other = self._queue()
+        slot = round(time.time() - 10, 3)
+        assert queue.last_fired("sched") is None
+        assert queue.fire("sched", slot, ["sched@1", "Task", 1], keep=60) is True
+        assert other.fire("sched", slot, ["sched@1", "Task", 1], keep=60) is False
+        assert queue.fire("other", slot, ["other@1", "Task"], keep=60) is True
+        assert queue.fire("sched", slot + 1, ["sched@2", "Task", 2], keep=60) is True
+        assert other.last_fired("sched") == slot + 1
+        assert sorted(m[0] for m in _drain(queue)) == ["other@1", "sched@1", "sched@2"]
+        assert queue.fire("sched", slot, ["sched@1", "Task", 1], keep=60) is False  # ran
+
+    def test_a_slot_in_the_future_is_ready_at_its_time(self) -> None:
+        """A fired slot's message becomes ready at the slot's time, not before."""
+        queue = self._firing()
+        slot = round(time.time() + 0.4, 3)
+        assert queue.fire("sched", slot, ["sched@f", "Task"], priority=4, keep=60)
+        assert queue.dequeue() is None
+        message, _ = self._wait_for_one(queue, 10)
+        assert message is not None and list(message) == ["sched@f", "Task"]
+        assert time.time() >= slot - 0.05
+
+    def test_concurrent_firings_store_each_slot_once(self) -> None:
+        """Handles racing to fire the same slots: each slot is stored exactly once."""
+        slots = [round(time.time() - 100 + i, 3) for i in range(25)]
+        handles = [self._firing() for _ in range(4)]
+        wins: list[float] = []
+        lock = threading.Lock()
+        start = threading.Barrier(len(handles))
+
+        def race(handle: Any) -> None:
+            start.wait(10)
+            for slot in slots:
+                if handle.fire("race", slot, [f"race@{slot}", "Task"], keep=60):
+                    with lock:
+                        wins.append(slot)
+
+        threads = [threading.Thread(target=race, args=(h,)) for h in handles]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(wins) == slots
+        assert sorted(m[0] for m in _drain(handles[0])) == sorted(f"race@{s}" for s in slots)

@@ -118,7 +118,9 @@ class MemoryQueue:
         if due <= now and priority == 0 and not self._ranked:
             self._plain.put(message)
             return
-        self._ranked = True
+        if not self._ranked:
+            self._ranked = True
+            self._absorb_plain(-math.inf)  # ready before anything ranked: first in line
         if due <= now:
             self._push_ready(priority, now, message)
         else:
@@ -130,6 +132,18 @@ class MemoryQueue:
         # an earlier time to wake at) from the token.
         self._tokens += 1
         self._plain.put(_WAKE)
+
+    def _absorb_plain(self, ready_at: float) -> None:
+        """Under _lock: move what _plain holds into _ready (priority 0), tokens aside."""
+        while True:
+            try:
+                item = self._plain.get_nowait()
+            except queue.Empty:
+                return
+            if item is _WAKE:
+                self._tokens -= 1
+            else:
+                self._push_ready(0, ready_at, item)
 
     def _push_ready(self, priority: int, ready_at: float, message: Any) -> None:
         heapq.heappush(self._ready, (-priority, ready_at, next(self._seq), message))
@@ -208,16 +222,7 @@ class MemoryQueue:
         """The next ready message (None if none) and the next delayed one's time."""
         now = time.time()
         with self._lock:
-            # What _plain holds arrived before this look: ready now, in order.
-            while True:
-                try:
-                    message = self._plain.get_nowait()
-                except queue.Empty:
-                    break
-                if message is _WAKE:
-                    self._tokens -= 1
-                else:
-                    self._push_ready(0, now, message)
+            self._absorb_plain(now)  # arrived before this look: ready now, in order
             scheduled = self._scheduled
             while scheduled and scheduled[0][0] <= now:
                 due, _, priority, message = heapq.heappop(scheduled)
