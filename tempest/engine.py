@@ -81,7 +81,8 @@ class Engine:
         if lacking:
             raise ConfigurationError(
                 f"{cls.__qualname__}.configure.periodic: the queue "
-                f"{type(options['queue']).__name__} has no {' or '.join(lacking)}() method, "
+                f"{type(options['queue']).__name__} has no "
+                f"{' or '.join(name + '()' for name in lacking)} method, "
                 f"so engines sharing it cannot fire each slot once; use a built-in queue, or "
                 f"add fire() and last_fired() to yours (see tempest.queues.protocol)")
         cls._options = options

@@ -246,8 +246,11 @@ def cron(expression: str, task: type[Task] | str, *args: Any, timezone: str = "U
     """Run *task* with *args* at the times a cron *expression* names, in *timezone*.
 
     Five fields (minute hour day month weekday) or six (seconds first), as the
-    cronsim library reads them, daylight saving time included: a time that
-    does not exist that day is skipped, one that happens twice fires once.
+    cronsim library reads them, with daylight saving time as Debian's cron
+    handles it: a time of day that does not exist that day (clocks go forward)
+    fires at the first moment after the gap; one that happens twice (clocks go
+    back) fires once; expressions with a step or ``*`` in the hour fire in both
+    passes of the repeated hour.
     *timezone* is an IANA name (default ``"UTC"``). *name* defaults to
     ``<task>[<expression with _ for spaces>]``. Needs the ``cron`` extra.
     """

@@ -8,10 +8,12 @@ handles) -- and subclasses :class:`EngineProcessChecks` as ``Test...``.
 from __future__ import annotations
 
 import collections
+import datetime
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,9 @@ class EngineProcesses:
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
-    def start(self, threads: int, lease: float) -> tuple[subprocess.Popen[bytes], Path]:
-        """Start one engine; return the process and its stdout file."""
+    def start(self, threads: int, lease: float, periodic: float | None = None
+              ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start one engine (with every(*periodic*) ticks if given); return it and its stdout."""
         folder = self.tmp_path / f"engine{len(self.procs)}"
         folder.mkdir()
         out = folder / "out.txt"
@@ -49,7 +52,8 @@ class EngineProcesses:
             proc = subprocess.Popen(
                 [sys.executable, str(SCRIPT), self.kind, str(self.results), str(folder),
                  str(threads), str(lease), *self.queue_args],
-                stdout=stdout, stderr=stderr, cwd=folder, env=self.env)
+                stdout=stdout, stderr=stderr, cwd=folder,
+                env=dict(self.env, TEMPEST_TEST_PERIODIC=str(periodic)) if periodic else self.env)
         self.procs.append(proc)
         return proc, out
 
@@ -64,10 +68,15 @@ class EngineProcesses:
 
     def done(self) -> list[tuple[str, int]]:
         """(task id, pid) of every run so far, in order."""
+        return [(task_id, pid) for task_id, pid, _ in self.runs()]
+
+    def runs(self) -> list[tuple[str, int, float]]:
+        """(task id, pid, time.time() at its start) of every run so far, in order."""
         if not self.results.exists():
             return []
         lines = self.results.read_text().split("\n")[:-1]  # a line being written: later
-        return [(task_id, int(pid)) for task_id, pid in (line.split() for line in lines)]
+        return [(task_id, int(pid), float(started))
+                for task_id, pid, started in (line.split() for line in lines)]
 
     def wait_all_processed(self, ids: list[str], timeout: float) -> None:
         """Wait until every id ran and the queue holds nothing."""
@@ -141,6 +150,77 @@ def check_engines_share_the_work(engines: EngineProcesses, queue: Any) -> None:
     assert len({pid for _, pid in done}) >= 2  # the work was shared
 
 
+def check_delayed_messages_survive_kill_9(engines: EngineProcesses, queue: Any) -> None:
+    """Delayed messages outlive an engine killed with SIGKILL before (and while) they
+    come due: each runs at or after its time, the ones the dead engine never started
+    exactly once, on the engine started after it."""
+    begin = time.time()
+    due = {}
+    for i in range(40):
+        task_id = f"d{i:03d}"
+        delay = 1.5 + i * 0.05  # due from 1.5 s to 3.5 s from now
+        due[task_id] = begin + delay
+        queue.schedule([task_id, "QueueRecord", 0.02], delay=delay,
+                       priority=i % 3)
+    assert queue.scheduled_count() == 40
+    victim, out = engines.start(threads=2, lease=1)
+    engines.wait_ready(victim, out)
+    wait_for(lambda: len(engines.done()) >= 5, 30)  # some came due and ran
+    victim.kill()
+    victim.wait(10)
+    killed_at = len(engines.done())
+    assert killed_at < 40, "every delayed message ran before the engine could be killed"
+    restarted, out = engines.start(threads=2, lease=1)
+    engines.wait_ready(restarted, out)
+    engines.wait_all_processed(sorted(due), 30)
+    engines.stop_all()
+    runs = engines.runs()
+    counts = collections.Counter(task_id for task_id, _, _ in runs)
+    assert sorted(counts) == sorted(due)  # none lost
+    for task_id, _, started in runs:
+        # Never early: the queue's clock is this machine's (or its servers', here too).
+        assert started >= due[task_id] - 0.01, (task_id, started - due[task_id])
+    by_victim = {task_id for task_id, pid, _ in runs if pid == victim.pid}
+    twice = {task_id for task_id, count in counts.items() if count > 1}
+    assert twice <= by_victim and len(twice) <= 2  # only what it had started
+    assert len(by_victim) < 40 and any(pid == restarted.pid for _, pid, _ in runs)
+    print(f"killed after {killed_at} of 40; run twice: {sorted(twice)}")
+
+
+def check_periodic_fires_each_slot_once(engines: EngineProcesses, queue: Any,
+                                        count: int) -> None:
+    """*count* engine processes with every(1) for about ten seconds, one of them
+    replaced halfway: every slot fires exactly once (counted by task id), none is
+    skipped while engines run, and each runs at or after its slot."""
+    started = [engines.start(threads=2, lease=5, periodic=1) for _ in range(count)]
+    for proc, out in started:
+        engines.wait_ready(proc, out)
+
+    def ticks() -> list[tuple[str, int, float]]:
+        return [run for run in engines.runs() if run[0].startswith("tick@")]
+
+    wait_for(lambda: len(ticks()) >= 5, 30, interval=0.05)
+    first, _ = started[0]
+    first.send_signal(signal.SIGTERM)  # an engine stops, another starts, mid-run
+    assert first.wait(15) == 0
+    replacement, out = engines.start(threads=2, lease=5, periodic=1)
+    engines.wait_ready(replacement, out)
+    wait_for(lambda: len(ticks()) >= 11, 30, interval=0.05)
+    engines.stop_all()
+    runs = ticks()
+    counts = collections.Counter(task_id for task_id, _, _ in runs)
+    assert set(counts.values()) == {1}, [t for t, c in counts.items() if c > 1]
+    slots = sorted(datetime.datetime.strptime(task_id.split("@")[1], "%Y%m%dT%H%M%SZ")
+                   .replace(tzinfo=datetime.timezone.utc).timestamp() for task_id in counts)
+    assert slots == [slots[0] + i for i in range(len(slots))], "a slot was skipped"
+    for task_id, _, began in runs:
+        slot = datetime.datetime.strptime(task_id.split("@")[1], "%Y%m%dT%H%M%SZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+        assert began >= slot - 0.01, (task_id, began - slot)
+    assert len({pid for _, pid, _ in runs}) >= 2  # the firings went to several engines
+    print("ticks per engine:", collections.Counter(pid for _, pid, _ in runs))
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 class EngineProcessChecks:
     """kill -9 and shared work, for the queue of the module's fixtures."""
@@ -152,3 +232,22 @@ class EngineProcessChecks:
     def test_engines_share_the_work(self, engines: EngineProcesses, queues: Any) -> None:
         """Three engine processes on one queue run each of 300 messages exactly once."""
         check_engines_share_the_work(engines, queues())
+
+    periodic_engines = 3
+    """Engine processes in the periodic check."""
+
+    def test_delayed_messages_survive_kill_9(self, engines: EngineProcesses,
+                                             queues: Any) -> None:
+        """Delayed messages outlive a killed engine and run once their time comes."""
+        queue = queues()
+        if not callable(getattr(queue, "schedule", None)):
+            pytest.skip("the queue has no schedule() yet")
+        check_delayed_messages_survive_kill_9(engines, queue)
+
+    def test_periodic_fires_each_slot_once(self, engines: EngineProcesses,
+                                           queues: Any) -> None:
+        """Engine processes sharing every(1): each slot fired exactly once, none skipped."""
+        queue = queues()
+        if not callable(getattr(queue, "fire", None)):
+            pytest.skip("the queue has no fire() yet")
+        check_periodic_fires_each_slot_once(engines, queue, self.periodic_engines)

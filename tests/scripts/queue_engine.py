@@ -5,9 +5,11 @@ Usage: ``python queue_engine.py KIND RESULTS LOG_DIR THREADS LEASE QUEUE_ARG...`
 KIND is ``sqlite`` (QUEUE_ARG: the file), ``redis`` (the URL and the queue's
 name) or ``postgres`` (the DSN and the table). Runs (not in burst mode) until
 SIGTERM, or until it is killed. Each ``QueueRecord`` task appends
-``<task_id> <pid>`` to RESULTS, then sleeps for the seconds its message says.
-``ready`` is printed once the engine is starting its workers. The queues' own
-warnings (a Redis ack kept for later, say) go to stderr.
+``<task_id> <pid> <time.time() at its start>`` to RESULTS, then sleeps for the
+seconds its message says. ``ready`` is printed once the engine is starting its
+workers. The queues' own warnings (a Redis ack kept for later, say) go to
+stderr. With ``TEMPEST_TEST_PERIODIC=SECONDS`` in the environment the engine
+declares ``every(SECONDS, QueueRecord, 0.0, name="tick")``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from tempest import Engine, Task
+from tempest import Engine, Task, every
 
 KIND, RESULTS, LOG_DIR = sys.argv[1:4]
 THREADS, LEASE = int(sys.argv[4]), float(sys.argv[5])
@@ -57,18 +59,31 @@ class QueueEngine(Engine):
 
 class QueueRecord(Task):
     def process(self, pause: float) -> None:
+        started = time.time()
         # One write with O_APPEND: lines from several processes never interleave.
         fd = os.open(RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{self.task_id} {os.getpid()}\n".encode())
+            os.write(fd, f"{self.task_id} {os.getpid()} {started:.6f}\n".encode())
         finally:
             os.close(fd)
         time.sleep(pause)
 
 
+if os.environ.get("TEMPEST_TEST_PERIODIC"):
+    class PeriodicQueueEngine(QueueEngine):
+        class configure:
+            name = "QueueEngine"  # the same log files as without periodic tasks
+            periodic = [every(float(os.environ["TEMPEST_TEST_PERIODIC"]), QueueRecord, 0.0,
+                              name="tick")]
+
+    ENGINE: type[Engine] = PeriodicQueueEngine
+else:
+    ENGINE = QueueEngine
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    QueueEngine.run()
+    ENGINE.run()
     QUEUE.close()
     print("returned", flush=True)
