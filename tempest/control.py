@@ -179,7 +179,8 @@ class Control:
 
     def _status(self) -> str:
         stats = self.runtime.stats()
-        queued = f", {stats['queued']} queued" if stats.get("queued") is not None else ""
+        queued = "".join(f", {stats[key]} {key}" for key in ("queued", "scheduled")
+                         if stats.get(key) is not None)
         return (f"{stats['processed']} processed, {stats['running']} running{queued}, "
                 f"{stats['failed']} failed, {stats['timed_out']} timed out")
 
