@@ -42,9 +42,13 @@ class EngineProcesses:
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
-    def start(self, threads: int, lease: float, periodic: float | None = None
-              ) -> tuple[subprocess.Popen[bytes], Path]:
-        """Start one engine (with every(*periodic*) ticks if given); return it and its stdout."""
+    def start(self, threads: int, lease: float, periodic: float | None = None,
+              skew: float = 0.0) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start one engine; return the process and its stdout file.
+
+        *periodic*: it declares every(*periodic*) ticks, its scheduler's clock
+        *skew* seconds off.
+        """
         folder = self.tmp_path / f"engine{len(self.procs)}"
         folder.mkdir()
         out = folder / "out.txt"
@@ -53,7 +57,8 @@ class EngineProcesses:
                 [sys.executable, str(SCRIPT), self.kind, str(self.results), str(folder),
                  str(threads), str(lease), *self.queue_args],
                 stdout=stdout, stderr=stderr, cwd=folder,
-                env=dict(self.env, TEMPEST_TEST_PERIODIC=str(periodic)) if periodic else self.env)
+                env=dict(self.env, TEMPEST_TEST_PERIODIC=str(periodic),
+                         TEMPEST_TEST_CLOCK_SKEW=str(skew)) if periodic else self.env)
         self.procs.append(proc)
         return proc, out
 
@@ -189,10 +194,12 @@ def check_delayed_messages_survive_kill_9(engines: EngineProcesses, queue: Any) 
 
 def check_periodic_fires_each_slot_once(engines: EngineProcesses, queue: Any,
                                         count: int) -> None:
-    """*count* engine processes with every(1) for about ten seconds, one of them
-    replaced halfway: every slot fires exactly once (counted by task id), none is
-    skipped while engines run, and each runs at or after its slot."""
-    started = [engines.start(threads=2, lease=5, periodic=1) for _ in range(count)]
+    """*count* engine processes with every(1) for about ten seconds, their clocks up
+    to two seconds apart, one of them replaced halfway: every slot fires exactly
+    once (counted by task id), none is skipped while engines run, and each runs at
+    or after its slot on the queue's clock."""
+    skews = [0.0, 2.0, -2.0, 1.0][:count]
+    started = [engines.start(threads=2, lease=5, periodic=1, skew=skew) for skew in skews]
     for proc, out in started:
         engines.wait_ready(proc, out)
 
@@ -203,7 +210,7 @@ def check_periodic_fires_each_slot_once(engines: EngineProcesses, queue: Any,
     first, _ = started[0]
     first.send_signal(signal.SIGTERM)  # an engine stops, another starts, mid-run
     assert first.wait(15) == 0
-    replacement, out = engines.start(threads=2, lease=5, periodic=1)
+    replacement, out = engines.start(threads=2, lease=5, periodic=1, skew=-1.5)
     engines.wait_ready(replacement, out)
     wait_for(lambda: len(ticks()) >= 11, 30, interval=0.05)
     engines.stop_all()

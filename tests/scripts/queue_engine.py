@@ -9,7 +9,9 @@ SIGTERM, or until it is killed. Each ``QueueRecord`` task appends
 seconds its message says. ``ready`` is printed once the engine is starting its
 workers. The queues' own warnings (a Redis ack kept for later, say) go to
 stderr. With ``TEMPEST_TEST_PERIODIC=SECONDS`` in the environment the engine
-declares ``every(SECONDS, QueueRecord, 0.0, name="tick")``.
+declares ``every(SECONDS, QueueRecord, 0.0, name="tick")``, and with
+``TEMPEST_TEST_CLOCK_SKEW=SECONDS`` its scheduler's clock is that far off (the
+queue's is not): an engine on a machine whose clock is wrong.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ class QueueRecord(Task):
             os.close(fd)
         time.sleep(pause)
 
+
+if os.environ.get("TEMPEST_TEST_CLOCK_SKEW"):
+    import types
+
+    import tempest.periodic
+
+    _SKEW = float(os.environ["TEMPEST_TEST_CLOCK_SKEW"])
+    tempest.periodic.time = types.SimpleNamespace(  # type: ignore[assignment]
+        time=lambda: time.time() + _SKEW, monotonic=time.monotonic)
 
 if os.environ.get("TEMPEST_TEST_PERIODIC"):
     class PeriodicQueueEngine(QueueEngine):
