@@ -20,8 +20,8 @@ table ``tempest_messages`` they are::
         leased_by TEXT,
         lease_until REAL
     );
-    CREATE INDEX IF NOT EXISTS "tempest_messages_dequeue"
-        ON "tempest_messages" (queue, priority DESC, id);
+    CREATE INDEX IF NOT EXISTS "tempest_messages_ready"
+        ON "tempest_messages" (queue, priority DESC, available_at, id);
     CREATE TABLE IF NOT EXISTS "tempest_messages_rejected" (
         id INTEGER PRIMARY KEY,
         queue TEXT NOT NULL,
@@ -29,6 +29,27 @@ table ``tempest_messages`` they are::
         reason TEXT NOT NULL,
         rejected_at REAL NOT NULL
     );
+    CREATE TABLE IF NOT EXISTS "tempest_messages_scheduled" (
+        id INTEGER PRIMARY KEY,
+        queue TEXT NOT NULL,
+        body TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        available_at REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS "tempest_messages_scheduled_due"
+        ON "tempest_messages_scheduled" (queue, available_at);
+    CREATE TABLE IF NOT EXISTS "tempest_messages_fired" (
+        queue TEXT NOT NULL,
+        schedule TEXT NOT NULL,
+        slot REAL NOT NULL,
+        recorded_at REAL NOT NULL,
+        PRIMARY KEY (queue, schedule, slot)
+    );
+
+Delayed messages wait in ``<table>_scheduled`` until their time; the slots
+that periodic tasks fired are remembered in ``<table>_fired``. A database made
+by an earlier version gains these tables and the ``_ready`` index on first use
+(its ``_dequeue`` index is dropped).
 
 Times are Unix seconds from the machine's clock. ``body`` is the message as
 JSON text; a body that is not (a BLOB, text that is not UTF-8 or not a JSON
@@ -63,7 +84,28 @@ whatever instant the process dies at.
 - ``requeue`` clears the lease (only if this consumer still holds it) and
   takes back the delivery it counted; ``reject`` and poison moves insert into
   ``<table>_rejected`` and delete in one transaction: never both, never neither.
+- ``schedule`` with a time to come inserts into ``<table>_scheduled``. A claim
+  first moves the delayed rows whose time has come (500 at most) into the
+  table, in the same transaction as the lease: a row is in one table or the
+  other, never both, never neither. A crash leaves delayed messages waiting
+  in the file; whichever consumer claims after their time runs them.
+- ``fire`` forgets the slots of the schedule recorded more than *keep*
+  seconds ago, records (schedule, slot) under the primary key and stores the
+  message, in one transaction: of engines racing for a slot, exactly one
+  inserts the key, and a crash records neither or both.
 - Otherwise a message is dropped only by ``ack``, never by a failure.
+
+Delayed messages
+----------------
+A claim takes the ready rows by ``priority`` (higher first), then by
+``available_at`` -- the enqueue, or the time a delayed message was due --
+then by id: in the order they became ready. ``requeue`` and a lease that ran
+out leave the row where it was, so it keeps its priority and its place. A
+dequeue waiting in this process wakes at the next delayed message's time
+(as it knew it at its last look) or when the doorbell rings; a message
+scheduled by another process, earlier than any it knew of, is seen at its
+next look of the file (within ``_POLL_MAX``). A delayed message becomes ready
+when this machine's clock reaches its time: a clock stepped back delays it.
 
 Leases expire by the wall clock: if it steps back, leases last longer (a dead
 engine's messages wait that much longer); a step forward can end a live
@@ -137,15 +179,38 @@ CREATE TABLE IF NOT EXISTS {table} (
     leased_by TEXT,
     lease_until REAL
 );
-CREATE INDEX IF NOT EXISTS {dequeue_index}
-    ON {table} (queue, priority DESC, id);
+CREATE INDEX IF NOT EXISTS {ready_index}
+    ON {table} (queue, priority DESC, available_at, id);
 CREATE TABLE IF NOT EXISTS {rejected} (
     id INTEGER PRIMARY KEY,
     queue TEXT NOT NULL,
     body TEXT NOT NULL,
     reason TEXT NOT NULL,
     rejected_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {scheduled} (
+    id INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    body TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    available_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {scheduled_index}
+    ON {scheduled} (queue, available_at);
+CREATE TABLE IF NOT EXISTS {fired} (
+    queue TEXT NOT NULL,
+    schedule TEXT NOT NULL,
+    slot REAL NOT NULL,
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (queue, schedule, slot)
 );"""
+# The index the claims read in order: by priority, then by the time each row
+# became ready (available_at: its enqueue, or the time a delayed message was
+# due), then by id.
+
+_MIGRATE = "DROP INDEX IF EXISTS {old_index}"
+# Databases made before scheduling have the index <table>_dequeue on (queue,
+# priority DESC, id) instead: it goes, since every write would keep both up to date.
 
 # A row is available when its time has come and it is not leased, or its lease
 # ran out. "available_at <= enqueued_at" makes a message enqueued to run at
@@ -155,14 +220,39 @@ _AVAILABLE = """\
 queue = :queue AND (available_at <= :now OR available_at <= enqueued_at)
 AND (lease_until IS NULL OR lease_until < :now)"""
 
+_PROMOTE_BATCH = 500
+"""Delayed messages made ready per claim at most, so the write lock is held briefly."""
+
+_DUE = ("SELECT id FROM {scheduled} WHERE queue = :queue AND available_at <= :now "
+        f"ORDER BY available_at, id LIMIT {_PROMOTE_BATCH}")
+# The delayed rows whose time has come, earliest first. "promote" copies them
+# into the table and "promoted" deletes them, in one write transaction: both
+# statements see the same rows (nothing else writes in between).
+
 _SQL = {
     "peek": "SELECT 1 FROM {table} WHERE " + _AVAILABLE + " LIMIT 1",
     "candidate": "SELECT id, deliveries, CAST(body AS BLOB) FROM {table} WHERE "
-                 + _AVAILABLE + " ORDER BY priority DESC, id LIMIT :limit",
+                 + _AVAILABLE + " ORDER BY priority DESC, available_at, id LIMIT :limit",
     "lease": "UPDATE {table} SET leased_by = :consumer, lease_until = :until, "
              "deliveries = deliveries + 1 WHERE id = :id",
     "enqueue": "INSERT INTO {table} (queue, body, available_at, enqueued_at) "
                "VALUES (:queue, :body, :now, :now)",
+    "ready": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at) "
+             "VALUES (:queue, :body, :priority, :now, :now)",
+    "later": "INSERT INTO {scheduled} (queue, body, priority, available_at) "
+             "VALUES (:queue, :body, :priority, :due)",
+    "next_due": "SELECT min(available_at) FROM {scheduled} WHERE queue = :queue",
+    "promote": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at) "
+               "SELECT queue, body, priority, available_at, :now FROM {scheduled} "
+               "WHERE id IN (" + _DUE + ") ORDER BY available_at, id",
+    "promoted": "DELETE FROM {scheduled} WHERE id IN (" + _DUE + ")",
+    "due": "SELECT count(*) FROM {scheduled} WHERE queue = :queue AND available_at <= :now",
+    "scheduled": "SELECT count(*) FROM {scheduled} WHERE queue = :queue AND available_at > :now",
+    "forget": "DELETE FROM {fired} WHERE queue = :queue AND schedule = :schedule "
+              "AND recorded_at < :before",
+    "record": "INSERT OR IGNORE INTO {fired} (queue, schedule, slot, recorded_at) "
+              "VALUES (:queue, :schedule, :slot, :now)",
+    "last_fired": "SELECT max(slot) FROM {fired} WHERE queue = :queue AND schedule = :schedule",
     "delete": "DELETE FROM {table} WHERE id = :id",
     "keep": "INSERT INTO {rejected} (queue, body, reason, rejected_at) "
             "SELECT queue, body, :reason, :now FROM {table} WHERE id = :id",
@@ -177,7 +267,9 @@ _SQL = {
 
 
 def _names(table: str) -> dict[str, str]:
-    return {"table": table, "rejected": f"{table}_rejected", "dequeue_index": f"{table}_dequeue"}
+    return {"table": table, "rejected": f"{table}_rejected", "ready_index": f"{table}_ready",
+            "scheduled": f"{table}_scheduled", "scheduled_index": f"{table}_scheduled_due",
+            "fired": f"{table}_fired"}
 
 
 class _Raw(str):
@@ -424,9 +516,11 @@ class SQLiteQueue:
         quoted = {key: f'"{value}"' for key, value in self._names.items()}
         self._schema = [statement.strip() for statement in
                         _SCHEMA.format(**quoted).split(";") if statement.strip()]
+        self._schema.append(_MIGRATE.format(old_index=f'"{table}_dequeue"'))
         self._sql = {key: text.format(**quoted) for key, text in _SQL.items()}
         self._ack_sql: dict[int, str] = {}  # by batch size
         self._peek_first = True  # after an empty claim, look before taking the write lock
+        self._next_due: float | None = None  # the earliest delayed message, at the last look
         self._pause = _POLL_MIN  # between looks at the file while dequeue waits
         self._new_identity()
 
@@ -457,6 +551,55 @@ class SQLiteQueue:
             conn.execute(self._sql["enqueue"],
                          {"queue": self.name, "body": body, "now": time.time()})
         self._doorbell.ring()
+
+    def schedule(self, message: Any, *, delay: float | None = None, at: float | None = None,
+                 priority: int = 0) -> None:
+        """Store *message* to become ready after *delay* seconds or at POSIX time *at*.
+
+        Among ready messages, higher *priority* first. Times are this
+        machine's clock; a time that has come already means now. Committed
+        before this returns; wakes local waiters.
+        """
+        body = protocol.encode(message)
+        now = time.time()
+        due = now + delay if delay is not None else at if at is not None else now
+        params = {"queue": self.name, "body": body, "priority": priority, "now": now,
+                  "due": due}
+        with self._connection() as conn:
+            conn.execute(self._sql["ready" if due <= now else "later"], params)
+        self._doorbell.ring()
+
+    def scheduled_count(self) -> int:
+        """Messages waiting for their time."""
+        return self._count("scheduled")
+
+    def fire(self, schedule: str, slot: float, message: Any, *, priority: int = 0,
+             keep: float) -> bool:
+        """Store *message* for time *slot* unless that slot of *schedule* fired already.
+
+        One transaction records the slot and stores the message (see
+        "Periodic slots" in the module docstring); False, storing nothing, if
+        the slot is recorded already. Slots recorded more than *keep* seconds
+        ago are forgotten.
+        """
+        body = protocol.encode(message)
+        now = time.time()
+        params = {"queue": self.name, "schedule": schedule, "slot": slot, "now": now,
+                  "before": now - keep, "body": body, "priority": priority, "due": slot}
+        with self._connection() as conn, self._transaction(conn):
+            conn.execute(self._sql["forget"], params)
+            if conn.execute(self._sql["record"], params).rowcount != 1:
+                return False
+            conn.execute(self._sql["ready" if slot <= now else "later"], params)
+        self._doorbell.ring()
+        return True
+
+    def last_fired(self, schedule: str) -> float | None:
+        """The latest slot of *schedule* still remembered, or None."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["last_fired"],
+                               {"queue": self.name, "schedule": schedule}).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def dequeue(self, timeout: float | None = None) -> Any:
         """Lease the next message; wait up to *timeout* seconds for one; None if none.
@@ -577,11 +720,17 @@ class SQLiteQueue:
         return [(_stored(body), reason) for body, reason in rows]
 
     def __len__(self) -> int:
-        """Messages waiting: available now and not leased."""
+        """Messages waiting: ready now (delayed ones whose time has come too) and not leased."""
+        return self._count("waiting", "due")
+
+    def _count(self, *queries: str) -> int:
+        params = {"queue": self.name, "now": time.time()}
         with self._connection() as conn:
-            row = conn.execute(self._sql["waiting"],
-                               {"queue": self.name, "now": time.time()}).fetchone()
-        return int(row[0]) if row else 0
+            conn.execute("BEGIN")  # one snapshot: a promotion meanwhile moves no row twice
+            counts = [int(conn.execute(self._sql[query], params).fetchone()[0])
+                      for query in queries]
+            conn.execute("COMMIT")
+        return sum(counts)
 
     def close(self) -> None:
         """Close the connection. The queue stays usable: a later call reopens it.
@@ -621,7 +770,11 @@ class SQLiteQueue:
             # The bell count is read before each claim: a local enqueue after an
             # empty claim, even before this wait begins, cuts the wait short.
             pause = self._pause
-            self._doorbell.wait(seen, min(pause, remaining))
+            wait = min(pause, remaining)
+            due = self._next_due  # the next delayed message's time, as the claim saw it
+            if due is not None:
+                wait = min(wait, max(due - time.time(), 0.0))
+            self._doorbell.wait(seen, wait)
             # The pause grows across calls while the queue stays empty: an idle
             # engine, calling with short timeouts, looks ~1/_POLL_MAX times a second.
             self._pause = min(pause * 2, _POLL_MAX)
@@ -655,9 +808,12 @@ class SQLiteQueue:
                     if peek:
                         # While the queue is empty, a read (no write lock: other
                         # processes' claims and enqueues go on) tells there is nothing.
-                        params["now"] = time.time()
+                        params["now"] = now = time.time()
                         if conn.execute(self._sql["peek"], params).fetchone() is None:
-                            return []
+                            due = conn.execute(self._sql["next_due"], params).fetchone()[0]
+                            self._next_due = due
+                            if due is None or due > now:
+                                return []
                     while True:
                         batch: list[_Ack] = []
                         try:
@@ -665,6 +821,7 @@ class SQLiteQueue:
                             # the rows chosen cannot be leased by anyone else first.
                             conn.execute("BEGIN IMMEDIATE")
                             params["now"] = time.time()
+                            self._promote(conn, params)
                             poisoned = self._lease_next(conn, count, params, found)
                             if absorbing:
                                 # Taken last, so that the most share this commit.
@@ -697,6 +854,20 @@ class SQLiteQueue:
             self._batch_claimed_at = time.monotonic()
         add = self._leases.add
         return [add(_stored(body), key) for key, body in found]
+
+    def _promote(self, conn: sqlite3.Connection, params: dict[str, Any]) -> None:
+        """Within a claim's transaction: make the delayed messages whose time has come ready.
+
+        They keep their time as ``available_at``, so they are taken in the
+        order they became ready among the others of their priority. Notes the
+        next delayed message's time in ``_next_due`` for a waiting dequeue.
+        """
+        due = conn.execute(self._sql["next_due"], params).fetchone()[0]
+        if due is not None and due <= params["now"]:
+            conn.execute(self._sql["promote"], params)
+            conn.execute(self._sql["promoted"], params)
+            due = params["now"]  # more may be due: look again before waiting
+        self._next_due = due
 
     def _lease_next(self, conn: sqlite3.Connection, count: int, params: dict[str, Any],
                     found: list[tuple[int, bytes]]) -> int:

@@ -1,0 +1,31 @@
+"""The examples run as their docstrings say, from a fresh directory."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.timeout(60)
+def test_scheduling_example_runs_by_priority_and_time(tmp_path: Path) -> None:
+    """Prioritised tasks run highest first, delayed ones at their time, ticks every 2 s."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / "scheduling.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=50, check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "scheduled: 2, ready: 3", done.stdout
+    ran = {text: float(at) for at, text in
+           (re.match(r"\s*([\d.]+) s  (.*)", line).groups()  # type: ignore[union-attr]
+            for line in lines if re.match(r"\s*[\d.]+ s  ", line))}
+    order = [text for text in ran if text.startswith("submitted")]
+    assert order == ["submitted third, priority 3", "submitted second, priority 0",
+                     "submitted first, priority -1"]
+    assert 3.0 <= ran["three seconds after submit"] < 5.0
+    assert 5.0 <= ran["at a time five seconds on"] < 7.0
+    assert len([text for text in ran if text.startswith("tick Tick[every_2s]@")]) >= 3
+    assert (tmp_path / "scheduling.sqlite3").exists()
