@@ -581,6 +581,30 @@ class QueueContract:
         assert result and result[0] is not None and list(result[0]) == ["id-vip", "Task"]
         assert time.monotonic() - started < 3.0
 
+    def test_waiting_dequeue_wakes_on_enqueue_while_messages_are_delayed(self) -> None:
+        """With delayed messages waiting, a plain enqueue still wakes a waiting dequeue."""
+        queue = self._scheduling()
+        if not _accepts_timeout(queue):
+            pytest.skip("dequeue takes no timeout")
+        producer = self._queue()
+        producer.schedule(["id-far", "Task"], delay=60)
+        result: list[Any] = []
+        waiting = threading.Event()
+
+        def consume() -> None:
+            waiting.set()
+            result.append(queue.dequeue(timeout=10))
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        waiting.wait(5)
+        threading.Event().wait(0.2)  # let it block (the test holds either way)
+        started = time.monotonic()
+        producer.enqueue(["id-now", "Task"])
+        thread.join(15)
+        assert result and result[0] is not None and list(result[0]) == ["id-now", "Task"]
+        assert time.monotonic() - started < 3.0
+
     def test_dequeue_many_takes_by_priority_and_never_early(self) -> None:
         """dequeue_many gives ready messages by priority and none before its time."""
         queue = self._scheduling()

@@ -82,6 +82,10 @@ class MemoryQueue:
             with self._lock:
                 if self._ranked:  # still: not switched back meanwhile
                     self._push_ready(0, time.time(), message)
+                    # A dequeue blocked in _plain.get() (until the next delayed
+                    # message's time) learns of it from the token.
+                    self._tokens += 1
+                    self._plain.put(_WAKE)
                     return
         self._plain.put(message)
 
