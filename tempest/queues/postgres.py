@@ -26,8 +26,9 @@ which, for the default table ``tempest_messages``, is::
         leased_by text,
         lease_until timestamptz
     );
-    CREATE INDEX IF NOT EXISTS "tempest_messages_dequeue"
-        ON "tempest_messages" (queue, priority DESC, id);
+    CREATE INDEX IF NOT EXISTS "tempest_messages_ready"
+        ON "tempest_messages" (queue, priority DESC, available_at, id);
+    DROP INDEX IF EXISTS "tempest_messages_dequeue";
     CREATE INDEX IF NOT EXISTS "tempest_messages_leased"
         ON "tempest_messages" (leased_by) WHERE leased_by IS NOT NULL;
     CREATE TABLE IF NOT EXISTS "tempest_messages_rejected" (
@@ -37,10 +38,48 @@ which, for the default table ``tempest_messages``, is::
         reason text NOT NULL,
         rejected_at timestamptz NOT NULL DEFAULT now()
     );
+    CREATE TABLE IF NOT EXISTS "tempest_messages_scheduled" (
+        id bigserial PRIMARY KEY,
+        queue text NOT NULL,
+        body text NOT NULL,
+        priority integer NOT NULL,
+        available_at timestamptz NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS "tempest_messages_scheduled_due"
+        ON "tempest_messages_scheduled" (queue, available_at, id);
+    CREATE TABLE IF NOT EXISTS "tempest_messages_fired" (
+        queue text NOT NULL,
+        schedule text NOT NULL,
+        slot double precision NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (queue, schedule, slot)
+    );
 
 ``body`` is the message as JSON text (not ``jsonb``: a body that is not valid
 JSON can be stored, and comes back raw for the engine to reject). One table
-holds any number of named queues (the ``queue`` column).
+holds any number of named queues (the ``queue`` column). A table made by an
+earlier version gains the new tables and index on first use.
+
+Delayed messages and periodic slots
+-----------------------------------
+``schedule()`` stores a message whose time has come (or that has none) in the
+table, and one to run later in ``<table>_scheduled``; times are the
+database's clock. Each claim looks up the earliest delayed message (one step
+down an index): while one is due, the claim first moves the due ones (500 at
+most) into the table, keeping their time as ``available_at``, in one
+statement -- a message is in one table or the other, whenever a process or
+the server dies -- and then claims. Claims take ready rows by priority, then
+``available_at`` (the order they became ready), then id. A waiting dequeue
+sleeps no later than the earliest delayed message's time as its last claim
+saw it; every ``schedule()`` notifies, so waiters look again at once when an
+earlier one comes. ``requeue`` and a lease that ran out leave the row in
+place: it keeps its priority and its place.
+
+``fire()`` records (schedule, slot) under the primary key of ``<table>_fired``
+and stores the message in the same statement: of engines racing for a slot,
+one inserts, the others wait for its commit and insert nothing. Slots recorded
+more than *keep* seconds ago are deleted by the next ``fire()`` of that
+schedule.
 """
 
 from __future__ import annotations
@@ -98,6 +137,9 @@ which no one announces: a claim this often finds it, long before a lease
 (30 s by default) would matter.
 """
 
+_BUSY_DUE = 0.005
+"""Seconds a waiting dequeue sleeps when a due message is being moved by another engine."""
+
 _KEEP = 5.0
 """Seconds a listener kept between waits may go unused before it is closed.
 
@@ -119,8 +161,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     leased_by text,
     lease_until timestamptz
 );
-CREATE INDEX IF NOT EXISTS {dequeue_index}
-    ON {table} (queue, priority DESC, id);
+CREATE INDEX IF NOT EXISTS {ready_index}
+    ON {table} (queue, priority DESC, available_at, id);
+DROP INDEX IF EXISTS {old_index};
 CREATE INDEX IF NOT EXISTS {leased_index}
     ON {table} (leased_by) WHERE leased_by IS NOT NULL;
 CREATE TABLE IF NOT EXISTS {rejected} (
@@ -129,18 +172,41 @@ CREATE TABLE IF NOT EXISTS {rejected} (
     body text NOT NULL,
     reason text NOT NULL,
     rejected_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {scheduled} (
+    id bigserial PRIMARY KEY,
+    queue text NOT NULL,
+    body text NOT NULL,
+    priority integer NOT NULL,
+    available_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {scheduled_index}
+    ON {scheduled} (queue, available_at, id);
+CREATE TABLE IF NOT EXISTS {fired} (
+    queue text NOT NULL,
+    schedule text NOT NULL,
+    slot double precision NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, schedule, slot)
 );"""
+# Claims read <table>_ready in order: by priority, then by the time each row
+# became ready (available_at: its enqueue, or the time a delayed message was
+# due), then by id. Tables made before scheduling have <table>_dequeue on
+# (queue, priority DESC, id) instead, which goes: every write would keep both.
 
 # Every time below comes from the database's clock (now()), never from the
 # engines' machines: engines whose clocks disagree still agree on which
 # leases have run out.
 
 _CLAIM = """\
-WITH candidate AS MATERIALIZED (
+WITH due AS MATERIALIZED (
+    SELECT min(available_at) AS at FROM {scheduled} WHERE queue = %(queue)s
+), candidate AS MATERIALIZED (
     SELECT id, deliveries FROM {table}
     WHERE queue = %(queue)s AND available_at <= now()
       AND (lease_until IS NULL OR lease_until < now())
-    ORDER BY priority DESC, id
+      AND (NOT %(gate)s OR NOT EXISTS (SELECT FROM due WHERE at <= now()))
+    ORDER BY priority DESC, available_at, id
     FOR UPDATE SKIP LOCKED
     LIMIT %(count)s
 ), claimed AS (
@@ -148,7 +214,7 @@ WITH candidate AS MATERIALIZED (
     SET leased_by = %(consumer)s, lease_until = now() + make_interval(secs => %(lease)s),
         deliveries = deliveries + 1
     WHERE id = ANY(ARRAY(SELECT id FROM candidate WHERE deliveries < %(max_deliveries)s))
-    RETURNING id, body, priority
+    RETURNING id, body, priority, available_at
 ), poison AS (
     DELETE FROM {table}
     WHERE id = ANY(ARRAY(SELECT id FROM candidate WHERE deliveries >= %(max_deliveries)s))
@@ -157,10 +223,13 @@ WITH candidate AS MATERIALIZED (
     INSERT INTO {rejected} (id, queue, body, reason)
     SELECT id, queue, body, %(poison)s FROM poison
 )
-SELECT id, body, false, priority FROM claimed
+SELECT id, body, 0 AS kind, priority, available_at, NULL::float8 FROM claimed
 UNION ALL
-SELECT id, NULL, true, 0 FROM poison
-ORDER BY 3, 4 DESC, 1"""
+SELECT id, NULL, 1, 0, NULL, NULL FROM poison
+UNION ALL
+SELECT NULL, NULL, 2, 0, NULL, extract(epoch FROM at - now())::float8 FROM due
+WHERE at IS NOT NULL
+ORDER BY 3, 4 DESC, 5, 1"""
 # One statement, so one round trip and one transaction: the oldest *count*
 # available rows, locked with SKIP LOCKED (concurrent engines skip them instead
 # of waiting), are each either leased to this consumer with one more delivery
@@ -169,7 +238,77 @@ ORDER BY 3, 4 DESC, 1"""
 # cases that exclude each other: one statement must not modify a row twice.
 # "= ANY(ARRAY(...))" makes each an index scan on the primary key for the few
 # ids found (a plain IN may be planned as a join over the whole table). The
-# claimed rows come back oldest first (RETURNING has no order of its own).
+# claimed rows come back in the order they were chosen (RETURNING has no order
+# of its own).
+#
+# Delayed messages: "due" looks up the earliest one (one step down an index)
+# and a last row (kind 2) tells how many seconds away it is, which bounds a
+# waiting dequeue's sleep. While one is due -- its time came and no claim moved
+# it into the table yet -- the gate holds: the claim takes nothing, and the
+# caller runs _PROMOTE and claims again, so a message that became ready first
+# is taken first. A claim right after a promotion that moved nothing (the due
+# rows are being moved by another engine) goes without the gate, so waits for
+# an engine's commit never loop.
+
+_PROMOTE = """\
+WITH moved AS (
+    DELETE FROM {scheduled}
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM {scheduled} WHERE queue = %(queue)s AND available_at <= now()
+        ORDER BY available_at, id FOR UPDATE SKIP LOCKED LIMIT 500))
+    RETURNING queue, body, priority, available_at, id
+), stored AS (
+    INSERT INTO {table} (queue, body, priority, available_at)
+    SELECT queue, body, priority, available_at FROM moved ORDER BY available_at, id
+    RETURNING 1
+)
+SELECT count(*) FROM stored"""
+# One statement, so one transaction: a delayed message is in one table or the
+# other, never both, never neither, whenever the process or the server dies.
+# It keeps its due time as available_at. SKIP LOCKED: engines promoting at the
+# same moment share the rows instead of waiting for each other.
+
+_SCHEDULE = """\
+WITH due AS (
+    SELECT greatest(now(), coalesce(
+        to_timestamp(%(at)s::float8),
+        now() + make_interval(secs => coalesce(%(delay)s::float8, 0)))) AS at
+), ready AS (
+    INSERT INTO {table} (queue, body, priority)
+    SELECT %(queue)s, %(body)s, %(priority)s FROM due WHERE at <= now()
+), later AS (
+    INSERT INTO {scheduled} (queue, body, priority, available_at)
+    SELECT %(queue)s, %(body)s, %(priority)s, at FROM due WHERE at > now()
+)
+SELECT pg_notify(%(channel)s, '')"""
+# The notification wakes waiting dequeues for a ready message, and makes them
+# look again at the earliest delayed one (it may be earlier than they knew).
+
+_FIRE = """\
+WITH forget AS (
+    DELETE FROM {fired}
+    WHERE queue = %(queue)s AND schedule = %(schedule)s
+      AND recorded_at < now() - make_interval(secs => %(keep)s)
+), recorded AS (
+    INSERT INTO {fired} (queue, schedule, slot) VALUES (%(queue)s, %(schedule)s, %(slot)s)
+    ON CONFLICT DO NOTHING
+    RETURNING greatest(now(), to_timestamp(slot)) AS at
+), ready AS (
+    INSERT INTO {table} (queue, body, priority)
+    SELECT %(queue)s, %(body)s, %(priority)s FROM recorded WHERE at <= now()
+), later AS (
+    INSERT INTO {scheduled} (queue, body, priority, available_at)
+    SELECT %(queue)s, %(body)s, %(priority)s, at FROM recorded WHERE at > now()
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM recorded"""
+# One statement: the slot is recorded and its message stored together, or
+# neither. Of engines firing the same slot at once, the primary key lets one
+# insert; the others wait for its commit and then insert nothing.
+
+_LAST_FIRED = "SELECT max(slot) FROM {fired} WHERE queue = %(queue)s AND schedule = %(schedule)s"
+
+_SCHEDULED = """\
+SELECT count(*) FROM {scheduled} WHERE queue = %(queue)s AND available_at > now()"""
 
 _MOVE = """\
 WITH moved AS (DELETE FROM {table} WHERE id = %(id)s RETURNING id, queue, body)
@@ -196,21 +335,27 @@ UPDATE {table} SET lease_until = now() + make_interval(secs => %(lease)s)
 WHERE leased_by = %(consumer)s AND id = ANY(%(ids)s::bigint[])"""
 
 _WAITING = """\
-SELECT count(*) FROM {table}
-WHERE queue = %(queue)s AND available_at <= now()
-  AND (lease_until IS NULL OR lease_until < now())"""
+SELECT (SELECT count(*) FROM {table}
+        WHERE queue = %(queue)s AND available_at <= now()
+          AND (lease_until IS NULL OR lease_until < now()))
+     + (SELECT count(*) FROM {scheduled} WHERE queue = %(queue)s AND available_at <= now())"""
+# Delayed messages whose time has come are waiting, moved into the table or not.
 
 _REJECTED = """\
 SELECT body, reason FROM {rejected} WHERE queue = %(queue)s ORDER BY rejected_at, id"""
 
 _EXISTING = """\
 SELECT to_regclass(%(table)s) IS NOT NULL AND to_regclass(%(rejected)s) IS NOT NULL
-   AND to_regclass(%(dequeue_index)s) IS NOT NULL AND to_regclass(%(leased_index)s) IS NOT NULL"""
+   AND to_regclass(%(ready_index)s) IS NOT NULL AND to_regclass(%(leased_index)s) IS NOT NULL
+   AND to_regclass(%(scheduled)s) IS NOT NULL AND to_regclass(%(scheduled_index)s) IS NOT NULL
+   AND to_regclass(%(fired)s) IS NOT NULL AND to_regclass(%(old_index)s) IS NULL"""
 
 
 def _names(table: str) -> dict[str, str]:
     return {"table": table, "rejected": f"{table}_rejected",
-            "dequeue_index": f"{table}_dequeue", "leased_index": f"{table}_leased"}
+            "ready_index": f"{table}_ready", "old_index": f"{table}_dequeue",
+            "leased_index": f"{table}_leased", "scheduled": f"{table}_scheduled",
+            "scheduled_index": f"{table}_scheduled_due", "fired": f"{table}_fired"}
 
 
 def _check_table(table: object) -> str:
@@ -425,7 +570,9 @@ class PostgresQueue:
         self._sql = {key: render(text) for key, text in (
             ("claim", _CLAIM), ("move", _MOVE), ("enqueue", _ENQUEUE),
             ("requeue", _REQUEUE), ("ack", _ACK), ("heartbeat", _HEARTBEAT),
-            ("waiting", _WAITING), ("rejected", _REJECTED))}
+            ("waiting", _WAITING), ("rejected", _REJECTED), ("promote", _PROMOTE),
+            ("schedule", _SCHEDULE), ("fire", _FIRE), ("last_fired", _LAST_FIRED),
+            ("scheduled", _SCHEDULED))}
         self._sql["listen"] = sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_bytes(None)
         self._sql["unlisten"] = sql.SQL("UNLISTEN {}").format(
             sql.Identifier(channel)).as_bytes(None)
@@ -443,6 +590,7 @@ class PostgresQueue:
         self._work_slots = threading.BoundedSemaphore(_WORK_CONNECTIONS)
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._leases = protocol.Leases()
+        self._next_due: float | None = None  # monotonic time the earliest delayed one is due
         # Grouped acks (see ack): tickets waiting for the next DELETE, and whether
         # a thread has the duty to send it (one DELETE in flight at a time).
         self._acks = threading.Lock()
@@ -464,6 +612,48 @@ class PostgresQueue:
         with self._connection() as conn:
             conn.execute(self._sql["enqueue"], {"queue": self.name, "body": body,
                                                 "channel": self._channel})
+
+    def schedule(self, message: Any, *, delay: float | None = None, at: float | None = None,
+                 priority: int = 0) -> None:
+        """Store *message* to become ready after *delay* seconds or at POSIX time *at*.
+
+        Times are the database's clock (``now()``); a time that has come
+        already means now. Among ready messages, higher *priority* first.
+        Wakes the engines waiting for a message.
+        """
+        body = protocol.encode(message)
+        with self._connection() as conn:
+            conn.execute(self._sql["schedule"], {
+                "queue": self.name, "body": body, "priority": priority, "at": at,
+                "delay": delay, "channel": self._channel})
+
+    def scheduled_count(self) -> int:
+        """Messages waiting for their time."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["scheduled"], {"queue": self.name}).fetchone()
+        return int(row[0]) if row else 0
+
+    def fire(self, schedule: str, slot: float, message: Any, *, priority: int = 0,
+             keep: float) -> bool:
+        """Store *message* for time *slot* unless that slot of *schedule* fired already.
+
+        One statement records the slot in ``<table>_fired`` and stores the
+        message; False, storing nothing, if the slot is recorded already.
+        Slots recorded more than *keep* seconds ago are forgotten.
+        """
+        body = protocol.encode(message)
+        with self._connection() as conn:
+            row = conn.execute(self._sql["fire"], {
+                "queue": self.name, "schedule": schedule, "slot": float(slot), "keep": keep,
+                "body": body, "priority": priority, "channel": self._channel}).fetchone()
+        return bool(row and row[0])
+
+    def last_fired(self, schedule: str) -> float | None:
+        """The latest slot of *schedule* still remembered, or None."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["last_fired"],
+                               {"queue": self.name, "schedule": schedule}).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def dequeue(self, timeout: float | None = None) -> Any:
         """Lease the next message; wait up to *timeout* seconds for one; None if none.
@@ -599,14 +789,27 @@ class PostgresQueue:
         """Lease up to *count* available messages, setting poison aside; [] if none."""
         params = {"consumer": self.consumer, "lease": self.lease, "queue": self.name,
                   "max_deliveries": self.max_deliveries, "poison": protocol.POISON_REASON,
-                  "count": count}
+                  "count": count, "gate": True}
         messages: list[Any] = []
         while True:
             with self._connection() as conn:
                 rows = conn.execute(self._sql["claim"], params).fetchall()
+                looked = time.monotonic()
+                due_in = None
+                if rows and rows[-1][2] == 2:  # the earliest delayed message
+                    due_in = rows.pop()[5]
+                    if due_in <= 0 and params["gate"]:
+                        # Due and not yet moved: move it (and its like), then claim.
+                        moved = conn.execute(self._sql["promote"], params).fetchone()
+                        params["gate"] = bool(moved and moved[0])
+                        continue
+            # When a waiting dequeue must look again at the latest (see _wait).
+            # (Due already, and another engine is moving it: look again in a moment.)
+            self._next_due = None if due_in is None else looked + max(due_in, _BUSY_DUE)
+            params["gate"] = True
             poisoned = 0
-            for key, body, poison, _ in rows:
-                if poison:
+            for key, body, kind, *_ in rows:
+                if kind:
                     poisoned += 1
                     continue
                 message = protocol.decode(body)
@@ -657,7 +860,12 @@ class PostgresQueue:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                _wait_readable(conn, min(remaining, claimed_at + _RECLAIM - time.monotonic()))
+                wake = claimed_at + _RECLAIM
+                due = self._next_due  # the earliest delayed message's time, at the last claim
+                if due is not None and due < wake:
+                    wake = due
+                    claimed_at = due - _RECLAIM  # so that the loop claims once it is due
+                _wait_readable(conn, min(remaining, wake - time.monotonic()))
         except BaseException:
             lost = conn.broken
             conn.close()  # closing ends the LISTEN
