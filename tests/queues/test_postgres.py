@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def drop_tables(dsn: str, table: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_rejected")
+        conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_rejected, {table}_scheduled, "
+                     f"{table}_fired")
 
 
 def rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -557,3 +558,74 @@ def engines(tmp_path: Path, postgres_dsn: str, table: str) -> Iterator[EnginePro
 
 class TestEngineProcesses(EngineProcessChecks):
     """kill -9 and three engines, on this queue."""
+
+
+# -- scheduling ------------------------------------------------------------------------
+
+
+OLD_SCHEMA = """\
+CREATE TABLE {t} (id bigserial PRIMARY KEY, queue text NOT NULL, body text NOT NULL,
+    priority integer NOT NULL DEFAULT 0, available_at timestamptz NOT NULL DEFAULT now(),
+    enqueued_at timestamptz NOT NULL DEFAULT now(), deliveries integer NOT NULL DEFAULT 0,
+    leased_by text, lease_until timestamptz);
+CREATE INDEX {t}_dequeue ON {t} (queue, priority DESC, id);
+CREATE INDEX {t}_leased ON {t} (leased_by) WHERE leased_by IS NOT NULL;
+CREATE TABLE {t}_rejected (id bigint PRIMARY KEY, queue text NOT NULL, body text NOT NULL,
+    reason text NOT NULL, rejected_at timestamptz NOT NULL DEFAULT now());"""
+
+
+def test_a_table_made_before_scheduling_gains_its_tables(postgres_dsn, table, queues):
+    """The tables of an earlier version: the new ones come, the old index goes, rows stay."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(OLD_SCHEMA.format(t=table))
+        conn.execute(f"INSERT INTO {table} (queue, body) VALUES ('tempest', '[\"id-old\",\"T\"]')")
+    queue = queues()
+    queue.schedule(["id-later", "T"], delay=60)
+    assert len(queue) == 1 and queue.scheduled_count() == 1
+    names = {name for (name,) in rows(postgres_dsn, "SELECT relname FROM pg_class "
+                                                    "WHERE relname LIKE %s", f"{table}%")}
+    assert {f"{table}_scheduled", f"{table}_fired", f"{table}_ready"} <= names
+    assert f"{table}_dequeue" not in names
+    assert list(queue.dequeue()) == ["id-old", "T"]
+
+
+def test_schema_sql_creates_what_the_queue_uses(postgres_dsn, table, queues):
+    """A DBA's run of schema_sql() leaves the queue nothing to create."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(postgres_module.schema_sql(table).encode())
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")  # no-op for a superuser
+    queue = queues()
+    assert queue.fire("s", 1.0, ["s@1", "T"], keep=60) is True
+    assert len(queue) == 1
+
+
+def test_fired_slots_are_forgotten_after_keep(postgres_dsn, table, queues):
+    """fire() deletes the slots of its schedule recorded more than keep seconds ago."""
+    queue = queues()
+    assert queue.fire("s", 1.0, ["s@1", "T"], keep=3600)
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"UPDATE {table}_fired SET recorded_at = now() - interval '2 hours'")
+    assert queue.fire("s", 2.0, ["s@2", "T"], keep=3600)
+    assert rows(postgres_dsn, f"SELECT slot FROM {table}_fired") == [(2.0,)]
+    assert queue.last_fired("s") == 2.0
+
+
+def test_many_scheduled_messages_cost_an_idle_dequeue_nothing(postgres_dsn, table, queues):
+    """With 50,000 delayed messages waiting, a waiting dequeue claims once a second."""
+    queue = queues()
+    queue.schedule(["id-first", "T"], delay=3600)
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {table}_scheduled (queue, body, priority, available_at) "
+                     f"SELECT 'tempest', '[\"id\",\"T\"]', 0, now() + interval '1 hour' "
+                     f"FROM generate_series(1, 50000)")
+    assert queue.scheduled_count() == 50001
+    statements = count_statements(queue)
+    began = time.monotonic()
+    assert queue.dequeue(timeout=2.5) is None
+    assert time.monotonic() - began >= 2.4
+    assert statements[0] <= 5  # a claim when it starts, then one per second
+    queue.schedule(["id-soon", "T"], delay=0.2)
+    began = time.monotonic()
+    message = queue.dequeue(timeout=10)
+    assert message is not None and list(message) == ["id-soon", "T"]
+    assert 0.15 <= time.monotonic() - began < 2.0

@@ -813,3 +813,68 @@ class TestEngineProcesses(EngineProcessChecks):
     """kill -9 and three engines, on this queue."""
 
     periodic_engines = 2  # the engines of one machine share the file's write lock
+
+
+# -- scheduling ------------------------------------------------------------------------
+
+
+OLD_SCHEMA = """\
+CREATE TABLE tempest_messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL,
+    body TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, available_at REAL NOT NULL,
+    enqueued_at REAL NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0, leased_by TEXT,
+    lease_until REAL);
+CREATE INDEX tempest_messages_dequeue ON tempest_messages (queue, priority DESC, id);
+CREATE TABLE tempest_messages_rejected (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
+    body TEXT NOT NULL, reason TEXT NOT NULL, rejected_at REAL NOT NULL);"""
+
+
+def test_a_file_made_before_scheduling_gains_its_tables(tmp_path):
+    """The tables of an earlier version: the new ones come, the old index goes, rows stay."""
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(OLD_SCHEMA)
+        conn.execute("INSERT INTO tempest_messages (queue, body, available_at, enqueued_at) "
+                     "VALUES ('tempest', '[\"id-old\",\"T\"]', 0, 0)")
+        conn.commit()
+    queue = SQLiteQueue(path)
+    try:
+        queue.schedule(["id-later", "T"], delay=60)
+        assert len(queue) == 1 and queue.scheduled_count() == 1
+        names = {name for (name,) in sql(path, "SELECT name FROM sqlite_master")}
+        assert {"tempest_messages_scheduled", "tempest_messages_fired",
+                "tempest_messages_ready"} <= names
+        assert "tempest_messages_dequeue" not in names
+        assert list(queue.dequeue()) == ["id-old", "T"]
+    finally:
+        queue.close()
+
+
+def test_claims_read_the_ready_index(path, queues):
+    """The claim walks the index by priority and readiness: no sort, no table scan."""
+    queue = queues()
+    len(queue)
+    candidate = queue._sql["candidate"]
+    plan = sql(path, "EXPLAIN QUERY PLAN " + candidate.replace(":queue", "'q'")
+               .replace(":now", "0").replace(":limit", "1"))
+    text = " ".join(str(row[-1]) for row in plan)
+    assert "tempest_messages_ready" in text and "TEMP B-TREE" not in text, text
+
+
+def test_fired_slots_are_forgotten_after_keep(path, queues):
+    """fire() deletes the slots of its schedule recorded more than keep seconds ago."""
+    queue = queues()
+    assert queue.fire("s", 1.0, ["s@1", "T"], keep=3600)
+    sql(path, "UPDATE tempest_messages_fired SET recorded_at = recorded_at - 7200")
+    assert queue.fire("s", 2.0, ["s@2", "T"], keep=3600)
+    assert sql(path, "SELECT slot FROM tempest_messages_fired") == [(2.0,)]
+    assert queue.last_fired("s") == 2.0
+
+
+def test_a_waiting_dequeue_wakes_at_the_delayed_time(queues):
+    """A waiting dequeue sleeps until the next delayed message's time, not its poll pause."""
+    queue = queues()
+    queue.schedule(["id-soon", "T"], delay=0.05)
+    began = time.monotonic()
+    message = queue.dequeue(timeout=5)
+    assert message is not None and list(message) == ["id-soon", "T"]
+    assert time.monotonic() - began < 1.0
