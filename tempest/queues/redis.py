@@ -12,32 +12,54 @@ are a Redis Cluster hash tag: all of one queue's keys hash to one slot, as the
 scripts below need. Nothing else is stored, so ``redis-cli --scan --pattern
 'tempest:{NAME}:*'`` lists (and ``DEL`` removes) a whole queue.
 
-==================================  ======  ==================================================
-key                                 type    holds
-==================================  ======  ==================================================
-``tempest:{NAME}:waiting``          list    messages waiting: ``LPUSH``-ed by producers, taken
-                                            from the other end (FIFO)
-``tempest:{NAME}:inflight:<id>``    list    what consumer ``<id>`` took and has not settled
-``tempest:{NAME}:consumers``        zset    consumer id -> the end of its lease, in ms on the
-                                            Redis server's clock
-``tempest:{NAME}:deliveries``       hash    sha1 of a message -> deliveries that ended without
-                                            an outcome (only messages that were recovered)
-``tempest:{NAME}:rejected``         list    ``<reason>\\n<message>`` for each rejected message
-==================================  ======  ==================================================
+====================================  ======  ================================================
+key                                   type    holds
+====================================  ======  ================================================
+``tempest:{NAME}:waiting``            list    ready messages of priority 0: ``LPUSH``-ed by
+                                              producers, taken from the other end (FIFO);
+                                              now and then a wake token (below)
+``tempest:{NAME}:waiting:<p>``        list    ready messages of priority ``<p>`` (not 0), as
+                                              ``waiting``
+``tempest:{NAME}:priorities``         zset    the priorities ``<p>`` (not 0) whose list holds
+                                              messages, scored by themselves
+``tempest:{NAME}:scheduled``          zset    messages whose time has not come (or has, and
+                                              no script made them ready yet), scored by
+                                              their due time in ms on the server's clock
+``tempest:{NAME}:sequence``           string  a counter: the ``scheduled`` members' prefix
+``tempest:{NAME}:inflight:<id>``      list    what consumer ``<id>`` took and has not settled
+``tempest:{NAME}:consumers``          zset    consumer id -> the end of its lease, in ms on
+                                              the Redis server's clock
+``tempest:{NAME}:deliveries``         hash    sha1 of an entry -> deliveries that ended
+                                              without an outcome (only recovered messages)
+``tempest:{NAME}:rejected``           list    ``<reason>\\n<message>`` for each rejected one
+``tempest:{NAME}:fired:<schedule>``   zset    fired slots of periodic *schedule* (the
+                                              slot's ``repr``) -> when recorded (ms, server)
+``tempest:{NAME}:slots:<schedule>``   zset    the same slots, scored by themselves
+                                              (``last_fired``)
+====================================  ======  ================================================
 
 A message is stored as its compact JSON (``["id","Task",1,2]``), so any client
 can enqueue with ``LPUSH tempest:{NAME}:waiting '<json>'``; what is not a JSON
-list is handed to the engine raw (bytes), for it to reject.
+list is handed to the engine raw (bytes), for it to reject. A message of
+priority *p* other than 0 is stored (in ``waiting:<p>``, in-flight lists, the
+``deliveries`` hash) as the *entry* ``\\xffp<p>\\n<json>``, so that one given
+back or recovered returns to its own list; ``rejected`` holds the bare JSON.
+(A raw message of an external producer starting with those bytes would be
+read as prioritised.) A ``scheduled`` member is a 16-digit counter followed by
+the entry: members are unique, and those due at the same ms go in the order
+of the calls.
 
-A message carries no ``available_at`` or ``priority`` (see
-:mod:`tempest.queues.protocol`): delayed and prioritised messages would come
-as new keys beside these (a zset of messages by due time, moved to
-``waiting`` when due; a waiting list per priority), leaving these as they are.
+The wake token is the 5 bytes ``\\xffwake`` (never JSON): pushed into
+``waiting`` to wake consumers blocked in ``BLMOVE`` there, or to make one
+taking bare ``LMOVE`` look again. Consumers drop it wherever they meet it;
+``len()`` does not count it, recovery does not give it back nor count it as a
+delivery.
 
 How a message travels
 ---------------------
 ``dequeue`` ``LMOVE``-s the oldest waiting message onto this consumer's
-in-flight list, atomically. Unless this consumer's lease was renewed within
+in-flight list, atomically (while nothing is scheduled or prioritised: else a
+script takes, see the next section). Unless this consumer's lease was renewed within
 the last quarter lease (and whenever that finds nothing), it runs instead one
 Lua script that renews the lease in the ``consumers`` zset, recovers the
 in-flight lists of consumers whose lease ran out (see below), and moves the
@@ -61,6 +83,40 @@ and the renewal that follows it takes up to *n* - 1 more in the same script:
 two round trips for a batch that had to be waited for. Each message of a batch
 is then an in-flight entry like any other: leased, recovered, counted and
 settled on its own.
+
+Delayed and prioritised messages
+--------------------------------
+``enqueue``, ``schedule`` and ``fire`` each run one script, which first makes
+ready the due members of ``scheduled`` (at most 1000, oldest due first:
+``LPUSH``-ed onto their priority's list, as if enqueued at that moment), then
+stores the message: ready (``LPUSH`` onto its list) if its time has come, else
+into ``scheduled``. So a message stored after another one's time comes after
+it, whether or not anyone dequeued in between. The claim and take scripts
+make due members ready the same way before they take; they take from the
+highest priority present in ``priorities`` -- positive ones before
+``waiting``, negative ones after it -- and report what they saw besides
+``waiting``: prioritised messages ready, or the ms until the next due time.
+While neither applies (nothing scheduled, nothing prioritised), ``dequeue``
+keeps its bare ``LMOVE`` on ``waiting``, looking again by script at most every
+50 ms and at the next due time; a wait's ``BLMOVE`` ends no later than a fifth
+of a second before the next due time, and the dequeue then polls (every 10 ms
+at most, and exactly at the due time), since a ``BLMOVE`` timeout is only as
+precise as the server's ``hz``.
+
+Storing a prioritised message ready, or a delayed one due earlier than any
+other, pushes wake tokens: one per live consumer (up to 64) when ``waiting``
+is empty (consumers may be blocked in ``BLMOVE`` on it), else one at the
+taking end unless one is there already, for a consumer taking bare ``LMOVE``
+to meet. A consumer that takes a token drops it and runs the claim script,
+which takes by priority and tells it the next due time. ``requeue`` and
+recovery push a message back onto the taking end of its own priority's list:
+ready at once, taken next among its priority. An external producer's
+``LPUSH`` does not make due messages ready first: a delayed message due
+before it may come after it.
+
+``fire`` records the slot with ``ZADD NX`` in ``fired:<schedule>`` (first
+forgetting up to 1000 slots recorded more than *keep* ago, from both zsets),
+and stores the message only if the slot was new, in the same script.
 
 An in-flight entry is identified by its exact bytes: two messages with the same
 bytes (the same task id and arguments) are interchangeable, and share their
@@ -121,6 +177,14 @@ running a message twice.
   only workers already free get one) and are leased meanwhile. An engine dying
   then loses none: they are in its in-flight list and return with the rest.
   A stopping engine requeues those it did not start.
+* Scheduled and fired messages: every script is atomic, so a crash (of the
+  engine or the producer) never leaves half a step. A ``schedule`` or
+  ``fire`` whose reply is lost may have stored the message: a retry of
+  ``schedule`` stores it twice; a retried ``fire`` finds the slot recorded and
+  returns False, so a slot is stored once however often it is fired (while
+  it is remembered: *keep* seconds at least). A due message moves from
+  ``scheduled`` to its ready list inside a script, never through a client,
+  so no engine's death loses it; from then on it travels as any other.
 * Redis itself must keep what it acknowledged: with ``appendonly yes`` and
   ``appendfsync always`` a crash of Redis loses nothing; with ``everysec``, up
   to a second of writes: enqueues are lost, and messages moved or acked in that
@@ -178,112 +242,384 @@ _SWEEP_LIMIT = 50
 _BATCH_LIMIT = 1000
 """Messages one ``dequeue_many`` takes at most, so that it never holds Redis for long."""
 
+_PROMOTE_LIMIT = 1000
+"""Due messages one script makes ready at most (the next script goes on)."""
+
+_PRUNE_LIMIT = 1000
+"""Fired slots one ``fire`` forgets at most."""
+
+_RECHECK = 0.05
+"""Seconds a consumer takes bare LMOVEs for, at most, before a script looks for
+prioritised and due messages again (a wake token makes it look at once)."""
+
+_PRECISE = 0.2
+"""Seconds before a delayed message's time within which a waiting dequeue polls
+instead of blocking: BLMOVE's timeout is only as precise as the server's ``hz``."""
+
+_POLL = 0.01
+"""Seconds between two polls in that last stretch (an enqueue waits that long at most)."""
+
 _CONNECTION_ERRORS: tuple[type[Exception], ...] = ()
 if not _DRIVER_MISSING:
     _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 # -- Lua scripts ---------------------------------------------------------------------------
-# Each runs atomically in Redis. They name the in-flight lists of other
-# consumers without declaring them in KEYS; the hash tag keeps them in the
-# declared keys' slot.
+# Each runs atomically in Redis. ARGV[1] is the key prefix ``tempest:{NAME}:``:
+# the scripts name the keys they need from it (other consumers' in-flight
+# lists, the ready list of each priority) beside those declared in KEYS; the
+# hash tag keeps them all in the declared keys' slot.
 
-_CLAIM = """\
--- KEYS: waiting, inflight, consumers, deliveries, rejected
--- ARGV: consumer, lease (ms), max_deliveries, poison reason, inflight prefix,
---       messages to take (0 or more), sweep limit
--- Returns {registered anew (0/1), dead consumers recovered, messages taken...}.
-local waiting, inflight, consumers, deliveries, rejected =
-    KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+_TOKEN = b"\xffwake"
+"""The wake token pushed into ``waiting``: never JSON, never a message (see "Keys")."""
+
+_MARK = b"\xffp"
+"""The start of a stored entry whose priority is not 0: ``\\xffp<priority>\\n<json>``."""
+
+_COMMON = """\
+local prefix = ARGV[1]
+local waiting, scheduled, priorities = prefix .. 'waiting', prefix .. 'scheduled',
+    prefix .. 'priorities'
+local TOKEN = '\\255wake'
+local function num(x)  -- a number as Redis reads it back exactly
+    return string.format('%.17g', x)
+end
+local function clock()  -- {lease clock (whole ms), schedule clock (ms, to the us)}
+    local time = redis.call('TIME')
+    local ms = tonumber(time[1]) * 1000
+    return ms + math.floor(tonumber(time[2]) / 1000), ms + tonumber(time[2]) / 1000
+end
+local function priority_of(entry)  -- the priority as a string, nil for 0
+    if string.sub(entry, 1, 2) == '\\255p' then
+        local newline = string.find(entry, '\\n', 3, true)
+        if newline then
+            return string.sub(entry, 3, newline - 1)
+        end
+    end
+    return nil
+end
+local function body_of(entry)  -- the stored message without its priority
+    if priority_of(entry) then
+        return string.sub(entry, string.find(entry, '\\n', 3, true) + 1)
+    end
+    return entry
+end
+local function ready_list(entry)
+    local p = priority_of(entry)
+    if p then
+        return prefix .. 'waiting:' .. p, p
+    end
+    return waiting, nil
+end
+"""
+
+_READY = """\
+local function wake()
+    -- A BLMOVE waits only on an empty 'waiting': then a token for each consumer
+    -- (the extra ones are dropped by the next takes); else one at the taking
+    -- end, where a consumer taking bare LMOVEs meets it and looks again.
+    if redis.call('LLEN', waiting) == 0 then
+        local n = math.min(math.max(redis.call('ZCARD', prefix .. 'consumers'), 1), 64)
+        for _ = 1, n do
+            redis.call('RPUSH', waiting, TOKEN)
+        end
+    elseif redis.call('LINDEX', waiting, -1) ~= TOKEN then
+        redis.call('RPUSH', waiting, TOKEN)
+    end
+end
+local function make_ready(entry, front)  -- front: the taking end; returns the priority
+    local list, p = ready_list(entry)
+    if front then
+        redis.call('RPUSH', list, entry)
+    else
+        redis.call('LPUSH', list, entry)
+    end
+    if p then
+        redis.call('ZADD', priorities, p, p)
+    end
+    return p
+end
+local function promote(now, limit)  -- due messages, in due order; true if one has a priority
+    local due = redis.call('ZRANGE', scheduled, '-inf', num(now), 'BYSCORE', 'LIMIT', 0, limit)
+    local prioritised = false
+    for _, member in ipairs(due) do
+        if make_ready(string.sub(member, 17), false) then
+            prioritised = true
+        end
+    end
+    if #due > 0 then
+        redis.call('ZREM', scheduled, unpack(due))
+    end
+    return prioritised
+end
+local function hint(now)
+    -- -1: prioritised messages are ready (or due ones left to promote): take by
+    -- script; -2: nothing else than 'waiting'; else ms until the next due time.
+    if redis.call('EXISTS', priorities) == 1 then
+        return -1
+    end
+    local first = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
+    if #first == 0 then
+        return -2
+    end
+    local left = tonumber(first[2]) - now
+    if left <= 0 then
+        return -1
+    end
+    return math.floor(left)
+end
+local function take_one(inflight)  -- the next ready message, moved; nil if none
+    while true do
+        local top = redis.call('ZRANGE', priorities, -1, -1)[1]
+        local entry
+        if top and tonumber(top) > 0 then
+            entry = redis.call('LMOVE', prefix .. 'waiting:' .. top, inflight, 'RIGHT', 'LEFT')
+        else
+            entry = redis.call('RPOP', waiting)
+            while entry == TOKEN do
+                entry = redis.call('RPOP', waiting)
+            end
+            if entry then
+                redis.call('LPUSH', inflight, entry)
+                return entry
+            end
+            if not top then
+                return nil
+            end
+            entry = redis.call('LMOVE', prefix .. 'waiting:' .. top, inflight, 'RIGHT', 'LEFT')
+        end
+        if entry then
+            if redis.call('EXISTS', prefix .. 'waiting:' .. top) == 0 then
+                redis.call('ZREM', priorities, top)
+            end
+            return entry
+        end
+        redis.call('ZREM', priorities, top)  -- an empty list (a late ack took its last)
+    end
+end
+local function take(inflight, count, reply)  -- moves up to *count* onto *reply*
+    if redis.call('EXISTS', priorities) == 0 then
+        -- Only 'waiting' holds ready messages (the common case): no lookups.
+        while count > 0 do
+            local entry = redis.call('LMOVE', waiting, inflight, 'RIGHT', 'LEFT')
+            if not entry then
+                return
+            end
+            if entry == TOKEN then
+                redis.call('LPOP', inflight)
+            else
+                reply[#reply + 1] = entry
+                count = count - 1
+            end
+        end
+        return
+    end
+    for _ = 1, count do
+        local entry = take_one(inflight)
+        if not entry then
+            return
+        end
+        reply[#reply + 1] = entry
+    end
+end
+local function store(entry, due, now)  -- ready now, or at *due* (ms)
+    if due <= now then
+        if make_ready(entry, false) then
+            wake()
+        end
+        return
+    end
+    local first = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
+    local seq = redis.call('INCR', prefix .. 'sequence')
+    redis.call('ZADD', scheduled, num(due), string.format('%016.0f', seq) .. entry)
+    if #first == 0 or due < tonumber(first[2]) then
+        wake()  -- earlier than any a waiting consumer knows of
+    end
+end
+"""
+
+_CLAIM = _COMMON + _READY + """\
+-- KEYS: waiting, inflight, consumers, deliveries, rejected, scheduled, priorities
+-- ARGV: prefix, consumer, lease (ms), max_deliveries, poison reason, messages to
+--       take (0 or more), sweep limit, drop a token from inflight (0/1), promote limit
+-- Returns {registered anew (0/1), dead consumers recovered, hint, messages taken...}.
+local inflight, consumers, deliveries, rejected = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+if ARGV[8] == '1' then
+    redis.call('LREM', inflight, 1, TOKEN)
+end
+local now, exact = clock()
 -- Renew first: this consumer is never among the dead it recovers below.
-local added = redis.call('ZADD', consumers, now + tonumber(ARGV[2]), ARGV[1])
-local max_deliveries = tonumber(ARGV[3])
+local added = redis.call('ZADD', consumers, now + tonumber(ARGV[3]), ARGV[2])
+local max_deliveries = tonumber(ARGV[4])
 local dead = redis.call('ZRANGE', consumers, '-inf', now, 'BYSCORE', 'LIMIT', 0,
                         tonumber(ARGV[7]))
 for _, consumer in ipairs(dead) do
-    local list = ARGV[5] .. consumer
+    local list = prefix .. 'inflight:' .. consumer
     -- The newest entry is at the left: popping from there and pushing each onto
-    -- the taking end leaves the oldest to be taken first.
-    local body = redis.call('LPOP', list)
-    while body do
-        local field = redis.sha1hex(body)
-        if redis.call('HINCRBY', deliveries, field, 1) >= max_deliveries then
-            redis.call('HDEL', deliveries, field)
-            redis.call('RPUSH', rejected, ARGV[4] .. '\\n' .. body)
-        else
-            redis.call('RPUSH', waiting, body)
+    -- the taking end of its ready list leaves the oldest to be taken first.
+    local entry = redis.call('LPOP', list)
+    while entry do
+        if entry ~= TOKEN then
+            local field = redis.sha1hex(entry)
+            if redis.call('HINCRBY', deliveries, field, 1) >= max_deliveries then
+                redis.call('HDEL', deliveries, field)
+                redis.call('RPUSH', rejected, ARGV[5] .. '\\n' .. body_of(entry))
+            else
+                make_ready(entry, true)
+            end
         end
-        body = redis.call('LPOP', list)
+        entry = redis.call('LPOP', list)
     end
     redis.call('ZREM', consumers, consumer)
 end
-local reply = {added, #dead}
-for _ = 1, tonumber(ARGV[6]) do
-    local body = redis.call('LMOVE', waiting, inflight, 'RIGHT', 'LEFT')
-    if not body then
-        break
-    end
-    reply[#reply + 1] = body
+promote(exact, tonumber(ARGV[9]))
+local reply = {added, #dead, 0}
+take(inflight, tonumber(ARGV[6]), reply)
+if redis.call('EXISTS', priorities) == 1 then
+    wake()  -- more prioritised messages ready: other consumers help
+    reply[3] = -1
+else
+    reply[3] = hint(exact)
 end
 return reply
 """
 
-_TAKE = """\
--- KEYS: waiting, inflight, consumers    ARGV: consumer, messages to take
--- Returns the messages taken, oldest first: none unless this consumer's lease
--- is still running (then the caller runs _CLAIM, which renews it).
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local leased_until = redis.call('ZSCORE', KEYS[3], ARGV[1])
+_TAKE = _COMMON + _READY + """\
+-- KEYS: waiting, inflight, consumers, scheduled, priorities
+-- ARGV: prefix, consumer, messages to take, drop a token from inflight (0/1),
+--       promote limit
+-- Returns {1, hint, messages taken...}, oldest first; {0} unless this
+-- consumer's lease is still running (then the caller runs _CLAIM, which renews it).
+local inflight = KEYS[2]
+if ARGV[4] == '1' then
+    redis.call('LREM', inflight, 1, TOKEN)
+end
+local now, exact = clock()
+local leased_until = redis.call('ZSCORE', KEYS[3], ARGV[2])
 if not leased_until or tonumber(leased_until) <= now then
-    return {}
+    return {0}
 end
-local taken = {}
-for _ = 1, tonumber(ARGV[2]) do
-    local body = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
-    if not body then
-        break
-    end
-    taken[#taken + 1] = body
+promote(exact, tonumber(ARGV[5]))
+local reply = {1, 0}
+take(inflight, tonumber(ARGV[3]), reply)
+if redis.call('EXISTS', priorities) == 1 then
+    wake()
+    reply[2] = -1
+else
+    reply[2] = hint(exact)
 end
-return taken
+return reply
+"""
+
+_STORE = _COMMON + _READY + """\
+-- KEYS: waiting, scheduled, priorities, sequence
+-- ARGV: prefix, entry, 'now' | 'delay' | 'at', delay or due time (ms), promote limit
+-- Due messages are made ready first: one stored after their time comes after them.
+local _, now = clock()
+if promote(now, tonumber(ARGV[5])) then
+    wake()
+end
+local due = now
+if ARGV[3] == 'delay' then
+    due = now + tonumber(ARGV[4])
+elseif ARGV[3] == 'at' then
+    due = tonumber(ARGV[4])
+end
+store(ARGV[2], due, now)
+return 1
+"""
+
+_FIRE = _COMMON + _READY + """\
+-- KEYS: waiting, scheduled, priorities, sequence, fired, slots
+-- ARGV: prefix, entry, slot (exact repr), due time (ms), keep (ms), promote limit,
+--       prune limit
+-- Returns 1 if it recorded the slot and stored the message, 0 if the slot was
+-- recorded already.
+local fired, slots = KEYS[5], KEYS[6]
+local _, now = clock()
+local old = redis.call('ZRANGE', fired, '-inf', num(now - tonumber(ARGV[5])), 'BYSCORE',
+                       'LIMIT', 0, tonumber(ARGV[7]))
+if #old > 0 then
+    redis.call('ZREM', fired, unpack(old))
+    redis.call('ZREM', slots, unpack(old))
+end
+if redis.call('ZADD', fired, 'NX', num(now), ARGV[3]) == 0 then
+    return 0
+end
+redis.call('ZADD', slots, ARGV[3], ARGV[3])
+if promote(now, tonumber(ARGV[6])) then
+    wake()
+end
+store(ARGV[2], tonumber(ARGV[4]), now)
+return 1
+"""
+
+_COUNT = _COMMON + """\
+-- KEYS: waiting, scheduled, priorities    ARGV: prefix
+-- Returns {ready messages (not leased), messages whose time has not come}.
+local _, now = clock()
+local ready = redis.call('LLEN', waiting)
+    - #redis.call('LPOS', waiting, TOKEN, 'COUNT', 0)
+for _, p in ipairs(redis.call('ZRANGE', priorities, 0, -1)) do
+    ready = ready + redis.call('LLEN', prefix .. 'waiting:' .. p)
+end
+local later = redis.call('ZCOUNT', scheduled, '(' .. num(now), '+inf')
+return {ready + redis.call('ZCARD', scheduled) - later, later}
 """
 
 _ACK = """\
 -- KEYS: inflight, waiting, deliveries    ARGV: messages (one or many acks at once)
 -- A message no longer in flight here: this consumer's lease ran out and it was
--- recovered. If it still waits, no one has run it again yet: remove it there.
+-- recovered. If it still waits, no one has run it again yet: remove it there
+-- (from waiting:<p> for a priority p other than 0). No shared prelude: the
+-- path every message takes stays as short as it was.
 local counted = redis.call('EXISTS', KEYS[3]) == 1
 local settled = 0
-for _, body in ipairs(ARGV) do
-    if redis.call('LREM', KEYS[1], 1, body) == 1
-            or redis.call('LREM', KEYS[2], -1, body) == 1 then
+for _, entry in ipairs(ARGV) do
+    local found = redis.call('LREM', KEYS[1], 1, entry) == 1
+    if not found then
+        local list = KEYS[2]
+        if string.sub(entry, 1, 2) == '\\255p' then
+            local newline = string.find(entry, '\\n', 3, true)
+            if newline then
+                list = list .. ':' .. string.sub(entry, 3, newline - 1)
+            end
+        end
+        found = redis.call('LREM', list, -1, entry) == 1
+    end
+    if found then
         settled = settled + 1
         if counted then
-            redis.call('HDEL', KEYS[3], redis.sha1hex(body))
+            redis.call('HDEL', KEYS[3], redis.sha1hex(entry))
         end
     end
 end
 return settled
 """
 
-_REJECT = """\
--- KEYS: inflight, waiting, deliveries, rejected    ARGV: message, reason
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0
-        and redis.call('LREM', KEYS[2], -1, ARGV[1]) == 0 then
+_REJECT = _COMMON + """\
+-- KEYS: inflight, waiting, deliveries, rejected    ARGV: prefix, message, reason
+local entry = ARGV[2]
+if redis.call('LREM', KEYS[1], 1, entry) == 0
+        and redis.call('LREM', ready_list(entry), -1, entry) == 0 then
     return 0  -- another consumer holds it now, and will settle it itself
 end
-redis.call('HDEL', KEYS[3], redis.sha1hex(ARGV[1]))
-redis.call('RPUSH', KEYS[4], ARGV[2] .. '\\n' .. ARGV[1])
+redis.call('HDEL', KEYS[3], redis.sha1hex(entry))
+redis.call('RPUSH', KEYS[4], ARGV[3] .. '\\n' .. body_of(entry))
 return 1
 """
 
-_REQUEUE = """\
--- KEYS: inflight, waiting    ARGV: message
--- Only what is still in flight here goes back: never a second copy.
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-    redis.call('RPUSH', KEYS[2], ARGV[1])
+_REQUEUE = _COMMON + _READY + """\
+-- KEYS: inflight, waiting, priorities    ARGV: prefix, message
+-- Only what is still in flight here goes back: never a second copy. A wake
+-- token (a stray) is only dropped.
+local entry = ARGV[2]
+if redis.call('LREM', KEYS[1], 1, entry) == 1 then
+    if entry == TOKEN then
+        return 0
+    end
+    if make_ready(entry, true) then
+        wake()
+    end
     return 1
 end
 return 0
@@ -328,7 +664,14 @@ class RedisQueue:
         engine rejected as bad input.
     Waiting
         ``dequeue(timeout=...)`` blocks in ``BLMOVE``: an idle engine wakes the
-        moment a message is enqueued, without polling.
+        moment a message is enqueued, without polling; a wake token wakes it
+        for a prioritised message, or a delayed one due earlier than it knew.
+    Scheduling
+        ``schedule(m, delay=, at=, priority=)``, ``scheduled_count()``,
+        ``fire()`` and ``last_fired()`` (see :mod:`tempest.queues.protocol`),
+        on the server's clock. A waiting dequeue blocks no later than a fifth
+        of a second before the next due time, then polls: a delayed message is
+        taken within a few ms of its time.
     Batches
         ``dequeue_many(n, timeout=...)`` takes up to *n* messages in one round
         trip (the engine asks for one per free worker): the first as
@@ -411,10 +754,16 @@ class RedisQueue:
         self._consumers = self.prefix + "consumers"
         self._deliveries = self.prefix + "deliveries"
         self._rejected = self.prefix + "rejected"
+        self._scheduled = self.prefix + "scheduled"
+        self._priorities = self.prefix + "priorities"
+        self._sequence = self.prefix + "sequence"
         # Registered once: redis-py runs them by SHA and loads them again when a
         # restarted server has forgotten them.
         self._claim_script = client.register_script(_CLAIM)
         self._take_script = client.register_script(_TAKE)
+        self._store_script = client.register_script(_STORE)
+        self._fire_script = client.register_script(_FIRE)
+        self._count_script = client.register_script(_COUNT)
         self._settle_scripts = {"ack": client.register_script(_ACK),
                                 "reject": client.register_script(_REJECT),
                                 "requeue": client.register_script(_REQUEUE)}
@@ -442,6 +791,11 @@ class RedisQueue:
         """When (monotonic) this consumer's lease was last renewed, at the latest."""
         self._found_none = False
         """The last waiting dequeue found nothing (see _fetch)."""
+        self._due_at = -math.inf
+        """When (monotonic) the next delayed message is due, as the last script saw it:
+        inf if none waits, -inf while prioritised (or due) messages are ready."""
+        self._checked_at = -math.inf
+        """When (monotonic) a script last looked for prioritised and due messages."""
         self._acks: list[bytes] = []
         """Acked entries waiting for the ack being sent (see ack)."""
         self._flushing = False
@@ -454,8 +808,54 @@ class RedisQueue:
     # -- the queue protocol ---------------------------------------------------------
 
     def enqueue(self, message: Any) -> None:
-        """Store *message* (as JSON) at the back of the queue; wakes a waiting dequeue."""
-        self._client.lpush(self._waiting, protocol.encode(message))
+        """Store *message* (as JSON) at the back of the queue; wakes a waiting dequeue.
+
+        ``schedule(message)``: priority 0, ready now, after any delayed message
+        whose time has come.
+        """
+        self._store(message, "now", 0, 0)
+
+    def schedule(self, message: Any, *, delay: float | None = None,
+                 at: float | None = None, priority: int = 0) -> None:
+        """Store *message* to become ready after *delay* seconds or at POSIX time *at*.
+
+        Times are the Redis server's clock; a time that has come already means
+        now. Among ready messages, higher *priority* first. One script, atomic:
+        stored when this returns. Wakes a waiting dequeue when the message is
+        ready with a priority, or due earlier than any other delayed one.
+        """
+        if delay is not None:
+            self._store(message, "delay", delay * 1000, priority)
+        elif at is not None:
+            self._store(message, "at", at * 1000, priority)
+        else:
+            self._store(message, "now", 0, priority)
+
+    def scheduled_count(self) -> int:
+        """Messages waiting for their time (on the server's clock)."""
+        return int(self._counts()[1])
+
+    def fire(self, schedule: str, slot: float, message: Any, *, priority: int = 0,
+             keep: float) -> bool:
+        """Store *message* for POSIX time *slot* unless that slot of *schedule* fired already.
+
+        One script records the slot and stores the message, atomically: True
+        if it did, False (storing nothing) if the slot is recorded already.
+        Slots recorded more than *keep* seconds ago are forgotten then.
+        """
+        self._check_fork()
+        fired = self._fire_script(
+            keys=[self._waiting, self._scheduled, self._priorities, self._sequence,
+                  f"{self.prefix}fired:{schedule}", f"{self.prefix}slots:{schedule}"],
+            args=[self.prefix, _entry(message, priority), repr(float(slot)),
+                  repr(float(slot) * 1000), repr(float(keep) * 1000), _PROMOTE_LIMIT,
+                  _PRUNE_LIMIT])
+        return bool(int(fired))
+
+    def last_fired(self, schedule: str) -> float | None:
+        """The latest slot of *schedule* still remembered, or None."""
+        latest = self._client.zrange(f"{self.prefix}slots:{schedule}", -1, -1)
+        return float(latest[0]) if latest else None
 
     def dequeue(self, timeout: float | None = None) -> Any:
         """Lease the next message; wait up to *timeout* seconds for one; None if none.
@@ -467,7 +867,7 @@ class RedisQueue:
         return messages[0] if messages else None
 
     def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
-        """Lease up to *count* messages, oldest first; wait up to *timeout* seconds for the first.
+        """Lease up to *count* messages in order; wait up to *timeout* seconds for the first.
 
         One round trip takes the batch (at most ``1000``): the first message as
         ``dequeue(timeout=)`` would take it, then whatever else waits right
@@ -533,8 +933,22 @@ class RedisQueue:
         return out
 
     def __len__(self) -> int:
-        """Messages waiting: not taken by any consumer."""
-        return int(self._client.llen(self._waiting))
+        """Messages ready (any priority; delayed ones whose time came) and not taken."""
+        return int(self._counts()[0])
+
+    def _counts(self) -> list[int]:
+        """[ready messages not taken, messages whose time has not come]."""
+        self._check_fork()
+        reply = self._count_script(
+            keys=[self._waiting, self._scheduled, self._priorities], args=[self.prefix])
+        return [int(value) for value in reply]
+
+    def _store(self, message: Any, kind: str, value: float, priority: int) -> None:
+        self._check_fork()
+        self._store_script(
+            keys=[self._waiting, self._scheduled, self._priorities, self._sequence],
+            args=[self.prefix, _entry(message, priority), kind, repr(float(value)),
+                  _PROMOTE_LIMIT])
 
     def close(self) -> None:
         """Close every connection; settlements still deferred are tried once first.
@@ -579,15 +993,18 @@ class RedisQueue:
             with self._mover() as client:
                 bodies: list[bytes] = []
                 fresh = self._fresh()
-                if not (fresh and waits and self._found_none):
-                    if fresh and count == 1:
+                now = time.monotonic()
+                if not (fresh and waits and self._found_none and now < self._due_at):
+                    if (fresh and count == 1 and now < self._due_at
+                            and now - self._checked_at < _RECHECK):
                         body = client.lmove(self._waiting, self._inflight, "RIGHT", "LEFT")
-                        bodies = [] if body is None else [body]
+                        if body == _TOKEN:
+                            # Something else than 'waiting' is ready, or due earlier.
+                            bodies = self._take_ready(client, count, drop=True)
+                        else:
+                            bodies = [] if body is None else [body]
                     elif fresh:
-                        bodies = self._take_script(
-                            client=client,
-                            keys=[self._waiting, self._inflight, self._consumers],
-                            args=[self.consumer, count])
+                        bodies = self._take_ready(client, count)
                     if not bodies:
                         bodies = self._claim(client, take=count)
                 if not bodies and waits:
@@ -624,7 +1041,34 @@ class RedisQueue:
         return redis.Redis(connection_pool=self._client.connection_pool,
                            single_connection_client=True)
 
-    def _run_claim(self, client: Any, *, take: int) -> tuple[int, list[bytes]]:
+    def _take_ready(self, client: Any, count: int, *, drop: bool = False) -> list[bytes]:
+        """Run the take script (promotes due messages, takes by priority).
+
+        [] if nothing is ready, or this consumer's lease ran out.
+        """
+        sent = time.monotonic()
+        reply = self._take_script(
+            client=client,
+            keys=[self._waiting, self._inflight, self._consumers, self._scheduled,
+                  self._priorities],
+            args=[self.prefix, self.consumer, count, int(drop), _PROMOTE_LIMIT])
+        if not int(reply[0]):
+            return []
+        self._note_hint(int(reply[1]), sent)
+        return list(reply[2:])
+
+    def _note_hint(self, hint: int, sent: float) -> None:
+        """Note what a script running after *sent* (monotonic) saw beside ``waiting``."""
+        self._checked_at = sent
+        if hint == -2:
+            self._due_at = math.inf
+        elif hint < 0:
+            self._due_at = -math.inf
+        else:
+            self._due_at = sent + hint / 1000
+
+    def _run_claim(self, client: Any, *, take: int,
+                   drop: bool = False) -> tuple[int, list[bytes]]:
         """Run the claim script: (dead consumers recovered, messages taken)."""
         with self._cond:
             # Only a registration seen before this claim was sent can have run
@@ -635,16 +1079,17 @@ class RedisQueue:
         reply = self._claim_script(
             client=client,
             keys=[self._waiting, self._inflight, self._consumers, self._deliveries,
-                  self._rejected],
-            args=[self.consumer, round(self.lease * 1000), self.max_deliveries,
-                  protocol.POISON_REASON, f"{self.prefix}inflight:", take, _SWEEP_LIMIT])
+                  self._rejected, self._scheduled, self._priorities],
+            args=[self.prefix, self.consumer, round(self.lease * 1000), self.max_deliveries,
+                  protocol.POISON_REASON, take, _SWEEP_LIMIT, int(drop), _PROMOTE_LIMIT])
         # Renewed no earlier than *sent*: Redis ran the script after it was sent.
         self._renewed_at = max(self._renewed_at, sent)
         self._note_registration(int(reply[0]), registered)
-        return int(reply[1]), list(reply[2:])
+        self._note_hint(int(reply[2]), sent)
+        return int(reply[1]), list(reply[3:])
 
-    def _claim(self, client: Any, *, take: int) -> list[bytes]:
-        _, bodies = self._run_claim(client, take=take)
+    def _claim(self, client: Any, *, take: int, drop: bool = False) -> list[bytes]:
+        _, bodies = self._run_claim(client, take=take, drop=drop)
         return bodies
 
     def _fresh(self) -> bool:
@@ -663,12 +1108,31 @@ class RedisQueue:
         taken by the renewal that follows it.
         """
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 return []
-            wait = max(min(remaining, self._max_wait), _MIN_WAIT)
+            due_in = self._due_at - now
+            if due_in <= _PRECISE:
+                # The last stretch before a delayed message's time: poll, to
+                # take it within a few ms of its time.
+                time.sleep(min(remaining, max(due_in, 0.001), _POLL))
+                bodies = self._take_ready(client, count) if self._fresh() else []
+                if not bodies:
+                    bodies = self._claim(client, take=count)
+                if bodies:
+                    return bodies
+                continue
+            wait = max(min(remaining, self._max_wait, due_in - _PRECISE), _MIN_WAIT)
             body: bytes | None = client.blmove(
                 self._waiting, self._inflight, wait, "RIGHT", "LEFT")
+            if body == _TOKEN:
+                # Woken: a prioritised message is ready, or a delayed one is due
+                # earlier than known. The claim drops the token and looks.
+                bodies = self._claim(client, take=count, drop=True)
+                if bodies:
+                    return bodies
+                continue
             if body is not None:
                 # Renew at once: had the lease run out anyway (a stall longer than
                 # half a lease), this registers the consumer again, so the
@@ -683,11 +1147,12 @@ class RedisQueue:
     def _hold(self, bodies: list[bytes]) -> list[Any]:
         """Lease each of *bodies* to the message object handed out for it."""
         held = []
-        for body in bodies:
+        for entry in bodies:
+            body = _body(entry)
             message = protocol.decode(body)
             if message is body:
                 message = _Raw(body)
-            held.append((message, bytes(body)))
+            held.append((message, bytes(entry)))
         # Under the lock: a reconciliation never sees the entries without their leases.
         with self._cond:
             return [self._leases.add(message, entry) for message, entry in held]
@@ -771,7 +1236,8 @@ class RedisQueue:
             else:
                 strays.append(entry)
         given = sum(int(self._settle_scripts["requeue"](
-            keys=[self._inflight, self._waiting], args=[entry])) for entry in strays)
+            keys=[self._inflight, self._waiting, self._priorities], args=[self.prefix, entry]))
+            for entry in strays)
         with self._cond:
             self._suspect = False
         if given:
@@ -863,8 +1329,10 @@ class RedisQueue:
     def _run_settle(self, operation: tuple[str, bytes, str]) -> None:
         action, entry, reason = operation
         keys = [self._inflight, self._waiting]
-        args: list[Any] = [entry]
-        if action != "requeue":
+        args: list[Any] = [entry] if action == "ack" else [self.prefix, entry]
+        if action == "requeue":
+            keys.append(self._priorities)
+        else:
             keys.append(self._deliveries)
         if action == "reject":
             keys.append(self._rejected)
@@ -894,6 +1362,21 @@ class RedisQueue:
             # in-flight list: it becomes a consumer of its own. (redis-py gives
             # the child fresh connections itself.)
             self._new_identity()
+
+
+def _entry(message: Any, priority: int) -> bytes:
+    """The stored entry of *message*: its JSON, after ``\\xffp<priority>\\n`` unless 0."""
+    body = protocol.encode(message).encode()
+    return body if not priority else b"%s%d\n%s" % (_MARK, priority, body)
+
+
+def _body(entry: bytes) -> bytes:
+    """The message's JSON (or raw bytes) in a stored *entry*."""
+    if entry.startswith(_MARK):
+        newline = entry.find(b"\n", 2)
+        if newline >= 0:
+            return entry[newline + 1:]
+    return entry
 
 
 def _checked(client: Any) -> Any:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -318,9 +319,9 @@ def test_a_batch_is_one_round_trip_into_the_in_flight_list(queues, client, monke
     assert client.llen(inflight) == 0
 
 
-def test_a_waited_for_batch_takes_the_rest_with_the_renewal(queues, monkeypatch):
+def test_a_waited_for_batch_takes_the_rest_with_the_renewal(queues, client, monkeypatch):
     """Empty queue: BLMOVE waits for the first; the renewal after it takes the others."""
-    queue, producer = queues(), queues()
+    queue = queues()
     assert queue.dequeue_many(3) == []
     counter = CommandCounter(monkeypatch)
     claim = queue._claim_script
@@ -328,8 +329,8 @@ def test_a_waited_for_batch_takes_the_rest_with_the_renewal(queues, monkeypatch)
     def claim_then_produce(**kwargs: Any) -> Any:
         reply = claim(**kwargs)
         if len(counter.sent) == 1:  # the claim that found nothing, before BLMOVE
-            for i in range(4):
-                producer.enqueue([f"id-{i}", "Task", i])
+            for i in range(4):  # an external producer's LPUSH
+                client.lpush(f"{queue.prefix}waiting", f'["id-{i}","Task",{i}]')
         return reply
 
     monkeypatch.setattr(queue, "_claim_script", claim_then_produce)
@@ -459,7 +460,8 @@ def test_a_batch_never_lands_with_a_lapsed_lease(queues, client, monkeypatch):
 
     def take_and_look(**kwargs: Any) -> Any:
         reply = take(**kwargs)
-        assert reply == [] and client.llen(inflight) == 0 and len(queue) == 1
+        assert reply == [0] and client.llen(inflight) == 0
+        assert client.llen(f"{queue.prefix}waiting") == 1
         return reply
 
     monkeypatch.setattr(queue, "_take_script", take_and_look)
@@ -705,3 +707,154 @@ def test_engine_rides_out_a_redis_restart(redis_server, tmp_path):
           f"{text.count('heartbeat failed')} failed heartbeats")
     assert set(done) == set(ids)  # nothing lost
     assert len(done) - len(ids) <= 4  # at most what the engine held
+
+
+# -- scheduling: what only Redis has -------------------------------------------------------
+
+TOKEN = b"\xffwake"
+
+
+def drain(queue: RedisQueue) -> list[Any]:
+    """Dequeue and ack until *queue* has nothing ready; the messages' first fields."""
+    out = []
+    while (message := queue.dequeue()) is not None:
+        out.append(message[0])
+        queue.ack(message)
+    return out
+
+
+def test_an_external_lpush_beside_priorities(queues, client):
+    """A producer's bare LPUSH onto waiting is priority 0, between the positive and negative."""
+    queue = queues()
+    queue.schedule(["id-low", "Task"], priority=-2)
+    client.lpush(f"{queue.prefix}waiting", '["id-external","Task"]')
+    queue.schedule(["id-high", "Task"], priority=3)
+    queue.enqueue(["id-plain", "Task"])
+    assert len(queue) == 4
+    assert client.lrange(f"{queue.prefix}waiting:3", 0, -1) == [b'\xffp3\n["id-high","Task"]']
+    assert drain(queue) == ["id-high", "id-external", "id-plain", "id-low"]
+    assert len(queue) == 0
+    assert not client.exists(f"{queue.prefix}priorities", f"{queue.prefix}waiting:3",
+                             f"{queue.prefix}waiting:-2")
+
+
+def test_wake_tokens_are_never_counted_nor_handed_out(queues, client, name):
+    """Tokens pushed to wake consumers: not in len(), never dequeued, never recovered."""
+    queue = queues()
+    assert queue.dequeue() is None  # registered: one live consumer
+    waiting = f"tempest:{{{name}}}:waiting"
+    queue.schedule(["id-vip", "Task"], priority=9)  # ready, prioritised: wakes
+    queue.schedule(["id-later", "Task"], delay=3600)  # the earliest due: wakes
+    assert TOKEN in client.lrange(waiting, 0, -1)
+    assert len(queue) == 1 and queue.scheduled_count() == 1
+    queue.enqueue(["id-plain", "Task"])
+    client.rpush(waiting, TOKEN)  # one more, at the taking end
+    assert len(queue) == 2
+    assert drain(queue) == ["id-vip", "id-plain"]
+    assert client.llen(f"tempest:{{{name}}}:inflight:{queue.consumer}") == 0
+    # A dead consumer's in-flight token is dropped, not given back nor counted.
+    dead = f"tempest:{{{name}}}:inflight:dead:1:x"
+    client.lpush(dead, TOKEN)
+    client.zadd(f"tempest:{{{name}}}:consumers", {"dead:1:x": 0})
+    queue.heartbeat()
+    assert not client.exists(dead, f"tempest:{{{name}}}:deliveries")
+    assert TOKEN not in client.lrange(waiting, 0, -1) or len(queue) == 0
+    assert len(queue) == 0 and queue.dequeue() is None
+
+
+def test_a_waiting_dequeue_wakes_for_a_priority_message_from_another_producer(queues):
+    """Blocked in BLMOVE on waiting, a consumer is woken by a token for waiting:<p>."""
+    queue, producer = queues(), queues()
+    assert queue.dequeue(timeout=0.05) is None  # idle: the next wait goes straight to BLMOVE
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(queue.dequeue(timeout=10)))
+    thread.start()
+    wait_for(lambda: len(producer) == 0, 5)
+    threading.Event().wait(0.1)  # let it block (the test holds either way)
+    producer.schedule(["id-vip", "Task"], priority=4)
+    thread.join(15)
+    assert result and result[0] == ["id-vip", "Task"]
+
+
+def test_recovery_keeps_the_priority(queues, client, name):
+    """A dead consumer's entries return to their own priority's list, at the taking end."""
+    dead, other = queues(lease=0.3), queues(lease=0.3)
+    dead.schedule(["id-high", "Task"], priority=5)
+    dead.enqueue(["id-plain", "Task"])
+    dead.schedule(["id-low", "Task"], priority=-1)
+    assert [dead.dequeue()[0] for _ in range(3)] == ["id-high", "id-plain", "id-low"]
+    inflight = f"tempest:{{{name}}}:inflight:{dead.consumer}"
+    assert client.lrange(inflight, 0, -1) == [b'\xffp-1\n["id-low","Task"]',
+                                              b'["id-plain","Task"]',
+                                              b'\xffp5\n["id-high","Task"]']
+    other.enqueue(["id-new", "Task"])
+    wait_for(lambda: swept(other) == 4, 10)
+    assert client.hlen(f"tempest:{{{name}}}:deliveries") == 3
+    assert drain(other) == ["id-high", "id-plain", "id-new", "id-low"]
+
+
+def test_fired_slots_are_forgotten_after_keep(queues, client, name):
+    """fire prunes slots recorded more than keep seconds ago; last_fired is the latest kept."""
+    queue = queues()
+    fired, slots = f"tempest:{{{name}}}:fired:beat", f"tempest:{{{name}}}:slots:beat"
+    first = 1_700_000_000.123
+    assert queue.fire("beat", first, ["beat@1", "Task"], keep=0.2) is True
+    assert queue.fire("beat", first, ["beat@1", "Task"], keep=0.2) is False
+    assert queue.last_fired("beat") == first
+    assert client.zrange(fired, 0, -1) == [repr(first).encode()]
+    # Once recorded more than keep ago, the slot is forgotten (by the next firing).
+    wait_for(lambda: queue.fire("beat", first, ["beat@1", "Task"], keep=0.2), 10)
+    assert client.zcard(fired) == 1 and client.zcard(slots) == 1
+    assert queue.fire("beat", first + 1, ["beat@2", "Task"], keep=0.2) is True
+    assert queue.last_fired("beat") == first + 1
+    # A later firing forgets both once they are old enough; the newest stays.
+    def server_ms() -> float:
+        seconds, micros = client.time()
+        return seconds * 1000 + micros / 1000
+
+    newest = max(score for _, score in client.zrange(fired, 0, -1, withscores=True))
+    wait_for(lambda: server_ms() - newest > 300, 10)
+    assert queue.fire("beat", first + 2, ["beat@3", "Task"], keep=0.2) is True
+    assert client.zcard(fired) == 1
+    assert client.zrange(slots, 0, -1) == [repr(first + 2).encode()]
+    assert queue.last_fired("beat") == first + 2
+    assert sorted(drain(queue)) == ["beat@1", "beat@1", "beat@2", "beat@3"]
+
+
+def test_an_idle_wait_beside_many_scheduled_messages_is_no_busy_loop(queues, client, name,
+                                                                      monkeypatch):
+    """20,000 messages due in an hour: a waiting dequeue blocks in BLMOVE, a few commands."""
+    queue = queues()
+    due = (client.time()[0] + 3600) * 1000
+    client.zadd(f"tempest:{{{name}}}:scheduled", {
+        f"{i:016d}".encode() + f'["id-{i}","Task"]'.encode(): due + i for i in range(20_000)})
+    assert queue.scheduled_count() == 20_000 and len(queue) == 0
+    counter = CommandCounter(monkeypatch)
+    assert queue.dequeue(timeout=2) is None
+    assert len(counter.sent) <= 4, counter.sent
+    assert "BLMOVE" in counter.sent
+
+
+def test_a_waiting_dequeue_takes_a_delayed_message_soon_after_its_time(queues):
+    """Lateness stays far below a BLMOVE timeout's precision (the server's hz)."""
+    queue, producer = queues(), queues()
+    late = []
+    for i in range(5):
+        producer.schedule([f"id-{i}", "Task"], delay=0.25)
+        due = time.monotonic() + 0.25
+        message = queue.dequeue(timeout=10)
+        late.append(time.monotonic() - due)
+        assert message == [f"id-{i}", "Task"]
+        queue.ack(message)
+    assert sorted(late)[2] < 0.05, late
+
+
+def test_a_late_ack_of_a_prioritised_message(queues, client, name):
+    """Recovered into waiting:<p> and not yet taken: the late ack removes it there."""
+    dead, other = queues(lease=0.3), queues(lease=0.3)
+    dead.schedule(["id-high", "Task"], priority=5)
+    message = dead.dequeue()
+    wait_for(lambda: swept(other) == 1, 10)
+    dead.ack(message)
+    assert len(other) == 0 and other.dequeue() is None
+    assert not client.exists(f"tempest:{{{name}}}:waiting:5")
