@@ -96,7 +96,8 @@ def test_ready_status_watchdog_and_stopping(tmp_path):
     """READY=1 with a STATUS, STATUS updates, WATCHDOG=1 at half WATCHDOG_USEC, STOPPING=1."""
     with under_systemd(tmp_path, WATCHDOG_USEC="200000") as (run, systemd):
         ready = fields(systemd.wait(lambda d: "READY=1" in d))
-        assert ready["STATUS"] == "0 processed, 0 running, 0 queued, 0 scheduled, 0 failed, 0 timed out"
+        assert ready["STATUS"] == ("0 processed, 0 running, 0 queued, 0 scheduled, 0 failed, "
+                                   "0 timed out")
         assert systemd.received[0][1].startswith("READY=1")  # nothing before READY
         window = systemd.collect(2.5)
         pings = [t for t, d in window if d == "WATCHDOG=1"]
