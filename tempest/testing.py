@@ -79,6 +79,28 @@ def _until(predicate: Any, timeout: float) -> Any:
     return None
 
 
+def _while_dequeue_waits(queue: Any, store: Any) -> tuple[Any, float]:
+    """Call *store* while a thread waits in ``queue.dequeue(timeout=10)``.
+
+    Returns what the dequeue returned and the seconds from *store* to then.
+    """
+    result: list[Any] = []
+    waiting = threading.Event()
+
+    def consume() -> None:
+        waiting.set()
+        result.append(queue.dequeue(timeout=10))
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    waiting.wait(5)
+    threading.Event().wait(0.2)  # let it block (the test holds either way)
+    started = time.monotonic()
+    store()
+    thread.join(15)
+    return (result[0] if result else None), time.monotonic() - started
+
+
 class QueueContract:
     """The behaviour tempest's engine relies on, as a pytest test class.
 
@@ -541,22 +563,10 @@ class QueueContract:
             pytest.skip("dequeue takes no timeout")
         producer = self._queue()
         producer.schedule(["id-far", "Task"], delay=60)
-        result: list[Any] = []
-        waiting = threading.Event()
-
-        def consume() -> None:
-            waiting.set()
-            result.append(queue.dequeue(timeout=10))
-
-        thread = threading.Thread(target=consume)
-        thread.start()
-        waiting.wait(5)
-        threading.Event().wait(0.2)  # let it block (the test holds either way)
-        started = time.monotonic()
-        producer.schedule(["id-near", "Task"], delay=0.3)
-        thread.join(15)
-        assert result and result[0] is not None and list(result[0]) == ["id-near", "Task"]
-        assert time.monotonic() - started < 3.0
+        message, took = _while_dequeue_waits(
+            queue, lambda: producer.schedule(["id-near", "Task"], delay=0.3))
+        assert message is not None and list(message) == ["id-near", "Task"]
+        assert took < 3.0
 
     def test_waiting_dequeue_wakes_for_a_priority_message(self) -> None:
         """A waiting dequeue returns at once a message stored ready with a priority."""
@@ -564,22 +574,10 @@ class QueueContract:
         if not _accepts_timeout(queue):
             pytest.skip("dequeue takes no timeout")
         producer = self._queue()
-        result: list[Any] = []
-        waiting = threading.Event()
-
-        def consume() -> None:
-            waiting.set()
-            result.append(queue.dequeue(timeout=10))
-
-        thread = threading.Thread(target=consume)
-        thread.start()
-        waiting.wait(5)
-        threading.Event().wait(0.2)  # let it block (the test holds either way)
-        started = time.monotonic()
-        producer.schedule(["id-vip", "Task"], priority=9)
-        thread.join(15)
-        assert result and result[0] is not None and list(result[0]) == ["id-vip", "Task"]
-        assert time.monotonic() - started < 3.0
+        message, took = _while_dequeue_waits(
+            queue, lambda: producer.schedule(["id-vip", "Task"], priority=9))
+        assert message is not None and list(message) == ["id-vip", "Task"]
+        assert took < 3.0
 
     def test_waiting_dequeue_wakes_on_enqueue_while_messages_are_delayed(self) -> None:
         """With delayed messages waiting, a plain enqueue still wakes a waiting dequeue."""
@@ -588,22 +586,9 @@ class QueueContract:
             pytest.skip("dequeue takes no timeout")
         producer = self._queue()
         producer.schedule(["id-far", "Task"], delay=60)
-        result: list[Any] = []
-        waiting = threading.Event()
-
-        def consume() -> None:
-            waiting.set()
-            result.append(queue.dequeue(timeout=10))
-
-        thread = threading.Thread(target=consume)
-        thread.start()
-        waiting.wait(5)
-        threading.Event().wait(0.2)  # let it block (the test holds either way)
-        started = time.monotonic()
-        producer.enqueue(["id-now", "Task"])
-        thread.join(15)
-        assert result and result[0] is not None and list(result[0]) == ["id-now", "Task"]
-        assert time.monotonic() - started < 3.0
+        message, took = _while_dequeue_waits(queue, lambda: producer.enqueue(["id-now", "Task"]))
+        assert message is not None and list(message) == ["id-now", "Task"]
+        assert took < 3.0
 
     def test_dequeue_many_takes_by_priority_and_never_early(self) -> None:
         """dequeue_many gives ready messages by priority and none before its time."""
