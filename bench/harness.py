@@ -107,10 +107,13 @@ def snapshot(into: Path) -> dict[str, Any]:
     return {"tempest_sha256": digest.hexdigest()[:16], "tempest_files": len(files)}
 
 
-def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+def _spawn(args: list[str], code: Path | None = None, **kwargs: Any
+           ) -> subprocess.Popen[Any]:
+    """Start a runner importing tempest and bench from *code* (default: the snapshot)."""
+    code = code or _code
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(_code), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.Popen(args, cwd=_code, env=env, start_new_session=True,
+        p for p in (str(code), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen(args, cwd=code, env=env, start_new_session=True,
                             text=True, **kwargs)
     _live.add(proc)
     return proc
@@ -154,9 +157,10 @@ class Harness:
                 "threads": self.config["threads"], "ns": ns, "tmp": str(self.tmp / ns),
                 **fields}
 
-    def run_one(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """One runner process, bounded by *timeout* seconds."""
-        proc = _spawn([sys.executable, "-m", "bench.runner", json.dumps(spec)],
+    def run_one(self, spec: dict[str, Any], timeout: float, code: Path | None = None
+                ) -> dict[str, Any]:
+        """One runner process, bounded by *timeout* seconds, on *code* (the snapshot)."""
+        proc = _spawn([sys.executable, "-m", "bench.runner", json.dumps(spec)], code,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)

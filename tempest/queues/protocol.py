@@ -52,6 +52,30 @@ at=, priority=)``           the queue's clock, or at POSIX time ``at`` (neither:
 ``last_fired(schedule)``    the latest slot of *schedule* still remembered, or None
 ==========================  =======================================================
 
+Retries and the failed store (all of them, or none: the engine looks for
+``retry`` and ``fail``):
+
+===============================  ==================================================
+method                           what it buys
+===============================  ==================================================
+``attempts(m)``                  how many failed attempts are stored with *m*, a
+                                 message this queue object handed out (0: its first
+                                 run). ``Task.attempt`` is one more
+``retry(m, *, delay,``           settle *m* and store it again to run in *delay*
+``failed_at)``                   seconds, one failed attempt more. Task option
+                                 ``retries > 0`` needs it
+``fail(m, record, *, keep,       settle *m* and put it in the failed store;
+ttl)``                           returns how many old entries the bounds dropped
+``failed(limit, offset)``        entries of the failed store, latest failure first
+``failed_count()``               entries in the failed store
+``find_failed(task_id)``         one entry, or None
+``retry_failed(task_id)``        the entry back into the queue, ready now, attempts
+                                 reset: True, or False if there is no such entry
+``retry_failed_all()``           every entry back: how many
+``delete_failed(task_id)``       forget the entry: True, or False if there was none
+``purge_failed()``               forget every entry: how many
+===============================  ==================================================
+
 The engine passes ``ack``, ``reject`` and ``requeue`` the very object that
 ``dequeue`` returned. Durable queues use that identity to find the stored
 row (see :class:`Leases`), so the message itself needs no hidden fields.
@@ -106,6 +130,47 @@ recorded (long after the message ran and was acked, so a late engine cannot
 fire the slot again). Slots are floats, compared exactly (engines pass them
 rounded to whole milliseconds). ``last_fired(schedule)`` is the latest slot of
 *schedule* still remembered, or None.
+
+Retries and the failed store
+----------------------------
+``attempts(m)`` is read from what the queue stored with the message, never
+from the message: a message comes back ``[task_id, task_name, *args]`` on
+every attempt. The count grows only by ``retry``: a message redelivered after
+its lease ran out (its engine died) or given back by ``requeue`` keeps the
+count it had, so a crash is never counted as a failed attempt.
+
+``retry(m, *, delay, failed_at)``, in one atomic step where the backend has
+them: settles *m* (as ``ack`` does) and stores it again -- its priority
+kept, ``attempts`` one higher, its first failure time set to *failed_at*
+(POSIX seconds) unless it has one already -- to become ready *delay* seconds
+from now (the queue's clock; ``delay`` >= 0). A crash at any point leaves
+either the leased message (redelivered after its lease, same count) or the
+retried one: never neither, never both.
+
+``fail(m, record, *, keep, ttl)``, in one atomic step too: settles *m* and
+stores an entry under ``record["task_id"]`` in the failed store (replacing
+an entry with that id). *record* holds ``task_id``, ``task`` (the name),
+``args`` (a list), ``attempts`` (the attempts made, this one included),
+``error_type``, ``error`` (the message), ``traceback`` (text) and
+``last_failed_at`` (POSIX seconds). The queue adds ``first_failed_at`` (the
+*failed_at* of the message's first ``retry``, or ``last_failed_at`` if it
+never had one), ``priority`` and ``expires_at`` (``last_failed_at + ttl``).
+Then it drops the entries past their ``expires_at`` and, beyond *keep*
+entries, the ones that failed longest ago; it returns how many it dropped.
+An entry past its ``expires_at`` is never listed or counted, even before
+it is dropped.
+
+The engine passes *m* with its task id filled in (``m[0]``, where the
+message had none), and the queue stores *m* as given: the retried message
+and the failed entry keep the id that the attempt's log lines carry.
+
+``failed(limit=100, offset=0)`` lists entries (dicts with the keys above),
+the latest ``last_failed_at`` first. ``retry_failed(task_id)`` removes the
+entry and stores ``[task_id, task, *args]`` again, ready now, with its
+priority and ``attempts`` 0, in one atomic step: a crash leaves the entry or
+the message. ``retry_failed_all()`` does that for every entry (entries
+failing meanwhile may or may not be included) and returns how many.
+``delete_failed(task_id)``, ``purge_failed()``: forget entries.
 """
 
 from __future__ import annotations
@@ -123,11 +188,15 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_LEASE",
     "DEFAULT_MAX_DELIVERIES",
+    "FAILED_FIELDS",
+    "FAILED_METHODS",
+    "FailingQueue",
     "Leases",
     "POISON_REASON",
     "PRIORITY_MAX",
     "PRIORITY_MIN",
     "Queue",
+    "RETRY_METHODS",
     "ReliableQueue",
     "SchedulingQueue",
     "decode",
@@ -221,6 +290,53 @@ class SchedulingQueue(Queue, Protocol):
 
     def last_fired(self, schedule: str) -> float | None:
         """The latest slot of *schedule* still remembered, or None."""
+
+
+@runtime_checkable
+class FailingQueue(Queue, Protocol):
+    """A queue that retries messages later and keeps the ones that failed for good."""
+
+    def attempts(self, message: Any) -> int:
+        """Failed attempts stored with *message*, which this queue object handed out."""
+
+    def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
+        """Settle *message* and store it again, ready in *delay* seconds, one attempt more."""
+
+    def fail(self, message: Any, record: dict[str, Any], *, keep: int, ttl: float) -> int:
+        """Settle *message* into the failed store; return how many old entries were dropped."""
+
+    def failed(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Entries of the failed store, latest failure first."""
+
+    def failed_count(self) -> int:
+        """Entries in the failed store."""
+
+    def find_failed(self, task_id: str) -> dict[str, Any] | None:
+        """The entry of *task_id*, or None."""
+
+    def retry_failed(self, task_id: str) -> bool:
+        """Move the entry of *task_id* back into the queue, ready now; False if none."""
+
+    def retry_failed_all(self) -> int:
+        """Move every entry back into the queue; return how many."""
+
+    def delete_failed(self, task_id: str) -> bool:
+        """Forget the entry of *task_id*; False if there was none."""
+
+    def purge_failed(self) -> int:
+        """Forget every entry; return how many."""
+
+
+FAILED_FIELDS = ("task_id", "task", "args", "attempts", "error_type", "error", "traceback",
+                 "first_failed_at", "last_failed_at", "priority", "expires_at")
+"""The keys of a failed-store entry, as ``failed()`` and ``find_failed()`` return it."""
+
+RETRY_METHODS = ("attempts", "retry")
+"""What a queue needs for retries."""
+
+FAILED_METHODS = ("fail", "failed", "failed_count", "find_failed", "retry_failed",
+                  "retry_failed_all", "delete_failed", "purge_failed")
+"""What a queue needs for the failed store."""
 
 
 def priority(value: object, argument: str = "priority") -> int:
