@@ -8,6 +8,7 @@ anywhere and ``run()`` the engine.
 from tempest.engine import Engine
 from tempest.exceptions import (
     ConfigurationError,
+    Retry,
     TaskTimeout,
     TempestError,
     TooManyAbandoned,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigurationError",
     "Engine",
+    "Retry",
     "Task",
     "TaskTimeout",
     "TempestError",

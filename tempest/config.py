@@ -110,6 +110,13 @@ def non_negative_int(value: Any) -> int:
     return value
 
 
+def boolean(value: Any) -> bool:
+    """True or False."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"must be True or False, not {value!r}")
+    return value
+
+
 def seconds_or_none(value: Any) -> float | None:
     """None, or a positive number of seconds."""
     if value is None:
@@ -118,6 +125,13 @@ def seconds_or_none(value: Any) -> float | None:
         raise ConfigurationError(
             f"must be a positive number of seconds or None, not {value!r}"
         )
+    return float(value)
+
+
+def positive_seconds(value: Any) -> float:
+    """A positive number of seconds (not None)."""
+    if not _is_number(value) or not value > 0 or value == float("inf"):
+        raise ConfigurationError(f"must be a positive number of seconds, not {value!r}")
     return float(value)
 
 

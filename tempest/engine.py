@@ -8,7 +8,7 @@ import math
 import threading
 from typing import Any, ClassVar
 
-from tempest import config, periodic
+from tempest import config, periodic, retries
 from tempest.control import Control
 from tempest.exceptions import ConfigurationError, TempestError, Unsupported
 from tempest.messages import encode, new_task_id
@@ -56,6 +56,13 @@ class Engine:
             config.Option("after_success", None, config.callable_or_none),
             config.Option("after_failure", None, config.callable_or_none),
             config.Option("after_timeout", None, config.callable_or_none),
+            config.Option("after_retry", None, config.callable_or_none),
+            config.Option("retries", 0, config.non_negative_int),
+            config.Option("retry_on", None, retries.retry_on),
+            config.Option("retry_delay", 1.0, retries.retry_delay),
+            config.Option("retry_max_delay", 3600.0, config.non_negative_seconds),
+            config.Option("failed_max", 10_000, config.positive_int),
+            config.Option("failed_ttl", 30 * 86400.0, config.positive_seconds),
             config.Option("periodic", (), config.periodic),
         )
     }
@@ -239,23 +246,93 @@ class Engine:
     def stats(cls) -> dict[str, Any]:
         """Counters of the running engine, or of its last run.
 
-        Keys: ``processed``, ``succeeded``, ``failed``, ``timed_out``,
-        ``rejected`` (bad input), ``running`` (messages a worker has in hand:
-        not those taken in a batch for workers still on their way), ``threads``,
-        ``abandoned`` (cumulative), ``uptime`` (seconds), ``queued`` (ready
-        messages) where the queue has ``__len__`` and ``scheduled`` (messages
-        waiting for their time) where it has ``scheduled_count``.
+        Keys: ``processed`` (attempts that ended), ``succeeded``, ``failed`` and
+        ``timed_out`` (final attempts), ``retried`` (attempts that failed or
+        timed out with another one scheduled), ``rejected`` (bad input),
+        ``running`` (messages a worker has in hand: not those taken in a batch
+        for workers still on their way), ``threads``, ``abandoned``
+        (cumulative), ``failed_dropped`` (failed-store entries this run's
+        failures pushed out past ``failed_max`` or ``failed_ttl``), ``uptime``
+        (seconds); ``queued`` (ready messages) where the queue has ``__len__``,
+        ``scheduled`` (messages waiting for their time) where it has
+        ``scheduled_count``, ``failed_stored`` (failed-store entries) where it
+        has ``failed_count``.
         """
         state = cls._state
         runtime = state.control.runtime if state.control else state.last
         if runtime is None:
             stats: dict[str, Any] = dict.fromkeys(
                 ("processed", "succeeded", "failed", "timed_out", "rejected", "running",
-                 "abandoned"), 0)
+                 "abandoned", "retried", "failed_dropped"), 0)
             stats.update(threads=cls._options["threads"], uptime=0.0)
             stats.update(queue_counts(cls._options["queue"]))
             return stats
         return runtime.stats()
+
+    # -- the failed store ----------------------------------------------------------------
+
+    @classmethod
+    def failed(cls, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Entries of the queue's failed store, the latest failure first.
+
+        Each is a dict: ``task_id``, ``task``, ``args``, ``attempts``,
+        ``error_type``, ``error``, ``traceback``, ``first_failed_at``,
+        ``last_failed_at``, ``expires_at`` (POSIX seconds) and ``priority``.
+        """
+        for name, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, not {value!r}")
+        return cls._store("failed")(limit=limit, offset=offset)  # type: ignore[no-any-return]
+
+    @classmethod
+    def failed_count(cls) -> int:
+        """How many entries the failed store holds."""
+        return cls._store("failed_count")()  # type: ignore[no-any-return]
+
+    @classmethod
+    def failed_task(cls, task_id: str) -> dict[str, Any]:
+        """The failed-store entry of *task_id* (see :meth:`failed`); KeyError if none."""
+        entry = cls._store("find_failed")(_task_id(task_id))
+        if entry is None:
+            raise KeyError(f"no failed task {task_id!r} in the failed store")
+        return entry  # type: ignore[no-any-return]
+
+    @classmethod
+    def retry_failed(cls, task_id: str) -> None:
+        """Run a failed task again: enqueued now, same id, attempts counted from 1.
+
+        KeyError if the failed store has no entry for *task_id*.
+        """
+        if not cls._store("retry_failed")(_task_id(task_id)):
+            raise KeyError(f"no failed task {task_id!r} in the failed store")
+
+    @classmethod
+    def retry_failed_all(cls) -> int:
+        """Run every failed task again (see :meth:`retry_failed`); return how many."""
+        return cls._store("retry_failed_all")()  # type: ignore[no-any-return]
+
+    @classmethod
+    def delete_failed(cls, task_id: str) -> None:
+        """Forget a failed task; KeyError if the failed store has no entry for it."""
+        if not cls._store("delete_failed")(_task_id(task_id)):
+            raise KeyError(f"no failed task {task_id!r} in the failed store")
+
+    @classmethod
+    def purge_failed(cls) -> int:
+        """Forget every failed task; return how many."""
+        return cls._store("purge_failed")()  # type: ignore[no-any-return]
+
+    @classmethod
+    def _store(cls, method: str) -> Any:
+        """The queue's failed-store *method*; Unsupported where the queue lacks it."""
+        queue = cls._options["queue"]
+        found = getattr(queue, method, None)
+        if not callable(found):
+            raise Unsupported(
+                f"{cls.__name__}.{method}(): the queue {type(queue).__name__} has no "
+                f"{method}() method, so it keeps no failed tasks. Use a built-in queue, or "
+                f"add the failed-store methods to yours (see tempest.queues.protocol)")
+        return found
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -290,6 +367,12 @@ class Engine:
                 state.last = control.runtime
                 if keep_error and control.runtime.error is not None:
                     state.error = control.runtime.error
+
+
+def _task_id(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"a task id is a non-empty string, not {value!r}")
+    return value
 
 
 def _when(delay: object, at: object) -> tuple[float | None, float | None]:

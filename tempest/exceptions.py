@@ -9,7 +9,8 @@
                ├── ConfigurationError   a bad configure block, option or extra
                ├── UnknownTask          a task name that no Task class registered
                ├── TooManyAbandoned     more stuck threads than ``max_abandoned``
-               └── Unsupported          the queue lacks what a call needs (scheduling)
+               ├── Unsupported          the queue lacks what a call needs (scheduling)
+               └── Retry                raised by a task: run me again later
 
 ``TaskTimeout`` derives from ``BaseException`` on purpose: task code that says
 ``except Exception`` must not swallow the engine's request to stop.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "Retry",
     "TaskTimeout",
     "TempestError",
     "TooManyAbandoned",
@@ -59,6 +61,28 @@ class Unsupported(TempestError):
     ``submit(..., delay=, at=, priority=)`` on a queue without ``schedule``,
     say. The message names the queue and the methods; nothing was enqueued.
     """
+
+
+class Retry(TempestError):
+    """Raise it in ``process`` to run the task again later: ``raise Retry(delay=5)``.
+
+    It counts against the task's ``retries`` like any failed attempt, whatever
+    ``retry_on`` says; *delay* (seconds >= 0) replaces the backoff's delay for
+    this retry (None: the backoff decides). With no retries left the attempt
+    is a failure like another, and the task goes to the failed store.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        if delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+                raise TypeError(f"Retry(delay=) takes seconds or None, not {delay!r}")
+            if not 0 <= delay < float("inf"):
+                raise ValueError(f"Retry(delay=) must be a finite number >= 0, not {delay!r}")
+            delay = float(delay)
+        super().__init__(reason or ("retry asked for" if delay is None
+                                    else f"retry asked for in {delay:g}s"))
+        self.delay = delay
+        self.reason = reason
 
 
 class TaskTimeout(BaseException):

@@ -321,7 +321,8 @@ class Logs:
             line = line.replace("\n", "\\n").replace("\r", "\\r")
         self.main_file.write(line + "\n")
 
-    def success_line(self, task_id: str, task: str, duration: float) -> None:
+    def success_line(self, task_id: str, task: str, duration: float, attempt: int = 1
+                     ) -> None:
         """``main_line(INFO, "task ended", ..., outcome="success", ...)``, made cheaper.
 
         One line per task is the engine's costliest log line: in text, it is
@@ -331,7 +332,7 @@ class Logs:
             return
         if self.json:
             self.main_line(logging.INFO, "task ended", task_id=task_id, task=task,
-                           outcome="success", duration=round(duration, 6))
+                           outcome="success", duration=round(duration, 6), attempt=attempt)
             return
         name = _rendered_names.get(task)
         if name is None:
@@ -339,7 +340,7 @@ class Logs:
         tid = task_id if _BARE.fullmatch(task_id) else _text_value(task_id)
         self.main_file.write(
             f"{_timestamp(time.time())} INFO    task ended task_id={tid} task={name} "
-            f"outcome=success duration={_text_value(round(duration, 6))}\n")
+            f"outcome=success duration={_text_value(round(duration, 6))} attempt={attempt}\n")
 
     def enabled(self, level: int) -> bool:
         """Whether lines at *level* are written."""

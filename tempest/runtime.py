@@ -37,6 +37,20 @@ runs the task again (at-least-once, never at-most-once, where the queue acks).
 A task still running when a drain ends is *interrupted*: not acked, given back
 (``requeue`` where the queue has it, else left for the queue's redelivery, or
 for a queue with neither re-enqueued), so at worst it runs twice.
+
+Retries and the failed store
+----------------------------
+A failed or timed-out attempt with retries left is settled by the queue's
+``retry`` instead of ``ack``: in one step the leased message is replaced by
+the same message, delayed, one attempt more. A final failure is settled by
+``fail``: in one step the leased message becomes an entry of the failed
+store. Both run after the outcome is logged and the callbacks ran, like an
+ack. So a crash before the step leaves the message leased: it is delivered
+again after its lease with the count it had (the crash is not a failed
+attempt), and that attempt runs again. A crash after it leaves the retry or
+the entry. Where ``retry`` or ``fail`` itself raises (the server is gone),
+the message is left leased, with the same result. Nothing is lost between
+a failure and its retry or entry; an attempt can run twice.
 """
 
 from __future__ import annotations
@@ -57,8 +71,9 @@ from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
 from tempest.messages import BadMessage, new_task_id, parse
 from tempest.periodic import Scheduler
 from tempest.pool import ABANDONED, INTERRUPTED, TIMEOUT, WORKER, Slot, Supervisor
-from tempest.queues.protocol import DEFAULT_HEARTBEAT
-from tempest.task import UNSET, Task
+from tempest.queues.protocol import DEFAULT_HEARTBEAT, FAILED_METHODS, RETRY_METHODS
+from tempest.retries import Policy, failed_record, thread_stack
+from tempest.task import UNSET, Task, _registry
 
 if TYPE_CHECKING:
     from tempest.engine import Engine
@@ -98,6 +113,11 @@ def _describe(exc: BaseException) -> str:
     except Exception:  # noqa: BLE001 - a task's broken __str__ must not kill the worker
         text = "<exception str() failed>"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def missing(queue: Any, methods: tuple[str, ...]) -> list[str]:
+    """Which of *methods* the queue lacks."""
+    return [name for name in methods if not callable(getattr(queue, name, None))]
 
 
 def _heartbeat_interval(queue: Any) -> float:
@@ -142,6 +162,18 @@ class Runtime:
         self._ack = getattr(self.queue, "ack", None)
         self._reject_to = getattr(self.queue, "reject", None)
         self.guarantee = "at-least-once" if callable(self._ack) else "at-most-once"
+        lacking = missing(self.queue, RETRY_METHODS)
+        if options["retries"] and lacking:
+            raise ConfigurationError(
+                f"{engine.__name__}.configure.retries = {options['retries']}: the queue "
+                f"{type(self.queue).__name__} has no "
+                f"{' or '.join(name + '()' for name in lacking)} method, so a failed task "
+                f"cannot be stored to run again; use a built-in queue, or add attempts() "
+                f"and retry() to yours (see tempest.queues.protocol)")
+        self._attempts = None if lacking else self.queue.attempts
+        self._retry = None if lacking else self.queue.retry
+        self._fail = None if missing(self.queue, FAILED_METHODS) else self.queue.fail
+        self._policies: dict[type[Task], Policy] = {}
         self._heartbeat = getattr(self.queue, "heartbeat", None)
         self.heartbeat_interval = _heartbeat_interval(self.queue)
         self._heartbeat_thread: threading.Thread | None = None
@@ -166,6 +198,7 @@ class Runtime:
         self.last_progress = self.started_at
         self.processed = self.succeeded = self.failed = self.timed_out = 0
         self.rejected = self.running = self.abandoned = 0
+        self.retried = self.failed_dropped = 0
         self.slots: list[Slot] = []
         self.supervisor = Supervisor(self._on_timeout, self._on_abandon, ABANDON_GRACE)
 
@@ -208,6 +241,14 @@ class Runtime:
         self.started_at = self.last_progress = time.monotonic()
         self.logs.always.info("started", engine=self.name, threads=self.threads,
                               queue=type(self.queue).__name__, guarantee=self.guarantee)
+        if self._retry is None:
+            cannot = sorted(name for name, cls in list(_registry.items())
+                            if self._policy(cls).retries)
+            if cannot:
+                self.logs.always.warning(
+                    "retries unavailable", tasks=cannot, queue=type(self.queue).__name__,
+                    missing=missing(self.queue, RETRY_METHODS),
+                    effect="their failures are final on this engine")
         self.supervisor.start()
         if callable(self._heartbeat):
             self._heartbeat_thread = threading.Thread(
@@ -424,6 +465,8 @@ class Runtime:
         task.args = args
         task.engine = self.engine
         task._logs = self.logs
+        if self._attempts is not None:
+            task.attempt = self._attempts(message) + 1
         timeout = self.default_timeout if cls.timeout is UNSET else cls.timeout
         run = slot.begin(task, message, timeout, self)
         if run is None:  # the drain ended between dequeue and start
@@ -432,7 +475,8 @@ class Runtime:
             return INTERRUPTED
         task_scope(self.logs, task.task_id)
         if self.logs.level <= DEBUG:
-            task.task_logger.debug("started", task=cls.task_name, args=list(args))
+            task.task_logger.debug("started", task=cls.task_name, args=list(args),
+                                   attempt=task.attempt)
         started = time.perf_counter()
         try:
             try:
@@ -461,40 +505,125 @@ class Runtime:
     def _finish(self, task: Task, message: Any, result: Any, error: BaseException | None,
                 duration: float) -> None:
         name = task.task_name
+        outcome = "succeeded"
         if error is None:
-            self.logs.success_line(task.task_id, name, duration)
+            self.logs.success_line(task.task_id, name, duration, task.attempt)
             self._callback(task, "after_success", result)
+            self._acknowledge(task.task_id, message)
         else:
-            self.logs.main_line(ERROR, "task ended", task_id=task.task_id, task=name,
-                                outcome="failure", duration=round(duration, 6),
-                                error=_describe(error))
-            task.task_logger.error("failed", error=_describe(error), exc_info=error)
-            self._callback(task, "after_failure", error)
-        self._acknowledge(task.task_id, message)
+            delay = self._retry_in(task, error)
+            fields = {"task_id": task.task_id, "task": name, "outcome": "failure",
+                      "duration": round(duration, 6), "attempt": task.attempt}
+            if delay is not None:
+                outcome = "retried"
+                self.logs.main_line(WARNING, "task ended", **fields, retry_in=round(delay, 3),
+                                    error=_describe(error))
+                task.task_logger.warning("failed, will retry", attempt=task.attempt,
+                                         retry_in=round(delay, 3), error=_describe(error),
+                                         exc_info=error)
+                self._callback(task, "after_retry", error, delay)
+                self._send_retry(task, message, delay)
+            else:
+                outcome = "failed"
+                self.logs.main_line(ERROR, "task ended", **fields, error=_describe(error))
+                task.task_logger.error("failed", attempt=task.attempt, error=_describe(error),
+                                       exc_info=error)
+                self._callback(task, "after_failure", error)
+                self._final_failure(task, message, error)
         # Counted once everything about the message is done, so that a stats()
         # reader never sees it processed while its callbacks still run.
         with self._lock:
             self.processed += 1
-            if error is None:
-                self.succeeded += 1
-            else:
-                self.failed += 1
+            setattr(self, outcome, getattr(self, outcome) + 1)
             self.running -= 1
+
+    # -- retries and the failed store ------------------------------------------------------
+
+    def _policy(self, cls: type[Task]) -> Policy:
+        """*cls*'s retry options, the engine's where the task sets none (cached)."""
+        policy = self._policies.get(cls)
+        if policy is None:
+            own, engine = cls._options, self.options
+
+            def pick(key: str) -> Any:
+                value = own.get(key, UNSET)
+                return engine[key] if value is UNSET else value
+
+            policy = Policy(pick("retries"), pick("retry_on"), pick("retry_delay"),
+                            pick("retry_max_delay"))
+            self._policies[cls] = policy
+        return policy
+
+    def _retry_in(self, task: Task, error: BaseException) -> float | None:
+        """Seconds until *task*'s next attempt after *error*, or None: this one was final."""
+        policy = self._policy(type(task))
+        if not policy.retries:
+            return None
+        if self._retry is None:
+            return None  # warned at start: "retries unavailable"
+        return policy.decide(task.attempt, error, lambda text: self.logs.main.error(
+            "retry_delay failed", task_id=task.task_id, task=task.task_name, error=text,
+            using="the backoff formula with retry_delay 1"))
+
+    def _send_retry(self, task: Task, message: Any, delay: float) -> None:
+        """Hand *message* back to the queue for its next attempt in *delay* seconds."""
+        _fill_id(message, task.task_id)
+        try:
+            self._retry(message, delay=delay, failed_at=time.time())  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001
+            # Left leased: a reliable queue delivers it again after its lease,
+            # with the attempt count it had; that attempt then runs again.
+            self.logs.main.error("retry failed", task_id=task.task_id, task=task.task_name,
+                                 error=_describe(exc), redelivery=self.guarantee)
+
+    def _final_failure(self, task: Task, message: Any, error: BaseException,
+                       stack: str | None = None) -> None:
+        """Settle the last attempt's *message*: into the failed store, or acked."""
+        if self._fail is None or not type(task)._options.get("keep_failed", True):
+            self._acknowledge(task.task_id, message)
+            return
+        _fill_id(message, task.task_id)
+        record = failed_record(task.task_id, task.task_name, task.args, task.attempt,
+                               error, stack)
+        try:
+            dropped = self._fail(message, record, keep=self.options["failed_max"],
+                                 ttl=self.options["failed_ttl"])
+        except Exception as exc:  # noqa: BLE001 - left leased, like a failed retry
+            self.logs.main.error("failed store write failed", task_id=task.task_id,
+                                 task=task.task_name, error=_describe(exc),
+                                 redelivery=self.guarantee)
+            return
+        if dropped:
+            with self._lock:
+                self.failed_dropped += dropped
 
     def _on_timeout(self, slot: Slot) -> None:
         """Supervisor thread, under the slot lock: log the timeout outcome."""
         task = slot.task
         limit = None if slot.deadline is None else round(slot.deadline - slot.started, 6)
-        self._count("timed_out")
         duration = round(time.monotonic() - slot.started, 6)
+        timeout = TaskTimeout(f"the task outran its timeout of {limit:g}s"
+                              if limit is not None else "")
+        delay = self._retry_in(task, timeout)
+        task._timeout = timeout
+        task._retry_delay = delay
+        if delay is None and self._fail is not None:
+            task._stack = thread_stack(slot.ident)  # the failed store's "traceback"
+        self._count("timed_out" if delay is None else "retried")
+        retry = {} if delay is None else {"retry_in": round(delay, 3)}
         self.logs.main_line(WARNING, "task ended", task_id=task.task_id, task=task.task_name,
-                            outcome="timeout", duration=duration, timeout=limit)
-        task.task_logger.warning("timed out", timeout=limit)
+                            outcome="timeout", duration=duration, attempt=task.attempt,
+                            timeout=limit, **retry)
+        task.task_logger.warning("timed out", timeout=limit, attempt=task.attempt, **retry)
 
     def _after_timeout(self, task: Task, message: Any) -> None:
         task_scope(self.logs, task.task_id)
-        self._callback(task, "after_timeout")
-        self._acknowledge(task.task_id, message)
+        if task._retry_delay is not None:
+            self._callback(task, "after_retry", task._timeout, task._retry_delay)
+            self._send_retry(task, message, task._retry_delay)
+        else:
+            self._callback(task, "after_timeout")
+            self._final_failure(task, message, task._timeout or TaskTimeout(), task._stack)
         self._done()
 
     def _on_abandon(self, slot: Slot, task: Task, message: Any) -> None:
@@ -625,6 +754,7 @@ class Runtime:
                 # Taken in a batch but not yet popped by a worker: not running
                 # yet (a stop gives them back), so not shown as running.
                 "rejected": self.rejected, "running": self.running - len(self._taken),
+                "retried": self.retried, "failed_dropped": self.failed_dropped,
                 "threads": self.threads, "abandoned": self.abandoned,
                 "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
             }
@@ -632,11 +762,19 @@ class Runtime:
         return stats
 
 
+def _fill_id(message: Any, task_id: str) -> None:
+    """Write the id the engine gave a message that came without one into the message."""
+    if isinstance(message, list) and message and message[0] is None:
+        message[0] = task_id
+
+
 def queue_counts(queue: Any) -> dict[str, Any]:
-    """``queued`` and ``scheduled`` for stats(), where the queue counts them (None: failed)."""
+    """``queued``, ``scheduled`` and ``failed_stored`` for stats(), where the queue counts
+    them (None: the count failed)."""
     counts: dict[str, Any] = {}
     for key, count in (("queued", getattr(type(queue), "__len__", None)),
-                       ("scheduled", getattr(type(queue), "scheduled_count", None))):
+                       ("scheduled", getattr(type(queue), "scheduled_count", None)),
+                       ("failed_stored", getattr(type(queue), "failed_count", None))):
         if callable(count):
             try:
                 counts[key] = count(queue)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
-from tempest import config
+from tempest import config, retries
 from tempest.exceptions import ConfigurationError, UnknownTask
 
 if TYPE_CHECKING:
@@ -40,6 +40,17 @@ _OPTIONS = {
         lambda v: UNSET if v is UNSET else config.seconds_or_none(v),
     ),
     "priority": config.Option("priority", 0, config.priority),
+    # UNSET: the engine's option applies (see tempest.retries).
+    "retries": config.Option(
+        "retries", UNSET, lambda v: UNSET if v is UNSET else config.non_negative_int(v)),
+    "retry_on": config.Option(
+        "retry_on", UNSET, lambda v: UNSET if v is UNSET else retries.retry_on(v)),
+    "retry_delay": config.Option(
+        "retry_delay", UNSET, lambda v: UNSET if v is UNSET else retries.retry_delay(v)),
+    "retry_max_delay": config.Option(
+        "retry_max_delay", UNSET,
+        lambda v: UNSET if v is UNSET else config.non_negative_seconds(v)),
+    "keep_failed": config.Option("keep_failed", True, config.boolean),
 }
 
 _registry: dict[str, type[Task]] = {}
@@ -64,6 +75,7 @@ class Task:
     - ``self.task_id``: the message's id (a str);
     - ``self.args``: the message's arguments (a tuple);
     - ``self.engine``: the Engine class running the task;
+    - ``self.attempt``: which attempt this is, from 1 (see ``retries``);
     - ``self.task_logger``: a structlog logger writing to the task log, every
       line prefixed with the task id.
 
@@ -71,6 +83,10 @@ class Task:
     name), ``timeout`` (seconds, overriding the engine's default; ``None``
     means no limit even where the engine sets one) and ``priority`` (the
     default of ``submit(priority=)`` for this task, an int; default 0).
+    ``retries``, ``retry_on``, ``retry_delay`` and ``retry_max_delay``
+    override the engine's options of those names (see :mod:`tempest.retries`);
+    ``keep_failed = False`` keeps the task's final failures out of the failed
+    store (they are logged all the same).
     """
 
     task_name: ClassVar[str]
@@ -85,12 +101,18 @@ class Task:
     task_id: str
     args: tuple[Any, ...]
     engine: type[Engine]
+    attempt: int = 1
+    """Which attempt this is: 1, then 2 on the first retry, and so on."""
 
     _options: ClassVar[dict[str, Any]] = {}
     _signature: ClassVar[inspect.Signature | None] = None
     _arity: ClassVar[tuple[int, float] | None] = None
     _logs: Logs | None = None
     _task_logger: Any = None
+    # Set by the engine's supervisor when the attempt timed out (see Runtime._on_timeout).
+    _timeout: BaseException | None = None
+    _retry_delay: float | None = None
+    _stack: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,6 +167,13 @@ class Task:
 
     def after_timeout(self) -> None:
         """Called after ``process`` outran its timeout. Does nothing by default."""
+
+    def after_retry(self, exc: BaseException, delay: float) -> None:
+        """Called when this attempt failed (*exc*; a TaskTimeout for a timeout) and
+        another is scheduled in *delay* seconds. Does nothing by default.
+
+        ``after_failure`` and ``after_timeout`` run only for the final attempt.
+        """
 
 
 def _arity(signature: inspect.Signature | None) -> tuple[int, float] | None:

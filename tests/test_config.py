@@ -58,6 +58,13 @@ EXPECTED_DEFAULTS = {
     "after_failure": None,
     "after_timeout": None,
     "periodic": (),
+    "after_retry": None,
+    "retries": 0,
+    "retry_on": None,
+    "retry_delay": 1.0,
+    "retry_max_delay": 3600.0,
+    "failed_max": 10_000,
+    "failed_ttl": 30 * 86400.0,
 }
 
 

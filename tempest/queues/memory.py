@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
@@ -26,13 +27,17 @@ _WAKE = _Wake()
 
 
 class _Ranked(list):  # type: ignore[type-arg]
-    """A message of a priority other than 0, as ``dequeue`` hands it out.
+    """A message of a priority other than 0, or one that failed before, as stored and
+    as ``dequeue`` hands it out.
 
-    A list like any other message; ``requeue`` reads its priority back from it.
+    A list like any other message; ``requeue``, ``retry`` and ``fail`` read its
+    priority, failed attempts and first failure time back from it.
     """
 
-    __slots__ = ("priority",)
+    __slots__ = ("attempts", "first_failed_at", "priority")
     priority: int
+    attempts: int
+    first_failed_at: float | None
 
 
 class MemoryQueue:
@@ -51,7 +56,10 @@ class MemoryQueue:
     ready. ``requeue`` puts a message back behind the others of its priority.
 
     Messages the engine rejects (bad input) are kept aside: ``rejected()``
-    lists them with their reasons.
+    lists them with their reasons. ``retry`` stores a failed message again,
+    delayed, its attempt count kept with it; ``fail`` puts a finally failed one
+    in the failed store (``failed()``, ``retry_failed()``, ...), gone with the
+    process like everything else here.
     """
 
     def __init__(self) -> None:
@@ -73,6 +81,8 @@ class MemoryQueue:
         self._fired: dict[str, dict[float, float]] = {}
         self._rejected: list[tuple[Any, str]] = []
         self._rejected_lock = threading.Lock()
+        # The failed store: task id -> entry, the one that failed longest ago first.
+        self._failed: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
     # -- storing ---------------------------------------------------------------------
 
@@ -233,9 +243,8 @@ class MemoryQueue:
                 self._push_ready(priority, due, message)
             if self._ready:
                 neg_priority, _, _, message = heapq.heappop(self._ready)
-                if neg_priority:
-                    message = _Ranked(message)
-                    message.priority = -neg_priority
+                if neg_priority and type(message) is not _Ranked:
+                    message = _ranked(message, -neg_priority)
                 return message, None
             if not scheduled:
                 self._ranked = False  # back to the plain queue alone
@@ -248,10 +257,10 @@ class MemoryQueue:
         """Give back a message that was dequeued but not run: behind those of its priority."""
         priority = getattr(message, "priority", 0)
         if priority == 0:
-            self.enqueue(message)
+            self.enqueue(message)  # a _Ranked message keeps its attempts, as stored
             return
         with self._lock:
-            self._store(list(message), time.time(), priority, time.time())
+            self._store(message, time.time(), priority, time.time())
 
     def reject(self, message: Any, reason: str) -> None:
         """Keep a message the engine could not run, with the reason."""
@@ -262,6 +271,93 @@ class MemoryQueue:
         """The rejected messages so far, oldest first, as (message, reason)."""
         with self._rejected_lock:
             return list(self._rejected)
+
+    # -- retries and the failed store ----------------------------------------------------
+
+    def attempts(self, message: Any) -> int:
+        """Failed attempts stored with *message* (0: its first run)."""
+        return getattr(message, "attempts", 0)
+
+    def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
+        """Store *message* again, ready in *delay* seconds, with one failed attempt more."""
+        again = _ranked(message, getattr(message, "priority", 0))
+        again.attempts = self.attempts(message) + 1
+        again.first_failed_at = getattr(message, "first_failed_at", None) or failed_at
+        now = time.time()
+        with self._lock:
+            self._store(again, now + delay, again.priority, now)
+
+    def fail(self, message: Any, record: dict[str, Any], *, keep: int, ttl: float) -> int:
+        """Put *message*'s final failure in the failed store; return how many entries the
+        bounds (*keep* entries, *ttl* seconds) dropped."""
+        entry = dict(record)
+        entry["first_failed_at"] = (getattr(message, "first_failed_at", None)
+                                    or record["last_failed_at"])
+        entry["priority"] = getattr(message, "priority", 0)
+        entry["expires_at"] = record["last_failed_at"] + ttl
+        now = time.time()
+        with self._lock:
+            failed = self._failed
+            failed.pop(entry["task_id"], None)
+            failed[entry["task_id"]] = entry
+            dropped = 0
+            while failed and (len(failed) > keep
+                              or next(iter(failed.values()))["expires_at"] <= now):
+                failed.popitem(last=False)
+                dropped += 1
+            return dropped
+
+    def failed(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Entries of the failed store, the latest failure first."""
+        now = time.time()
+        with self._lock:
+            live = [dict(e) for e in reversed(self._failed.values()) if e["expires_at"] > now]
+        return live[offset:offset + limit]
+
+    def failed_count(self) -> int:
+        """Entries in the failed store."""
+        now = time.time()
+        with self._lock:
+            return sum(1 for e in self._failed.values() if e["expires_at"] > now)
+
+    def find_failed(self, task_id: str) -> dict[str, Any] | None:
+        """The entry of *task_id*, or None."""
+        with self._lock:
+            entry = self._failed.get(task_id)
+            return dict(entry) if entry is not None and entry["expires_at"] > time.time() \
+                else None
+
+    def retry_failed(self, task_id: str) -> bool:
+        """Move the entry of *task_id* back into the queue, ready now, attempts reset."""
+        with self._lock:
+            entry = self._failed.get(task_id)
+            if entry is None or entry["expires_at"] <= time.time():
+                return False
+            del self._failed[task_id]
+            now = time.time()
+            self._store([entry["task_id"], entry["task"], *entry["args"]], now,
+                        entry["priority"], now)
+            return True
+
+    def retry_failed_all(self) -> int:
+        """Move every entry back into the queue; return how many."""
+        with self._lock:
+            ids = list(self._failed)
+        return sum(self.retry_failed(task_id) for task_id in ids)
+
+    def delete_failed(self, task_id: str) -> bool:
+        """Forget the entry of *task_id*; False if there was none."""
+        with self._lock:
+            entry = self._failed.pop(task_id, None)
+            return entry is not None and entry["expires_at"] > time.time()
+
+    def purge_failed(self) -> int:
+        """Forget every entry; return how many."""
+        now = time.time()
+        with self._lock:
+            count = sum(1 for e in self._failed.values() if e["expires_at"] > now)
+            self._failed.clear()
+            return count
 
     # -- counting --------------------------------------------------------------------
 
@@ -292,3 +388,12 @@ class MemoryQueue:
 
     def __repr__(self) -> str:
         return f"<MemoryQueue waiting={len(self)}>"
+
+
+def _ranked(message: Any, priority: int) -> _Ranked:
+    """A copy of *message* that carries *priority* and, from *message*, its attempts."""
+    ranked = _Ranked(message)
+    ranked.priority = priority
+    ranked.attempts = getattr(message, "attempts", 0)
+    ranked.first_failed_at = getattr(message, "first_failed_at", None)
+    return ranked
