@@ -26,9 +26,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tempest.exceptions import ConfigurationError, Retry, TaskTimeout
+
+if TYPE_CHECKING:
+    from tempest.task import Task
 
 __all__ = ["Policy", "backoff", "failed_record", "retry_delay", "retry_on", "thread_stack"]
 
@@ -116,9 +119,9 @@ class Policy:
         return backoff(attempt, self.delay, self.cap)
 
 
-def failed_record(task_id: str, task: str, args: tuple[Any, ...], attempts: int,
-                  exc: BaseException, stack: str | None = None) -> dict[str, Any]:
-    """The failed-store entry for an attempt that ended with *exc* (see the protocol).
+def failed_record(task: Task, exc: BaseException, stack: str | None = None
+                  ) -> dict[str, Any]:
+    """The failed-store entry for *task*'s attempt that ended with *exc* (see the protocol).
 
     *stack* (text) stands in for the traceback of a timed-out task: where its
     thread was when the time ran out.
@@ -129,7 +132,8 @@ def failed_record(task_id: str, task: str, args: tuple[Any, ...], attempts: int,
         message = str(exc)
     except Exception:  # noqa: BLE001 - a broken __str__ must not lose the task
         message = "<exception str() failed>"
-    return {"task_id": task_id, "task": task, "args": list(args), "attempts": attempts,
+    return {"task_id": task.task_id, "task": task.task_name, "args": list(task.args),
+            "attempts": task.attempt,
             "error_type": type(exc).__name__, "error": message, "traceback": stack,
             "last_failed_at": time.time()}
 

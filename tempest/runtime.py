@@ -583,8 +583,7 @@ class Runtime:
             self._acknowledge(task.task_id, message)
             return
         _fill_id(message, task.task_id)
-        record = failed_record(task.task_id, task.task_name, task.args, task.attempt,
-                               error, stack)
+        record = failed_record(task, error, stack)
         try:
             dropped = self._fail(message, record, keep=self.options["failed_max"],
                                  ttl=self.options["failed_ttl"])
