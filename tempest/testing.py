@@ -18,7 +18,9 @@ redelivery happen within a test. Tests that do not apply to a queue (leases
 for an at-most-once queue, blocking for one without ``dequeue(timeout=)``)
 are skipped, and so are the scheduling tests for a queue without
 ``schedule`` and ``scheduled_count`` (delayed and prioritised messages) or
-without ``fire`` and ``last_fired`` (periodic tasks); see
+without ``fire`` and ``last_fired`` (periodic tasks), and the retry tests
+for a queue without ``attempts``, ``retry``, ``fail`` and the failed-store
+methods; see
 :mod:`tempest.queues.protocol` for what those promise. Override ``put_raw``
 to let the suite store an undecodable message. Needs pytest.
 """
@@ -36,7 +38,14 @@ from typing import Any
 
 import pytest
 
-from tempest.queues.protocol import POISON_REASON, PRIORITY_MAX, PRIORITY_MIN
+from tempest.queues.protocol import (
+    FAILED_FIELDS,
+    FAILED_METHODS,
+    POISON_REASON,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    RETRY_METHODS,
+)
 
 __all__ = ["QueueContract"]
 
@@ -44,6 +53,8 @@ __all__ = ["QueueContract"]
 _AT_MOST_ONCE = "an at-most-once queue (no ack): leases do not apply"
 _NO_SCHEDULE = "the queue has no schedule(): delayed and prioritised messages do not apply"
 _NO_FIRE = "the queue has no fire(): periodic tasks do not apply"
+_NO_RETRY = ("the queue lacks the retry and failed-store methods (attempts, retry, fail, "
+             "failed, ...): retries do not apply")
 
 
 def _accepts_timeout(queue: Any) -> bool:
@@ -697,3 +708,239 @@ class QueueContract:
             t.join(60)
         assert sorted(wins) == slots
         assert sorted(m[0] for m in _drain(handles[0])) == sorted(f"race@{s}" for s in slots)
+
+    # -- retries and the failed store (attempts, retry, fail, failed, ...) ---------------
+
+    def _failing(self, **options: Any) -> Any:
+        queue = self._queue(**options)
+        lacking = [m for m in (*RETRY_METHODS, *FAILED_METHODS)
+                   if not callable(getattr(queue, m, None))]
+        if lacking:
+            pytest.skip(_NO_RETRY)
+        return queue
+
+    def _settle(self, queue: Any, message: Any) -> None:
+        if callable(getattr(queue, "ack", None)):
+            queue.ack(message)
+
+    def _take(self, queue: Any, limit: float = 10.0) -> Any:
+        message, _ = self._wait_for_one(queue, limit)
+        assert message is not None, f"no message within {limit}s"
+        return message
+
+    def _fail_one(self, queue: Any, task_id: str, when: float, *, keep: int = 100,
+                  ttl: float = 3600.0, args: tuple[Any, ...] = (1, "two")) -> int:
+        """Enqueue, take and fail a message of *task_id*; return what fail() returned."""
+        queue.enqueue([task_id, "Task", *args])
+        message = self._take(queue)
+        assert list(message) == [task_id, "Task", *args]
+        return queue.fail(message, _record(task_id, args, when), keep=keep, ttl=ttl)
+
+    def test_a_first_delivery_has_no_failed_attempts(self) -> None:
+        """attempts() is 0 for a message that never failed."""
+        queue = self._failing()
+        queue.enqueue(["id-r0", "Task", 1])
+        message = self._take(queue)
+        assert queue.attempts(message) == 0
+        self._settle(queue, message)
+
+    def test_retry_waits_for_its_delay_and_counts_the_attempt(self) -> None:
+        """A retried message is not ready before its delay; it comes back one attempt up."""
+        queue = self._failing()
+        queue.enqueue(["id-r1", "Task", 1])
+        message = self._take(queue)
+        started = time.monotonic()
+        queue.retry(message, delay=0.4, failed_at=time.time())
+        assert queue.dequeue() is None
+        if callable(getattr(queue, "scheduled_count", None)):
+            assert queue.scheduled_count() == 1
+        again = self._take(queue)
+        assert time.monotonic() - started >= 0.3
+        assert list(again) == ["id-r1", "Task", 1]
+        assert queue.attempts(again) == 1
+        queue.retry(again, delay=0, failed_at=time.time())
+        third = self._take(queue)
+        assert queue.attempts(third) == 2
+        self._settle(queue, third)
+        assert _drain(queue) == []
+
+    def test_retry_keeps_the_priority(self) -> None:
+        """A retried message takes its turn at its own priority again."""
+        queue = self._failing()
+        if not callable(getattr(queue, "schedule", None)):
+            pytest.skip(_NO_SCHEDULE)
+        queue.schedule(["id-high", "Task"], priority=7)
+        message = self._take(queue)
+        queue.enqueue(["id-plain", "Task"])
+        queue.retry(message, delay=0, failed_at=time.time())
+        assert [m[0] for m in _drain(queue)] == ["id-high", "id-plain"]
+
+    def test_retry_stores_the_message_as_given(self) -> None:
+        """The engine fills in a missing task id before retry(): the queue keeps it."""
+        queue = self._failing()
+        queue.enqueue([None, "Task", 3])
+        message = self._take(queue)
+        message[0] = "id-filled"
+        queue.retry(message, delay=0, failed_at=time.time())
+        again = self._take(queue)
+        assert list(again) == ["id-filled", "Task", 3]
+        self._settle(queue, again)
+
+    def test_requeue_keeps_the_attempts(self) -> None:
+        """A message given back unrun keeps the count of its failed attempts."""
+        queue = self._failing()
+        if not callable(getattr(queue, "requeue", None)):
+            pytest.skip("the queue has no requeue")
+        queue.enqueue(["id-rq", "Task"])
+        queue.retry(self._take(queue), delay=0, failed_at=time.time())
+        message = self._take(queue)
+        queue.requeue(message)
+        again = self._take(queue)
+        assert queue.attempts(again) == 1
+        self._settle(queue, again)
+
+    def test_a_redelivered_message_keeps_its_attempts(self) -> None:
+        """A crash is not a failed attempt: after the lease, the count is what it was."""
+        dead = self._failing(lease=0.5)
+        if not callable(getattr(dead, "ack", None)):
+            pytest.skip(_AT_MOST_ONCE)
+        dead.enqueue(["id-crash", "Task"])
+        dead.retry(self._take(dead), delay=0, failed_at=time.time())
+        assert dead.attempts(self._take(dead)) == 1  # ...and its consumer dies
+        other = self._failing(lease=0.5)
+        again = _until(other.dequeue, 10.0)
+        assert again is not None and list(again) == ["id-crash", "Task"]
+        assert other.attempts(again) == 1
+        other.ack(again)
+
+    def test_a_retried_message_is_settled(self) -> None:
+        """retry() settles the delivery: it is not delivered again after its lease."""
+        queue = self._failing(lease=0.3)
+        if not callable(getattr(queue, "ack", None)):
+            pytest.skip(_AT_MOST_ONCE)
+        queue.enqueue(["id-once", "Task"])
+        message = self._take(queue)
+        queue.retry(message, delay=0, failed_at=time.time())
+        with pytest.raises(ValueError):
+            queue.ack(message)
+        again = self._take(queue)
+        queue.ack(again)
+        assert _until(self._failing(lease=0.3).dequeue, 1.0) is None
+
+    def test_fail_stores_an_entry_and_settles_the_message(self) -> None:
+        """fail() keeps the record with the first failure time; the message is gone."""
+        queue = self._failing(lease=0.3)
+        if callable(getattr(queue, "schedule", None)):
+            queue.schedule(["id-f", "Task", 1, {"k": [2]}], priority=3)
+        else:
+            queue.enqueue(["id-f", "Task", 1, {"k": [2]}])
+        first = time.time() - 30
+        queue.retry(self._take(queue), delay=0, failed_at=first)
+        message = self._take(queue)
+        last = time.time()
+        record = _record("id-f", (1, {"k": [2]}), last, attempts=2)
+        assert queue.fail(message, record, keep=100, ttl=3600) == 0
+        entry = queue.find_failed("id-f")
+        assert entry is not None and set(entry) == set(FAILED_FIELDS)
+        assert entry["task"] == "Task" and entry["args"] == [1, {"k": [2]}]
+        assert entry["attempts"] == 2 and entry["error_type"] == "ValueError"
+        assert entry["error"] == "bad value" and "Traceback" in entry["traceback"]
+        assert abs(entry["first_failed_at"] - first) < 0.01
+        assert abs(entry["last_failed_at"] - last) < 0.01
+        assert abs(entry["expires_at"] - (last + 3600)) < 0.01
+        assert entry["priority"] == (3 if callable(getattr(queue, "schedule", None)) else 0)
+        assert queue.failed_count() == 1 and queue.failed() == [entry]
+        if callable(getattr(queue, "ack", None)):
+            with pytest.raises(ValueError):
+                queue.ack(message)
+            assert _until(self._failing(lease=0.3).dequeue, 1.0) is None
+
+    def test_a_first_failure_is_its_own_first_failed_at(self) -> None:
+        """A message failed for good on its first attempt: first and last failure agree."""
+        queue = self._failing()
+        when = time.time()
+        self._fail_one(queue, "id-1st", when)
+        entry = queue.find_failed("id-1st")
+        assert entry["first_failed_at"] == entry["last_failed_at"]
+        assert abs(entry["last_failed_at"] - when) < 0.01
+
+    def test_fail_replaces_an_entry_of_the_same_id(self) -> None:
+        """One entry per task id: the later failure replaces the earlier one."""
+        queue = self._failing()
+        now = time.time()
+        self._fail_one(queue, "id-same", now - 5, args=(1,))
+        self._fail_one(queue, "id-same", now, args=(2,))
+        assert queue.failed_count() == 1
+        assert queue.find_failed("id-same")["args"] == [2]
+
+    def test_failed_lists_latest_first_and_pages(self) -> None:
+        """failed(limit, offset) pages through the entries, the latest failure first."""
+        queue = self._failing()
+        now = time.time()
+        for i in range(5):
+            self._fail_one(queue, f"id-p{i}", now - 50 + i)
+        ids = [e["task_id"] for e in queue.failed()]
+        assert ids == [f"id-p{i}" for i in (4, 3, 2, 1, 0)]
+        assert [e["task_id"] for e in queue.failed(limit=2, offset=1)] == ["id-p3", "id-p2"]
+        assert queue.failed(limit=10, offset=5) == []
+
+    def test_the_store_keeps_at_most_keep_entries(self) -> None:
+        """Beyond *keep* entries, the ones that failed longest ago are dropped, counted."""
+        queue = self._failing()
+        now = time.time()
+        dropped = sum(self._fail_one(queue, f"id-k{i}", now - 50 + i, keep=3)
+                      for i in range(5))
+        assert dropped == 2
+        assert queue.failed_count() == 3
+        assert sorted(e["task_id"] for e in queue.failed()) == ["id-k2", "id-k3", "id-k4"]
+        assert queue.find_failed("id-k0") is None
+
+    def test_expired_entries_are_neither_listed_nor_counted(self) -> None:
+        """An entry past its ttl disappears from failed() and failed_count()."""
+        queue = self._failing()
+        self._fail_one(queue, "id-old", time.time() - 10, ttl=5)  # expired already
+        self._fail_one(queue, "id-new", time.time(), ttl=3600)
+        assert queue.failed_count() == 1
+        assert [e["task_id"] for e in queue.failed()] == ["id-new"]
+        assert queue.find_failed("id-old") is None
+        assert queue.retry_failed("id-old") is False
+
+    def test_retry_failed_runs_the_task_again_from_its_first_attempt(self) -> None:
+        """retry_failed() moves the entry back into the queue, same id, attempts reset."""
+        queue = self._failing()
+        self._fail_one(queue, "id-again", time.time(), args=(5, [6]))
+        other = self._failing()  # another handle, another process: the same store
+        assert other.retry_failed("id-again") is True
+        assert queue.find_failed("id-again") is None and queue.failed_count() == 0
+        message = self._take(queue)
+        assert list(message) == ["id-again", "Task", 5, [6]]
+        assert queue.attempts(message) == 0
+        self._settle(queue, message)
+        assert other.retry_failed("id-again") is False
+
+    def test_retry_failed_all_delete_and_purge(self) -> None:
+        """Every entry back at once; one forgotten; all forgotten."""
+        queue = self._failing()
+        now = time.time()
+        for i in range(3):
+            self._fail_one(queue, f"id-all{i}", now - 10 + i)
+        assert queue.retry_failed_all() == 3
+        assert queue.failed_count() == 0
+        assert sorted(m[0] for m in _drain(queue)) == ["id-all0", "id-all1", "id-all2"]
+        for i in range(3):
+            self._fail_one(queue, f"id-del{i}", now - 10 + i)
+        assert queue.delete_failed("id-del1") is True
+        assert queue.delete_failed("id-del1") is False
+        assert queue.failed_count() == 2
+        assert queue.purge_failed() == 2
+        assert queue.failed_count() == 0 and queue.failed() == []
+        assert queue.retry_failed_all() == 0
+
+
+def _record(task_id: str, args: tuple[Any, ...], when: float, attempts: int = 1
+            ) -> dict[str, Any]:
+    """A failed-store record as the engine makes it, for a ValueError('bad value')."""
+    return {"task_id": task_id, "task": "Task", "args": list(args), "attempts": attempts,
+            "error_type": "ValueError", "error": "bad value",
+            "traceback": "Traceback (most recent call last):\n  ...\nValueError: bad value\n",
+            "last_failed_at": when}
