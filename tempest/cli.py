@@ -1,8 +1,9 @@
-"""The ``tempest`` command: run an engine from the command line.
+"""The ``tempest`` command: run an engine, or look after its failed tasks.
 
 ::
 
     tempest run MODULE:ENGINE [--threads N] [--burst] [--log-dir DIR] [--log-level LEVEL]
+    tempest failed list|show|retry|delete MODULE:ENGINE ...   (see tempest.cli_failed)
     python -m tempest run ...          # the same
 
 ``MODULE`` is imported with the current directory first on the import path;
@@ -28,10 +29,10 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tempest import __version__
+from tempest import __version__, cli_failed
 from tempest.config import LOG_LEVELS
 from tempest.engine import Engine
-from tempest.exceptions import ConfigurationError, TooManyAbandoned
+from tempest.exceptions import ConfigurationError, TooManyAbandoned, Unsupported
 from tempest.logs import log_path
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_IMPORT",
     "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_UNEXPECTED",
     "EXIT_USAGE",
@@ -51,6 +53,7 @@ EXIT_USAGE = 2
 EXIT_IMPORT = 3
 EXIT_CONFIG = 4
 EXIT_ABANDONED = 5
+EXIT_NOT_FOUND = cli_failed.EXIT_NOT_FOUND
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = """\
@@ -59,8 +62,10 @@ exit codes:
   1    unexpected error: a bug, printed with its traceback
   2    bad arguments
   3    MODULE cannot be imported, or ENGINE is missing or not an Engine subclass
-  4    configuration error: a configure block, --threads, --log-level, --log-dir
+  4    configuration error: a configure block, --threads, --log-level, --log-dir;
+       or (failed) the engine's queue keeps no failed tasks
   5    too many abandoned threads (max_abandoned): restart for a clean process
+  6    (failed show, retry, delete) a task id that the failed store does not hold
   130  interrupted (Ctrl-C) before the engine was running
 """
 
@@ -127,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(overrides configure.log_dir)")
     run.add_argument("--log-level", metavar="LEVEL",
                      help=f"one of {', '.join(LOG_LEVELS)} (overrides configure.log_level)")
+    cli_failed.add_parsers(commands, _target, EXIT_CODES)
     return parser
 
 
@@ -134,12 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (see ``tempest --help``)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return _run(args)
-        raise AssertionError(f"unknown command {args.command!r}")  # argparse prevents it
+        return _COMMANDS[args.command](args)
     except _Failure as failure:
         return _fail(failure.code, str(failure))
-    except ConfigurationError as exc:
+    except (ConfigurationError, Unsupported) as exc:
         return _fail(EXIT_CONFIG, str(exc))
     except TooManyAbandoned as exc:
         return _fail(EXIT_ABANDONED, f"too many abandoned threads: {exc}")
@@ -151,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
                                       f"the traceback is above")
 
 
+def _failed(args: argparse.Namespace) -> int:
+    code, line = cli_failed.run(_load_engine(*args.target), args)
+    return _fail(code, line) if line else code
+
+
 def _run(args: argparse.Namespace) -> int:
     module_name, attr = args.target
     engine = _load_engine(module_name, attr)
@@ -159,6 +168,9 @@ def _run(args: argparse.Namespace) -> int:
                    "--log-dir" if "log_dir" in overrides else f"{attr}.configure.log_dir")
     engine._run(burst=args.burst, overrides=overrides or None)
     return EXIT_OK
+
+
+_COMMANDS = {"run": _run, "failed": _failed}
 
 
 # -- finding the engine ----------------------------------------------------------------

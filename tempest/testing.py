@@ -734,7 +734,7 @@ class QueueContract:
         queue.enqueue([task_id, "Task", *args])
         message = self._take(queue)
         assert list(message) == [task_id, "Task", *args]
-        return queue.fail(message, _record(task_id, args, when), keep=keep, ttl=ttl)
+        return int(queue.fail(message, _record(task_id, args, when), keep=keep, ttl=ttl))
 
     def test_a_first_delivery_has_no_failed_attempts(self) -> None:
         """attempts() is 0 for a message that never failed."""
