@@ -228,6 +228,60 @@ def check_periodic_fires_each_slot_once(engines: EngineProcesses, queue: Any,
     print("ticks per engine:", collections.Counter(pid for _, pid, _ in runs))
 
 
+def check_kill_9_between_attempts_keeps_the_count(engines: EngineProcesses, queue: Any,
+                                                  failed: Callable[[], int]) -> None:
+    """Engines killed with SIGKILL while failed tasks wait for their retries, and while
+    retries run: every task reaches its last attempt with no attempt skipped or
+    counted twice, a crash is not a failed attempt, and the tasks that never succeed
+    are in the failed store with all their attempts. *failed* counts its entries."""
+    flaky = [f"r{i:02d}" for i in range(20)]  # succeed on attempt 3
+    hopeless = [f"h{i:02d}" for i in range(5)]  # fail 4 times: the failed store
+    for task_id in flaky:
+        queue.enqueue([task_id, "QueueFlaky", 3, 0.02])
+    for task_id in hopeless:
+        queue.enqueue([task_id, "QueueFlaky", 99, 0.02])
+    every = flaky + hopeless
+
+    def attempts() -> dict[str, list[tuple[int, int]]]:
+        seen: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+        for run, pid in engines.done():
+            task_id, _, attempt = run.partition("#")
+            seen[task_id].append((int(attempt), pid))
+        return seen
+
+    victim, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(victim, out)
+    # Every first attempt failed: their retries wait in the queue, 0.5-0.75 s away.
+    wait_for(lambda: all(a for a in attempts().values()) and len(attempts()) == len(every),
+             30, interval=0.01)
+    victim.kill()
+    victim.wait(10)
+    second, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(second, out)
+    # Some second attempts ran on the new engine; kill it too, with retries running.
+    wait_for(lambda: sum(any(a == 2 and p == second.pid for a, p in runs)
+                         for runs in attempts().values()) >= 5, 30, interval=0.01)
+    second.kill()
+    second.wait(10)
+    third, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(third, out)
+    wait_for(lambda: failed() == len(hopeless)
+             and all(any(a == 3 for a, _ in attempts()[t]) for t in flaky)
+             and engines.left() == 0, 60, interval=0.05)
+    engines.stop_all()
+    seen = attempts()
+    for task_id in every:
+        numbers = sorted({a for a, _ in seen[task_id]})
+        assert numbers == ([1, 2, 3] if task_id in flaky else [1, 2, 3, 4]), (task_id,
+                                                                               seen[task_id])
+    # An attempt runs again only if an engine died while running it (4 threads each).
+    reruns = sum(len(runs) - len({a for a, _ in runs}) for runs in seen.values())
+    assert reruns <= 8, reruns
+    # The counts outlived the engines: later attempts ran on engines started later.
+    assert any(p == third.pid and a >= 2 for runs in seen.values() for a, p in runs)
+    print(f"reruns after kill -9: {reruns}")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 class EngineProcessChecks:
     """kill -9 and shared work, for the queue of the module's fixtures."""
@@ -250,6 +304,15 @@ class EngineProcessChecks:
         if not callable(getattr(queue, "schedule", None)):
             pytest.skip("the queue has no schedule() yet")
         check_delayed_messages_survive_kill_9(engines, queue)
+
+    def test_kill_9_between_attempts_keeps_the_count(self, engines: EngineProcesses,
+                                                     queues: Any) -> None:
+        """Engines killed while retries wait and while they run: no attempt lost, skipped
+        or counted for a crash; the hopeless ones in the failed store."""
+        queue = queues()
+        if not callable(getattr(queue, "retry", None)):
+            pytest.skip("the queue has no retry() yet")
+        check_kill_9_between_attempts_keeps_the_count(engines, queue, queue.failed_count)
 
     def test_periodic_fires_each_slot_once(self, engines: EngineProcesses,
                                            queues: Any) -> None:

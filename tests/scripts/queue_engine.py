@@ -6,10 +6,12 @@ KIND is ``sqlite`` (QUEUE_ARG: the file), ``redis`` (the URL and the queue's
 name) or ``postgres`` (the DSN and the table). Runs (not in burst mode) until
 SIGTERM, or until it is killed. Each ``QueueRecord`` task appends
 ``<task_id> <pid> <time.time() at its start>`` to RESULTS, then sleeps for the
-seconds its message says. ``ready`` is printed once the engine is starting its
-workers. The queues' own warnings (a Redis ack kept for later, say) go to
-stderr. With ``TEMPEST_TEST_PERIODIC=SECONDS`` in the environment the engine
-declares ``every(SECONDS, QueueRecord, 0.0, name="tick")``, and with
+seconds its message says; ``QueueFlaky`` (3 retries) appends
+``<task_id>#<attempt> ...`` and fails until the attempt its message names.
+``ready`` is printed once the engine is starting its workers. The queues' own
+warnings (a Redis ack kept for later, say) go to stderr. With
+``TEMPEST_TEST_PERIODIC=SECONDS`` in the environment the engine declares
+``every(SECONDS, QueueRecord, 0.0, name="tick")``, and with
 ``TEMPEST_TEST_CLOCK_SKEW=SECONDS`` its scheduler's clock is that far off (the
 queue's is not): an engine on a machine whose clock is wrong.
 """
@@ -59,16 +61,35 @@ class QueueEngine(Engine):
         after_initialize = _ready
 
 
+def record(run: str) -> None:
+    """Append ``<run> <pid> <time.time()>`` to RESULTS."""
+    started = time.time()
+    # One write with O_APPEND: lines from several processes never interleave.
+    fd = os.open(RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{run} {os.getpid()} {started:.6f}\n".encode())
+    finally:
+        os.close(fd)
+
+
 class QueueRecord(Task):
     def process(self, pause: float) -> None:
-        started = time.time()
-        # One write with O_APPEND: lines from several processes never interleave.
-        fd = os.open(RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{self.task_id} {os.getpid()} {started:.6f}\n".encode())
-        finally:
-            os.close(fd)
+        record(self.task_id)
         time.sleep(pause)
+
+
+class QueueFlaky(Task):
+    """Records ``<task_id>#<attempt>``, sleeps, and fails until attempt *succeed_on*."""
+
+    class configure:
+        retries = 3
+        retry_delay = 0.5
+
+    def process(self, succeed_on: int, pause: float) -> None:
+        record(f"{self.task_id}#{self.attempt}")
+        time.sleep(pause)
+        if self.attempt < succeed_on:
+            raise ValueError(f"attempt {self.attempt} of {succeed_on}")
 
 
 if os.environ.get("TEMPEST_TEST_CLOCK_SKEW"):
