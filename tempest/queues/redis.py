@@ -194,6 +194,7 @@ running a message twice.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
@@ -275,6 +276,13 @@ _TOKEN = b"\xffwake"
 _MARK = b"\xffp"
 """The start of a stored entry whose priority is not 0: ``\\xffp<priority>\\n<json>``."""
 
+_FAILED_MARK = b"\xffa"
+"""The start of a stored entry that failed before: ``\\xffa<attempts>,<first>\\n<entry>``."""
+
+_RECORD_FIELDS = ("task_id", "task", "args", "attempts", "error_type", "error", "traceback",
+                  "last_failed_at")
+"""What the engine's record for ``fail`` holds; the queue adds the rest of FAILED_FIELDS."""
+
 _COMMON = """\
 local prefix = ARGV[1]
 local waiting, scheduled, priorities = prefix .. 'waiting', prefix .. 'scheduled',
@@ -288,7 +296,17 @@ local function clock()  -- {lease clock (whole ms), schedule clock (ms, to the u
     local ms = tonumber(time[1]) * 1000
     return ms + math.floor(tonumber(time[2]) / 1000), ms + tonumber(time[2]) / 1000
 end
+local function unheaded(entry)  -- *entry* without its failed-attempts header
+    if string.sub(entry, 1, 2) == '\\255a' then
+        local newline = string.find(entry, '\\n', 3, true)
+        if newline then
+            return string.sub(entry, newline + 1)
+        end
+    end
+    return entry
+end
 local function priority_of(entry)  -- the priority as a string, nil for 0
+    entry = unheaded(entry)
     if string.sub(entry, 1, 2) == '\\255p' then
         local newline = string.find(entry, '\\n', 3, true)
         if newline then
@@ -297,7 +315,8 @@ local function priority_of(entry)  -- the priority as a string, nil for 0
     end
     return nil
 end
-local function body_of(entry)  -- the stored message without its priority
+local function body_of(entry)  -- the stored message without its attempts and priority
+    entry = unheaded(entry)
     if priority_of(entry) then
         return string.sub(entry, string.find(entry, '\\n', 3, true) + 1)
     end
@@ -577,11 +596,17 @@ local settled = 0
 for _, entry in ipairs(ARGV) do
     local found = redis.call('LREM', KEYS[1], 1, entry) == 1
     if not found then
-        local list = KEYS[2]
-        if string.sub(entry, 1, 2) == '\\255p' then
-            local newline = string.find(entry, '\\n', 3, true)
+        local list, head = KEYS[2], entry
+        if string.sub(head, 1, 2) == '\\255a' then  -- a failed-attempts header first
+            local newline = string.find(head, '\\n', 3, true)
             if newline then
-                list = list .. ':' .. string.sub(entry, 3, newline - 1)
+                head = string.sub(head, newline + 1)
+            end
+        end
+        if string.sub(head, 1, 2) == '\\255p' then
+            local newline = string.find(head, '\\n', 3, true)
+            if newline then
+                list = list .. ':' .. string.sub(head, 3, newline - 1)
             end
         end
         found = redis.call('LREM', list, -1, entry) == 1
@@ -623,6 +648,172 @@ if redis.call('LREM', KEYS[1], 1, entry) == 1 then
     return 1
 end
 return 0
+"""
+
+_UNLEASE = """\
+local function unlease(inflight, deliveries, entry)
+    -- Settle *entry* as ack does: from this consumer's in-flight list, else
+    -- (its lease ran out and it was recovered, but no one took it yet) from its
+    -- ready list. False if it is in neither: another consumer holds it now.
+    if redis.call('LREM', inflight, 1, entry) == 0
+            and redis.call('LREM', ready_list(entry), -1, entry) == 0 then
+        return false
+    end
+    redis.call('HDEL', deliveries, redis.sha1hex(entry))
+    return true
+end
+"""
+
+_RETRY = _COMMON + _READY + _UNLEASE + """\
+-- KEYS: inflight, waiting, deliveries, scheduled, priorities, sequence
+-- ARGV: prefix, leased entry, entry to store (one attempt more), delay (ms),
+--       promote limit
+-- Returns 1, or 0 (storing nothing) if the leased entry is held by no one here.
+if not unlease(KEYS[1], KEYS[3], ARGV[2]) then
+    return 0
+end
+local _, now = clock()
+if promote(now, tonumber(ARGV[5])) then
+    wake()
+end
+store(ARGV[3], now + tonumber(ARGV[4]), now)
+return 1
+"""
+
+_FAILED = """\
+local failed, by_time, expires = prefix .. 'failed', prefix .. 'failed:by_time',
+    prefix .. 'failed:expires'
+local function seconds_now()  -- the server's clock, POSIX seconds
+    local time = redis.call('TIME')
+    return tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
+local function live(id, now)  -- the entry of *id* exists and expires after *now*
+    local at = redis.call('ZSCORE', expires, id)
+    return at and tonumber(at) > now
+end
+local function forget(ids)
+    if #ids > 0 then
+        redis.call('HDEL', failed, unpack(ids))
+        redis.call('ZREM', by_time, unpack(ids))
+        redis.call('ZREM', expires, unpack(ids))
+    end
+end
+"""
+
+_FAIL = _COMMON + _UNLEASE + _FAILED + """\
+-- KEYS: inflight, waiting, deliveries, failed, failed:by_time, failed:expires
+-- ARGV: prefix, leased entry, task id, stored value, last_failed_at, expires_at
+--       (POSIX seconds), keep, prune limit
+-- Returns how many entries the bounds dropped, or -1 (storing nothing) if the
+-- leased entry is held by no one here.
+if not unlease(KEYS[1], KEYS[3], ARGV[2]) then
+    return -1
+end
+local id, limit = ARGV[3], tonumber(ARGV[8])
+redis.call('HSET', failed, id, ARGV[4])
+redis.call('ZADD', by_time, ARGV[5], id)
+redis.call('ZADD', expires, ARGV[6], id)
+local old = redis.call('ZRANGE', expires, '-inf', num(seconds_now()), 'BYSCORE', 'LIMIT', 0,
+                       limit)
+forget(old)
+local dropped = #old
+local over = math.min(redis.call('HLEN', failed) - tonumber(ARGV[7]), limit)
+if over > 0 then
+    local oldest = redis.call('ZRANGE', by_time, 0, over - 1)
+    forget(oldest)
+    dropped = dropped + #oldest
+end
+return dropped
+"""
+
+_LIST_FAILED = _COMMON + _FAILED + """\
+-- KEYS: failed, failed:by_time, failed:expires    ARGV: prefix, limit, offset
+-- Returns the stored values of entries not expired, latest last_failed_at first.
+local now = seconds_now()
+local limit, skip = tonumber(ARGV[2]), tonumber(ARGV[3])
+local reply = {}
+local start = 0
+if redis.call('ZCOUNT', expires, '-inf', num(now)) == 0 then
+    start, skip = skip, 0  -- nothing expired: no entry to look at one by one
+end
+while #reply < limit do
+    local ids = redis.call('ZREVRANGE', by_time, start, start + 999)
+    if #ids == 0 then
+        break
+    end
+    for _, id in ipairs(ids) do
+        if live(id, now) then
+            if skip > 0 then
+                skip = skip - 1
+            else
+                reply[#reply + 1] = redis.call('HGET', failed, id)
+                if #reply == limit then
+                    break
+                end
+            end
+        end
+    end
+    start = start + 1000
+end
+return reply
+"""
+
+_FIND_FAILED = _COMMON + _FAILED + """\
+-- KEYS: failed, failed:expires    ARGV: prefix, task id ('': the count instead)
+-- Returns the stored value of the entry, nil if none (or expired); or how many
+-- entries have not expired.
+local now = seconds_now()
+if ARGV[2] == '' then
+    return redis.call('ZCOUNT', expires, '(' .. num(now), '+inf')
+end
+if live(ARGV[2], now) then
+    return redis.call('HGET', failed, ARGV[2])
+end
+return false
+"""
+
+_RETRY_FAILED = _COMMON + _READY + _FAILED + """\
+-- KEYS: waiting, scheduled, priorities, sequence, failed, failed:by_time,
+--       failed:expires
+-- ARGV: prefix, task id ('': the entries that failed longest ago), how many of
+--       those, promote limit
+-- Returns {entries stored ready again, entries looked at (expired ones dropped)}.
+local _, now = clock()
+local ids = {ARGV[2]}
+if ARGV[2] == '' then
+    ids = redis.call('ZRANGE', by_time, 0, tonumber(ARGV[3]) - 1)
+end
+if promote(now, tonumber(ARGV[4])) then
+    wake()
+end
+local moved, gone = 0, {}
+for _, id in ipairs(ids) do
+    local value = redis.call('HGET', failed, id)
+    if value then
+        if live(id, now / 1000) then
+            -- The value is the entry's JSON, a newline (JSON holds none), the message.
+            store(string.sub(value, string.find(value, '\\n', 1, true) + 1), now, now)
+            moved = moved + 1
+        end
+        gone[#gone + 1] = id
+    end
+end
+forget(gone)
+return {moved, #ids}
+"""
+
+_DELETE_FAILED = _COMMON + _FAILED + """\
+-- KEYS: failed, failed:by_time, failed:expires    ARGV: prefix, task id ('': all)
+-- Returns how many entries (not expired) it forgot.
+local now = seconds_now()
+if ARGV[2] == '' then
+    local count = redis.call('ZCOUNT', expires, '(' .. num(now), '+inf')
+    redis.call('DEL', failed, by_time, expires)
+    return count
+end
+local was = live(ARGV[2], now)
+forget({ARGV[2]})
+return was and 1 or 0
 """
 
 
@@ -757,6 +948,8 @@ class RedisQueue:
         self._scheduled = self.prefix + "scheduled"
         self._priorities = self.prefix + "priorities"
         self._sequence = self.prefix + "sequence"
+        self._failed_keys = [self.prefix + "failed", self.prefix + "failed:by_time",
+                             self.prefix + "failed:expires"]
         # Registered once: redis-py runs them by SHA and loads them again when a
         # restarted server has forgotten them.
         self._claim_script = client.register_script(_CLAIM)
@@ -766,7 +959,13 @@ class RedisQueue:
         self._count_script = client.register_script(_COUNT)
         self._settle_scripts = {"ack": client.register_script(_ACK),
                                 "reject": client.register_script(_REJECT),
-                                "requeue": client.register_script(_REQUEUE)}
+                                "requeue": client.register_script(_REQUEUE),
+                                "retry": client.register_script(_RETRY),
+                                "fail": client.register_script(_FAIL)}
+        self._list_failed_script = client.register_script(_LIST_FAILED)
+        self._find_failed_script = client.register_script(_FIND_FAILED)
+        self._retry_failed_script = client.register_script(_RETRY_FAILED)
+        self._delete_failed_script = client.register_script(_DELETE_FAILED)
         self._new_identity()
 
     def _new_identity(self) -> None:
@@ -783,8 +982,9 @@ class RedisQueue:
         self._suspect = False
         """A move failed: this consumer's in-flight list may hold a stray."""
         self._settling: collections.Counter[bytes] = collections.Counter()
-        self._deferred: list[tuple[str, bytes, str]] = []
-        """(action, in-flight entry, reason) of settlements that met a connection error."""
+        self._deferred: list[tuple[str, bytes, tuple[Any, ...]]] = []
+        """(action, in-flight entry, the script's other arguments) of settlements that met
+        a connection error."""
         self._deferred_lock = threading.Lock()
         self._registered = False
         self._renewed_at = -math.inf
@@ -899,11 +1099,141 @@ class RedisQueue:
 
     def reject(self, message: Any, reason: str) -> None:
         """Move the message (raw ones too) to the ``rejected`` list with *reason*."""
-        self._settle(message, "reject", reason)
+        self._settle(message, "reject", " ".join(reason.splitlines()))
 
     def requeue(self, message: Any) -> None:
         """Give a leased message back now, unrun, to be taken next; no delivery is counted."""
         self._settle(message, "requeue")
+
+    # -- retries and the failed store ---------------------------------------------------
+
+    def attempts(self, message: Any) -> int:
+        """Failed attempts stored with *message*, which this queue object handed out.
+
+        0 on its first run. Read from the in-flight entry the dequeue brought
+        back: no round trip. ValueError if *message* is not held here.
+        """
+        return _header(self._peek(message, "attempts"))[0]
+
+    def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
+        """Settle *message* and store it again, ready in *delay* seconds, one attempt more.
+
+        One script, atomic: the in-flight entry goes and *message* (encoded
+        as given) goes to ``scheduled``, due *delay* seconds from now on the
+        server's clock, its priority kept and its first failure time set to
+        *failed_at* unless it had one. A connection error defers it, as for
+        ``ack``: the message stays leased until a heartbeat or dequeue retries.
+        """
+        attempts, first, priority, _ = _header(self._peek(message, "retry"))
+        again = _entry(message, priority, attempts + 1,
+                       float(failed_at) if first is None else first)
+        self._settle(message, "retry", again, repr(float(delay) * 1000))
+
+    def fail(self, message: Any, record: dict[str, Any], *, keep: int, ttl: float) -> int:
+        """Settle *message* into the failed store; return how many old entries were dropped.
+
+        One script, atomic: the in-flight entry goes, the entry of
+        ``record["task_id"]`` is stored (replacing one with that id) with
+        ``first_failed_at``, ``priority`` and ``expires_at`` added, then the
+        entries expired on the server's clock and, beyond *keep*, those that
+        failed longest ago are dropped (1000 at most per call). A connection
+        error defers it, as for ``ack``, and counts 0 dropped.
+        """
+        _, first, priority, _ = _header(self._peek(message, "fail"))
+        missing = [key for key in _RECORD_FIELDS if key not in record]
+        if missing:
+            raise ValueError(f"RedisQueue.fail: the record lacks {', '.join(missing)}")
+        last = float(record["last_failed_at"])
+        stored = {key: record[key] for key in _RECORD_FIELDS}
+        stored.update(args=list(record["args"]), last_failed_at=last,
+                      first_failed_at=last if first is None else first, priority=priority,
+                      expires_at=last + float(ttl))
+        task_id = str(record["task_id"])
+        again = _entry([task_id, record["task"], *stored["args"]], priority)
+        value = json.dumps({key: stored[key] for key in protocol.FAILED_FIELDS},
+                           separators=(",", ":")).encode() + b"\n" + again
+        dropped = self._settle(message, "fail", task_id, value, repr(last),
+                               repr(stored["expires_at"]), int(keep))
+        return max(int(dropped or 0), 0)
+
+    def failed(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Entries of the failed store (not expired), the latest ``last_failed_at`` first."""
+        for argument, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"RedisQueue.failed: {argument} must be an int >= 0, "
+                                 f"not {value!r}")
+        if not limit:
+            return []
+        values = self._list_failed_script(keys=self._failed_keys,
+                                          args=[self.prefix, limit, offset])
+        return [_record(value) for value in values if value]
+
+    def failed_count(self) -> int:
+        """Entries in the failed store (not expired, on the server's clock)."""
+        return int(self._find_failed_script(keys=self._failed_keys[::2],
+                                            args=[self.prefix, ""]))
+
+    def find_failed(self, task_id: str) -> dict[str, Any] | None:
+        """The entry of *task_id*, or None (also once it expired)."""
+        if not task_id:
+            return None
+        value = self._find_failed_script(keys=self._failed_keys[::2],
+                                         args=[self.prefix, task_id])
+        return _record(value) if value else None
+
+    def retry_failed(self, task_id: str) -> bool:
+        """Move the entry of *task_id* back into the queue, ready now, attempts reset.
+
+        One script: the entry goes and ``[task_id, task, *args]`` is stored
+        with its priority, atomically. False if there is no such entry.
+        """
+        if not task_id:
+            return False
+        moved, _ = self._retry_failed_script(
+            keys=self._retry_failed_keys(), args=[self.prefix, task_id, 1, _PROMOTE_LIMIT])
+        return bool(int(moved))
+
+    def retry_failed_all(self) -> int:
+        """Move every entry back into the queue, the oldest failure first; return how many.
+
+        One script per 1000 entries; entries stored meanwhile may or may not be
+        included.
+        """
+        left = int(self._client.zcard(self._failed_keys[1]))
+        total = 0
+        while left > 0:
+            batch = min(left, _PRUNE_LIMIT)
+            moved, seen = self._retry_failed_script(
+                keys=self._retry_failed_keys(), args=[self.prefix, "", batch, _PROMOTE_LIMIT])
+            total += int(moved)
+            left -= batch
+            if int(seen) < batch:
+                break
+        return total
+
+    def delete_failed(self, task_id: str) -> bool:
+        """Forget the entry of *task_id*; False if there was none."""
+        if not task_id:
+            return False
+        return bool(int(self._delete_failed_script(keys=self._failed_keys,
+                                                   args=[self.prefix, task_id])))
+
+    def purge_failed(self) -> int:
+        """Forget every entry of the failed store; return how many there were."""
+        return int(self._delete_failed_script(keys=self._failed_keys, args=[self.prefix, ""]))
+
+    def _retry_failed_keys(self) -> list[str]:
+        return [self._waiting, self._scheduled, self._priorities, self._sequence,
+                *self._failed_keys]
+
+    def _peek(self, message: Any, action: str) -> bytes:
+        """*message*'s in-flight entry, still leased; ValueError if it is not held."""
+        self._check_fork()
+        with self._cond:
+            # Taken and put back under the lock: a reconciliation never sees it unleased.
+            entry: bytes = self._leases.settle(message, f"RedisQueue.{action}")
+            self._leases.add(message, entry)
+        return entry
 
     def heartbeat(self) -> None:
         """Renew this consumer's lease and recover what dead consumers held.
@@ -1262,7 +1592,8 @@ class RedisQueue:
             if self._settling[entry] <= 0:
                 del self._settling[entry]
 
-    def _defer(self, operations: list[tuple[str, bytes, str]], exc: Exception) -> None:
+    def _defer(self, operations: list[tuple[str, bytes, tuple[Any, ...]]],
+               exc: Exception) -> None:
         # Kept: the entries stay in flight (leased) until a heartbeat or dequeue
         # settles them, or this consumer dies and they are recovered. Never lost;
         # at worst run twice. Added before the caller releases them, so a
@@ -1300,7 +1631,7 @@ class RedisQueue:
                         client=_checked(self._acker),
                         keys=[self._inflight, self._waiting, self._deliveries], args=batch)
                 except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it is
-                    self._defer([("ack", entry, "") for entry in batch], exc)
+                    self._defer([("ack", entry, ()) for entry in batch], exc)
                     if failure is None and not isinstance(exc, _CONNECTION_ERRORS):
                         failure = exc
                 finally:
@@ -1313,31 +1644,40 @@ class RedisQueue:
         if failure is not None:
             raise failure  # not an outage: the engine logs it
 
-    def _settle(self, message: Any, action: str, reason: str = "") -> None:
+    def _settle(self, message: Any, action: str, *extra: Any) -> Any:
+        """Settle *message* by the script of *action*; its reply, None if deferred."""
         entry = self._take(message, action)
-        operation = (action, entry, " ".join(reason.splitlines()))
+        operation = (action, entry, extra)
         try:
-            self._run_settle(operation)
+            return self._run_settle(operation)
         except Exception as exc:
             self._defer([operation], exc)  # kept and retried, whatever it is
             if not isinstance(exc, _CONNECTION_ERRORS):
                 raise  # not an outage: the engine logs it
+            return None
         finally:
             with self._cond:
                 self._release([entry])
 
-    def _run_settle(self, operation: tuple[str, bytes, str]) -> None:
-        action, entry, reason = operation
+    def _run_settle(self, operation: tuple[str, bytes, tuple[Any, ...]]) -> Any:
+        action, entry, extra = operation
+        if action == "ack":
+            return self._settle_scripts["ack"](
+                keys=[self._inflight, self._waiting, self._deliveries], args=[entry])
         keys = [self._inflight, self._waiting]
-        args: list[Any] = [entry] if action == "ack" else [self.prefix, entry]
         if action == "requeue":
             keys.append(self._priorities)
         else:
             keys.append(self._deliveries)
         if action == "reject":
             keys.append(self._rejected)
-            args.append(reason)
-        self._settle_scripts[action](keys=keys, args=args)
+        elif action == "retry":
+            keys += [self._scheduled, self._priorities, self._sequence]
+            extra = (*extra, _PROMOTE_LIMIT)
+        elif action == "fail":
+            keys += self._failed_keys
+            extra = (*extra, _PRUNE_LIMIT)
+        return self._settle_scripts[action](keys=keys, args=[self.prefix, entry, *extra])
 
     def _settle_deferred(self) -> None:
         """Retry deferred settlements in order; stop at (and raise) the first error."""
@@ -1364,19 +1704,54 @@ class RedisQueue:
             self._new_identity()
 
 
-def _entry(message: Any, priority: int) -> bytes:
-    """The stored entry of *message*: its JSON, after ``\\xffp<priority>\\n`` unless 0."""
-    body = protocol.encode(message).encode()
-    return body if not priority else b"%s%d\n%s" % (_MARK, priority, body)
+def _entry(message: Any, priority: int, attempts: int = 0,
+           first_failed_at: float | None = None) -> bytes:
+    """The stored entry of *message*: its JSON, after ``\\xffp<priority>\\n`` unless 0,
+    all after ``\\xffa<attempts>,<first_failed_at>\\n`` unless *attempts* is 0."""
+    entry = protocol.encode(message).encode()
+    if priority:
+        entry = b"%s%d\n%s" % (_MARK, priority, entry)
+    if attempts:
+        entry = b"%s%d,%s\n%s" % (_FAILED_MARK, attempts, repr(first_failed_at).encode(),
+                                  entry)
+    return entry
+
+
+def _header(entry: bytes) -> tuple[int, float | None, int, bytes]:
+    """(failed attempts, first failure time, priority, the message's JSON or raw bytes)
+    of a stored *entry*. A header that does not parse counts as none."""
+    attempts, first, priority = 0, None, 0
+    if entry.startswith(_FAILED_MARK):
+        newline = entry.find(b"\n", 2)
+        if newline >= 0:
+            count, _, at = entry[2:newline].partition(b",")
+            try:
+                attempts, first = int(count), float(at)
+            except ValueError:
+                attempts, first = 0, None
+            entry = entry[newline + 1:]
+    if entry.startswith(_MARK):
+        newline = entry.find(b"\n", 2)
+        if newline >= 0:
+            try:
+                priority = int(entry[2:newline])
+            except ValueError:
+                priority = 0
+            entry = entry[newline + 1:]
+    return attempts, first, priority, entry
 
 
 def _body(entry: bytes) -> bytes:
     """The message's JSON (or raw bytes) in a stored *entry*."""
-    if entry.startswith(_MARK):
-        newline = entry.find(b"\n", 2)
-        if newline >= 0:
-            return entry[newline + 1:]
+    if entry.startswith(_MARK) or entry.startswith(_FAILED_MARK):
+        return _header(entry)[3]
     return entry
+
+
+def _record(value: bytes) -> dict[str, Any]:
+    """A failed-store entry from its stored value, ``<entry JSON>\\n<message entry>``."""
+    record: dict[str, Any] = json.loads(value.partition(b"\n")[0])
+    return record
 
 
 def _checked(client: Any) -> Any:
