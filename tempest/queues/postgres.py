@@ -24,8 +24,13 @@ which, for the default table ``tempest_messages``, is::
         enqueued_at timestamptz NOT NULL DEFAULT now(),
         deliveries integer NOT NULL DEFAULT 0,
         leased_by text,
-        lease_until timestamptz
+        lease_until timestamptz,
+        attempts integer NOT NULL DEFAULT 0,
+        first_failed_at timestamptz
     );
+    ALTER TABLE "tempest_messages"
+        ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS first_failed_at timestamptz;
     CREATE INDEX IF NOT EXISTS "tempest_messages_ready"
         ON "tempest_messages" (queue, priority DESC, available_at, id);
     DROP INDEX IF EXISTS "tempest_messages_dequeue";
@@ -43,8 +48,13 @@ which, for the default table ``tempest_messages``, is::
         queue text NOT NULL,
         body text NOT NULL,
         priority integer NOT NULL,
-        available_at timestamptz NOT NULL
+        available_at timestamptz NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        first_failed_at timestamptz
     );
+    ALTER TABLE "tempest_messages_scheduled"
+        ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS first_failed_at timestamptz;
     CREATE INDEX IF NOT EXISTS "tempest_messages_scheduled_due"
         ON "tempest_messages_scheduled" (queue, available_at, id);
     CREATE TABLE IF NOT EXISTS "tempest_messages_fired" (
@@ -54,6 +64,23 @@ which, for the default table ``tempest_messages``, is::
         recorded_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (queue, schedule, slot)
     );
+    CREATE TABLE IF NOT EXISTS "tempest_messages_failed" (
+        queue text NOT NULL,
+        task_id text NOT NULL,
+        body text NOT NULL,
+        task text NOT NULL,
+        attempts integer NOT NULL,
+        error_type text NOT NULL,
+        error text NOT NULL,
+        traceback text NOT NULL,
+        first_failed_at timestamptz NOT NULL,
+        last_failed_at timestamptz NOT NULL,
+        priority integer NOT NULL,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (queue, task_id)
+    );
+    CREATE INDEX IF NOT EXISTS "tempest_messages_failed_latest"
+        ON "tempest_messages_failed" (queue, last_failed_at);
 
 ``body`` is the message as JSON text (not ``jsonb``: a body that is not valid
 JSON can be stored, and comes back raw for the engine to reject). One table
@@ -159,8 +186,13 @@ CREATE TABLE IF NOT EXISTS {table} (
     enqueued_at timestamptz NOT NULL DEFAULT now(),
     deliveries integer NOT NULL DEFAULT 0,
     leased_by text,
-    lease_until timestamptz
+    lease_until timestamptz,
+    attempts integer NOT NULL DEFAULT 0,
+    first_failed_at timestamptz
 );
+ALTER TABLE {table}
+    ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS first_failed_at timestamptz;
 CREATE INDEX IF NOT EXISTS {ready_index}
     ON {table} (queue, priority DESC, available_at, id);
 DROP INDEX IF EXISTS {old_index};
@@ -178,8 +210,13 @@ CREATE TABLE IF NOT EXISTS {scheduled} (
     queue text NOT NULL,
     body text NOT NULL,
     priority integer NOT NULL,
-    available_at timestamptz NOT NULL
+    available_at timestamptz NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    first_failed_at timestamptz
 );
+ALTER TABLE {scheduled}
+    ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS first_failed_at timestamptz;
 CREATE INDEX IF NOT EXISTS {scheduled_index}
     ON {scheduled} (queue, available_at, id);
 CREATE TABLE IF NOT EXISTS {fired} (
@@ -188,7 +225,24 @@ CREATE TABLE IF NOT EXISTS {fired} (
     slot double precision NOT NULL,
     recorded_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (queue, schedule, slot)
-);"""
+);
+CREATE TABLE IF NOT EXISTS {failed} (
+    queue text NOT NULL,
+    task_id text NOT NULL,
+    body text NOT NULL,
+    task text NOT NULL,
+    attempts integer NOT NULL,
+    error_type text NOT NULL,
+    error text NOT NULL,
+    traceback text NOT NULL,
+    first_failed_at timestamptz NOT NULL,
+    last_failed_at timestamptz NOT NULL,
+    priority integer NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (queue, task_id)
+);
+CREATE INDEX IF NOT EXISTS {failed_index}
+    ON {failed} (queue, last_failed_at);"""
 # Claims read <table>_ready in order: by priority, then by the time each row
 # became ready (available_at: its enqueue, or the time a delayed message was
 # due), then by id. Tables made before scheduling have <table>_dequeue on
@@ -214,7 +268,7 @@ WITH due AS MATERIALIZED (
     SET leased_by = %(consumer)s, lease_until = now() + make_interval(secs => %(lease)s),
         deliveries = deliveries + 1
     WHERE id = ANY(ARRAY(SELECT id FROM candidate WHERE deliveries < %(max_deliveries)s))
-    RETURNING id, body, priority, available_at
+    RETURNING id, body, priority, available_at, attempts
 ), poison AS (
     DELETE FROM {table}
     WHERE id = ANY(ARRAY(SELECT id FROM candidate WHERE deliveries >= %(max_deliveries)s))
@@ -223,11 +277,11 @@ WITH due AS MATERIALIZED (
     INSERT INTO {rejected} (id, queue, body, reason)
     SELECT id, queue, body, %(poison)s FROM poison
 )
-SELECT id, body, 0 AS kind, priority, available_at, NULL::float8 FROM claimed
+SELECT id, body, 0 AS kind, priority, available_at, NULL::float8, attempts FROM claimed
 UNION ALL
-SELECT id, NULL, 1, 0, NULL, NULL FROM poison
+SELECT id, NULL, 1, 0, NULL, NULL, 0 FROM poison
 UNION ALL
-SELECT NULL, NULL, 2, 0, NULL, extract(epoch FROM at - now())::float8 FROM due
+SELECT NULL, NULL, 2, 0, NULL, extract(epoch FROM at - now())::float8, 0 FROM due
 WHERE at IS NOT NULL
 ORDER BY 3, 4 DESC, 5, 1"""
 # One statement, so one round trip and one transaction: the oldest *count*
@@ -256,17 +310,19 @@ WITH moved AS (
     WHERE id = ANY(ARRAY(
         SELECT id FROM {scheduled} WHERE queue = %(queue)s AND available_at <= now()
         ORDER BY available_at, id FOR UPDATE SKIP LOCKED LIMIT 500))
-    RETURNING queue, body, priority, available_at, id
+    RETURNING queue, body, priority, available_at, id, attempts, first_failed_at
 ), stored AS (
-    INSERT INTO {table} (queue, body, priority, available_at)
-    SELECT queue, body, priority, available_at FROM moved ORDER BY available_at, id
+    INSERT INTO {table} (queue, body, priority, available_at, attempts, first_failed_at)
+    SELECT queue, body, priority, available_at, attempts, first_failed_at FROM moved
+    ORDER BY available_at, id
     RETURNING 1
 )
 SELECT count(*) FROM stored"""
 # One statement, so one transaction: a delayed message is in one table or the
 # other, never both, never neither, whenever the process or the server dies.
-# It keeps its due time as available_at. SKIP LOCKED: engines promoting at the
-# same moment share the rows instead of waiting for each other.
+# It keeps its due time as available_at, and its failed attempts. SKIP LOCKED:
+# engines promoting at the same moment share the rows instead of waiting for
+# each other.
 
 _SCHEDULE = """\
 WITH due AS (
@@ -348,14 +404,118 @@ _EXISTING = """\
 SELECT to_regclass(%(table)s) IS NOT NULL AND to_regclass(%(rejected)s) IS NOT NULL
    AND to_regclass(%(ready_index)s) IS NOT NULL AND to_regclass(%(leased_index)s) IS NOT NULL
    AND to_regclass(%(scheduled)s) IS NOT NULL AND to_regclass(%(scheduled_index)s) IS NOT NULL
-   AND to_regclass(%(fired)s) IS NOT NULL AND to_regclass(%(old_index)s) IS NULL"""
+   AND to_regclass(%(fired)s) IS NOT NULL AND to_regclass(%(old_index)s) IS NULL
+   AND to_regclass(%(failed)s) IS NOT NULL AND to_regclass(%(failed_index)s) IS NOT NULL
+   AND (SELECT count(*) = 4 FROM pg_attribute
+        WHERE attrelid IN (to_regclass(%(table)s), to_regclass(%(scheduled)s))
+          AND attname IN ('attempts', 'first_failed_at') AND NOT attisdropped)"""
+# Tables made before retries lack the two columns of the message tables: the
+# schema's ALTER TABLE ... ADD COLUMN IF NOT EXISTS adds them (instantly: a
+# constant default rewrites no rows).
+
+_RETRY = """\
+WITH settled AS (
+    DELETE FROM {table} WHERE id = %(id)s AND leased_by = %(consumer)s
+    RETURNING queue, priority, attempts + 1 AS attempts,
+              coalesce(first_failed_at, to_timestamp(%(failed_at)s::float8)) AS first_failed_at,
+              now() + make_interval(secs => %(delay)s::float8) AS at
+), ready AS (
+    INSERT INTO {table} (queue, body, priority, attempts, first_failed_at)
+    SELECT queue, %(body)s, priority, attempts, first_failed_at FROM settled WHERE at <= now()
+), later AS (
+    INSERT INTO {scheduled} (queue, body, priority, available_at, attempts, first_failed_at)
+    SELECT queue, %(body)s, priority, at, attempts, first_failed_at FROM settled
+    WHERE at > now()
+)
+SELECT pg_notify(%(channel)s, '') FROM settled"""
+# One statement: the leased row goes and the retried one comes in the same
+# transaction, so a crash leaves one or the other. Only a row still leased to
+# this consumer: if its lease ran out and another engine took the message, that
+# engine runs it (with the count it had) and nothing is stored here. The
+# notification, like schedule()'s, makes waiting dequeues look at the earliest
+# delayed message again.
+
+_FAIL = """\
+WITH settled AS (
+    DELETE FROM {table} WHERE id = %(id)s AND leased_by = %(consumer)s
+    RETURNING priority, first_failed_at
+)
+INSERT INTO {failed} (queue, task_id, body, task, attempts, error_type, error, traceback,
+                      first_failed_at, last_failed_at, priority, expires_at)
+SELECT %(queue)s, %(task_id)s, %(body)s, %(task)s, %(attempts)s, %(error_type)s, %(error)s,
+       %(traceback)s, coalesce(first_failed_at, to_timestamp(%(last_failed_at)s::float8)),
+       to_timestamp(%(last_failed_at)s::float8), priority, to_timestamp(%(expires_at)s::float8)
+FROM settled
+ON CONFLICT (queue, task_id) DO UPDATE SET
+    body = excluded.body, task = excluded.task, attempts = excluded.attempts,
+    error_type = excluded.error_type, error = excluded.error, traceback = excluded.traceback,
+    first_failed_at = excluded.first_failed_at, last_failed_at = excluded.last_failed_at,
+    priority = excluded.priority, expires_at = excluded.expires_at"""
+
+_TRIM = """\
+WITH gone AS (
+    DELETE FROM {failed}
+    WHERE queue = %(queue)s AND (expires_at <= now() OR task_id = ANY(ARRAY(
+        SELECT task_id FROM {failed} WHERE queue = %(queue)s AND expires_at > now()
+        ORDER BY last_failed_at DESC, task_id DESC OFFSET %(keep)s)))
+    RETURNING 1
+)
+SELECT count(*) FROM gone"""
+# fail() runs _FAIL and then _TRIM in one transaction, under an advisory lock
+# on the failed store of this queue: two engines failing at once would each
+# trim seeing only its own new entry (under READ COMMITTED), and leave more
+# than *keep*.
+
+_FAILED_COLUMNS = """\
+task_id, body, task, attempts, error_type, error, traceback,
+extract(epoch FROM first_failed_at)::float8, extract(epoch FROM last_failed_at)::float8,
+priority, extract(epoch FROM expires_at)::float8"""
+
+_FAILED = """\
+SELECT """ + _FAILED_COLUMNS + """ FROM {failed}
+WHERE queue = %(queue)s AND expires_at > now()
+ORDER BY last_failed_at DESC, task_id DESC LIMIT %(limit)s OFFSET %(offset)s"""
+
+_FIND_FAILED = """\
+SELECT """ + _FAILED_COLUMNS + """ FROM {failed}
+WHERE queue = %(queue)s AND task_id = %(task_id)s AND expires_at > now()"""
+
+_FAILED_COUNT = "SELECT count(*) FROM {failed} WHERE queue = %(queue)s AND expires_at > now()"
+
+_RETRY_FAILED = """\
+WITH entries AS (
+    DELETE FROM {failed}
+    WHERE queue = %(queue)s AND {which} AND expires_at > now()
+    RETURNING body, priority, last_failed_at, task_id
+), stored AS (
+    INSERT INTO {table} (queue, body, priority)
+    SELECT %(queue)s, body, priority FROM entries ORDER BY last_failed_at, task_id
+    RETURNING 1
+)
+SELECT count(*), pg_notify(%(channel)s, '') FROM stored"""
+# One statement: an entry is in the failed store or in the queue, whenever a
+# process or the server dies. Its body is the message [task_id, task, *args]
+# as fail() stored it; the new row starts with attempts 0. {which} picks one
+# entry (retry_failed) or every one (retry_failed_all, oldest failure first).
+
+_DELETE_FAILED = """\
+WITH gone AS (
+    DELETE FROM {failed} WHERE queue = %(queue)s AND {which}
+    RETURNING expires_at > now() AS live
+)
+SELECT count(*) FILTER (WHERE live) FROM gone"""
+# Expired entries go too, uncounted: to whoever asks, they were gone already.
+
+_ONE = "task_id = %(task_id)s"
+_EVERY = "true"
 
 
 def _names(table: str) -> dict[str, str]:
     return {"table": table, "rejected": f"{table}_rejected",
             "ready_index": f"{table}_ready", "old_index": f"{table}_dequeue",
             "leased_index": f"{table}_leased", "scheduled": f"{table}_scheduled",
-            "scheduled_index": f"{table}_scheduled_due", "fired": f"{table}_fired"}
+            "scheduled_index": f"{table}_scheduled_due", "fired": f"{table}_fired",
+            "failed": f"{table}_failed", "failed_index": f"{table}_failed_latest"}
 
 
 def _check_table(table: object) -> str:
@@ -404,6 +564,33 @@ class _Ack:
         self.lead = False  # handed the duty to send the next DELETE
         self.wake = threading.Lock()
         self.wake.acquire()
+
+
+class _Leases(protocol.Leases):
+    """Leases whose keys are (row id, failed attempts), readable without settling."""
+
+    def get(self, message: Any, where: str) -> tuple[int, int]:
+        """The key of *message*, kept; ValueError (naming *where*) if it is not held."""
+        with self._lock:
+            held = self._held.get(id(message))
+        if held is None or held[0] is not message:
+            raise ValueError(
+                f"{where}: {message!r:.80} is not a message this queue object dequeued, "
+                f"or it was already acked, rejected, requeued, retried or failed")
+        key: tuple[int, int] = held[1]
+        return key
+
+
+def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A failed-store entry as a dict of protocol.FAILED_FIELDS, from a _FAILED_COLUMNS row."""
+    (task_id, body, task, attempts, error_type, error, traceback, first_failed_at,
+     last_failed_at, priority, expires_at) = row
+    message = protocol.decode(body)
+    return {"task_id": task_id, "task": task,
+            "args": message[2:] if isinstance(message, list) else [],
+            "attempts": attempts, "error_type": error_type, "error": error,
+            "traceback": traceback, "first_failed_at": first_failed_at,
+            "last_failed_at": last_failed_at, "priority": priority, "expires_at": expires_at}
 
 
 def _shared_failure(error: BaseException) -> BaseException:
@@ -572,11 +759,21 @@ class PostgresQueue:
             ("requeue", _REQUEUE), ("ack", _ACK), ("heartbeat", _HEARTBEAT),
             ("waiting", _WAITING), ("rejected", _REJECTED), ("promote", _PROMOTE),
             ("schedule", _SCHEDULE), ("fire", _FIRE), ("last_fired", _LAST_FIRED),
-            ("scheduled", _SCHEDULED))}
+            ("scheduled", _SCHEDULED), ("retry", _RETRY), ("fail", _FAIL), ("trim", _TRIM),
+            ("failed", _FAILED), ("find_failed", _FIND_FAILED),
+            ("failed_count", _FAILED_COUNT),
+            ("retry_failed", _RETRY_FAILED.replace("{which}", _ONE)),
+            ("retry_failed_all", _RETRY_FAILED.replace("{which}", _EVERY)),
+            ("delete_failed", _DELETE_FAILED.replace("{which}", _ONE)),
+            ("purge_failed", _DELETE_FAILED.replace("{which}", _EVERY)))}
         self._sql["listen"] = sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_bytes(None)
         self._sql["unlisten"] = sql.SQL("UNLISTEN {}").format(
             sql.Identifier(channel)).as_bytes(None)
         self._names = names
+        # Serialises fail() across engines on this queue's failed store (see _TRIM).
+        self._failed_lock_key = int.from_bytes(
+            hashlib.sha1(f"tempest:{table}:failed\0{name}".encode()).digest()[:8],
+            "big", signed=True)
 
         self._pool_lock = threading.Lock()
         self._idle: list[tuple[psycopg.Connection[Any], int]] = []
@@ -589,7 +786,7 @@ class PostgresQueue:
         self._forks = protocol.forks()
         self._work_slots = threading.BoundedSemaphore(_WORK_CONNECTIONS)
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._leases = protocol.Leases()
+        self._leases = _Leases()
         self._next_due: float | None = None  # monotonic time the earliest delayed one is due
         # Grouped acks (see ack): tickets waiting for the next DELETE, and whether
         # a thread has the duty to send it (one DELETE in flight at a time).
@@ -701,7 +898,7 @@ class PostgresQueue:
         """
         # Forgotten first: if the delete fails, heartbeats stop renewing the
         # lease and the message runs again once it expires (never lost).
-        ticket = _Ack(self._settle(message, "ack"))
+        ticket = _Ack(self._settle(message, "ack")[0])
         with self._acks:
             self._pending.append(ticket)
             lead = not self._acking
@@ -725,13 +922,13 @@ class PostgresQueue:
 
     def reject(self, message: Any, reason: str) -> None:
         """Move the message (raw bodies too) to ``<table>_rejected`` with *reason*."""
-        row = self._settle(message, "reject")
+        row, _ = self._settle(message, "reject")
         with self._connection() as conn:
             conn.execute(self._sql["move"], {"id": row, "reason": reason})
 
     def requeue(self, message: Any) -> None:
         """Give a leased message back now, unrun; this delivery does not count."""
-        row = self._settle(message, "requeue")
+        row, _ = self._settle(message, "requeue")
         with self._connection() as conn:
             conn.execute(self._sql["requeue"], {"id": row, "consumer": self.consumer,
                                                 "channel": self._channel})
@@ -742,12 +939,119 @@ class PostgresQueue:
         Leases that dead engines held need no recovery step: they simply run
         out and the next dequeue takes the message.
         """
-        held = self._leases.keys()
+        held = [row for row, _ in self._leases]
         if not held:
             return
         with self._connection() as conn:
             conn.execute(self._sql["heartbeat"], {"lease": self.lease, "ids": held,
                                                   "consumer": self.consumer})
+
+    # -- retries and the failed store ---------------------------------------------------
+
+    def attempts(self, message: Any) -> int:
+        """Failed attempts stored with *message*, which this queue object dequeued.
+
+        Read from the lease (the claim returned it with the row): no query.
+        ValueError if the queue object does not hold *message*.
+        """
+        self._check_fork()
+        _, attempts = self._leases.get(message, "PostgresQueue.attempts")
+        return attempts
+
+    def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
+        """Settle *message* and store it again, ready in *delay* seconds, one attempt more.
+
+        One statement deletes the leased row and stores *message* as given
+        (its task id filled in) with its priority, ``attempts`` one higher and
+        its first failure time (*failed_at* unless it had one): in the table
+        when *delay* is 0, else in ``<table>_scheduled`` until the database's
+        ``now()`` + *delay*. Wakes the engines waiting for a message.
+        """
+        body = protocol.encode(message)  # before the lease goes: a bad message keeps it
+        row, _ = self._settle(message, "retry")
+        with self._connection() as conn:
+            conn.execute(self._sql["retry"], {
+                "id": row, "consumer": self.consumer, "body": body, "delay": float(delay),
+                "failed_at": float(failed_at), "channel": self._channel})
+
+    def fail(self, message: Any, record: dict[str, Any], *, keep: int, ttl: float) -> int:
+        """Settle *message* into ``<table>_failed``; return how many old entries were dropped.
+
+        One transaction deletes the leased row, stores the entry (replacing
+        one with the same task id) and drops the expired entries and, beyond
+        *keep*, those that failed longest ago.
+        """
+        last = float(record["last_failed_at"])
+        params = {
+            "queue": self.name, "task_id": record["task_id"], "task": record["task"],
+            # The message retry_failed() will store: [task_id, task, *args].
+            "body": protocol.encode([record["task_id"], record["task"], *record["args"]]),
+            "attempts": record["attempts"], "error_type": record["error_type"],
+            "error": record["error"], "traceback": record["traceback"],
+            "last_failed_at": last, "expires_at": last + ttl, "keep": int(keep),
+            "consumer": self.consumer}
+        params["id"], _ = self._settle(message, "fail")
+        with self._connection() as conn, conn.transaction():
+            conn.execute(b"SELECT pg_advisory_xact_lock(%s)", (self._failed_lock_key,))
+            conn.execute(self._sql["fail"], params)
+            dropped = conn.execute(self._sql["trim"], params).fetchone()
+        return int(dropped[0]) if dropped else 0
+
+    def failed(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Entries of the failed store, the latest failure first (dicts: FAILED_FIELDS)."""
+        limit, offset = operator.index(limit), operator.index(offset)
+        if limit < 0 or offset < 0:
+            raise ValueError(f"PostgresQueue.failed: limit ({limit}) and offset ({offset}) "
+                             f"must be >= 0")
+        with self._connection() as conn:
+            found = conn.execute(self._sql["failed"], {
+                "queue": self.name, "limit": limit, "offset": offset}).fetchall()
+        return [_entry(each) for each in found]
+
+    def failed_count(self) -> int:
+        """Entries in the failed store (not expired)."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["failed_count"], {"queue": self.name}).fetchone()
+        return int(row[0]) if row else 0
+
+    def find_failed(self, task_id: str) -> dict[str, Any] | None:
+        """The entry of *task_id*, or None."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["find_failed"],
+                               {"queue": self.name, "task_id": task_id}).fetchone()
+        return None if row is None else _entry(row)
+
+    def retry_failed(self, task_id: str) -> bool:
+        """Move the entry of *task_id* back into the queue, ready now, attempts reset.
+
+        One statement: a crash leaves the entry or the message. False if
+        there is no such entry.
+        """
+        return self._retry_failed("retry_failed", task_id) > 0
+
+    def retry_failed_all(self) -> int:
+        """Move every entry back into the queue, in one statement; return how many."""
+        return self._retry_failed("retry_failed_all", None)
+
+    def delete_failed(self, task_id: str) -> bool:
+        """Forget the entry of *task_id*; False if there was none."""
+        return self._delete_failed("delete_failed", task_id) > 0
+
+    def purge_failed(self) -> int:
+        """Forget every entry; return how many."""
+        return self._delete_failed("purge_failed", None)
+
+    def _retry_failed(self, statement: str, task_id: str | None) -> int:
+        with self._connection() as conn:
+            row = conn.execute(self._sql[statement], {
+                "queue": self.name, "task_id": task_id, "channel": self._channel}).fetchone()
+        return int(row[0]) if row else 0
+
+    def _delete_failed(self, statement: str, task_id: str | None) -> int:
+        with self._connection() as conn:
+            row = conn.execute(self._sql[statement],
+                               {"queue": self.name, "task_id": task_id}).fetchone()
+        return int(row[0]) if row else 0
 
     def rejected(self) -> list[tuple[Any, str]]:
         """The rejected messages of this queue, oldest first, as (message or raw, reason)."""
@@ -808,14 +1112,14 @@ class PostgresQueue:
             self._next_due = None if due_in is None else looked + max(due_in, _BUSY_DUE)
             params["gate"] = True
             poisoned = 0
-            for key, body, kind, *_ in rows:
+            for key, body, kind, _, _, _, attempts in rows:
                 if kind:
                     poisoned += 1
                     continue
                 message = protocol.decode(body)
                 if message is body:
                     message = _Raw(body)
-                messages.append(self._leases.add(message, key))
+                messages.append(self._leases.add(message, (key, attempts)))
             if not poisoned or len(messages) >= count:
                 return messages
             # Poison took places in the batch: look for messages to fill them.
@@ -974,9 +1278,11 @@ class PostgresQueue:
         else:
             self._acking = False
 
-    def _settle(self, message: Any, action: str) -> Any:
+    def _settle(self, message: Any, action: str) -> tuple[int, int]:
+        """The (row id, failed attempts) leased with *message*, forgotten."""
         self._check_fork()  # a child must not settle its parent's messages
-        return self._leases.settle(message, f"PostgresQueue.{action}")
+        key: tuple[int, int] = self._leases.settle(message, f"PostgresQueue.{action}")
+        return key
 
     def _connect(self) -> psycopg.Connection[Any]:
         options: dict[str, Any] = {}

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 def drop_tables(dsn: str, table: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_rejected, {table}_scheduled, "
-                     f"{table}_fired")
+                     f"{table}_fired, {table}_failed")
 
 
 def rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
