@@ -85,7 +85,7 @@ which, for the default table ``tempest_messages``, is::
 ``body`` is the message as JSON text (not ``jsonb``: a body that is not valid
 JSON can be stored, and comes back raw for the engine to reject). One table
 holds any number of named queues (the ``queue`` column). A table made by an
-earlier version gains the new tables and index on first use.
+earlier version gains the new tables, columns and indexes on first use.
 
 Delayed messages and periodic slots
 -----------------------------------
@@ -107,6 +107,21 @@ and stores the message in the same statement: of engines racing for a slot,
 one inserts, the others wait for its commit and insert nothing. Slots recorded
 more than *keep* seconds ago are deleted by the next ``fire()`` of that
 schedule.
+
+Retries and the failed store
+----------------------------
+A message's failed attempts and its first failure time are columns of its
+row (``attempts``, ``first_failed_at``), in the table and in
+``<table>_scheduled``: promotion carries them, and ``requeue`` and a lease
+that ran out leave the row as it is. The claim returns ``attempts`` with each
+row and the queue object keeps it with the lease, so ``attempts(m)`` sends no
+query. ``retry()`` deletes the leased row and stores the message again, one
+attempt up, in one statement. ``fail()`` deletes it and stores an entry in
+``<table>_failed`` (one per queue and task id, the latest failure replacing
+an earlier one) in one transaction, then drops expired entries and those
+beyond *keep*; an advisory lock per queue makes engines failing at once take
+turns, so the bound holds. Entry times are the engine's clock (the record's
+``last_failed_at``); what has expired is decided by the database's.
 """
 
 from __future__ import annotations
@@ -527,10 +542,12 @@ def _check_table(table: object) -> str:
 
 
 def schema_sql(table: str = "tempest_messages") -> str:
-    """The SQL that creates *table*, its ``_rejected`` table and indexes (idempotent).
+    """The SQL that creates *table*, the tables beside it and their indexes (idempotent).
 
-    For a migration, or a DBA's ``psql``; PostgresQueue runs the same
-    statements itself on first use when the tables are missing.
+    Beside it: ``_rejected``, ``_scheduled``, ``_fired`` and ``_failed``; tables
+    made by an older version gain the columns they lack. For a migration, or a
+    DBA's ``psql``; PostgresQueue runs the same statements itself on first use
+    when anything is missing.
     """
     names = _names(_check_table(table))
     return _SCHEMA.format(**{key: f'"{name}"' for key, name in names.items()})
@@ -679,6 +696,16 @@ class PostgresQueue:
         Each is leased, renewed, counted and settled on its own. Acks from
         several threads share a ``DELETE``: those that arrive while one is in
         flight go together in the next, and each returns once its row is gone.
+    Retries and the failed store
+        ``retry()`` replaces the leased row with the message to run again,
+        ``attempts`` one higher, in one statement: a crash leaves one or the
+        other, and a crash never counts as an attempt (a redelivered or
+        requeued row keeps its count). ``fail()`` moves the message into
+        ``<table>_failed``, shared by every engine on the queue, and trims it
+        to ``keep`` entries and ``ttl`` seconds in the same transaction.
+        ``retry_failed()`` moves an entry back, ready now, attempts 0, in one
+        statement. A message whose lease ran out and that another engine took
+        meanwhile is left to that engine: ``retry`` and ``fail`` store nothing.
 
     Connections are opened lazily and kept in a small pool that every method
     borrows from for one statement, so any number of threads may share the

@@ -629,3 +629,369 @@ def test_many_scheduled_messages_cost_an_idle_dequeue_nothing(postgres_dsn, tabl
     message = queue.dequeue(timeout=10)
     assert message is not None and list(message) == ["id-soon", "T"]
     assert 0.15 <= time.monotonic() - began < 2.0
+
+
+# -- retries and the failed store ---------------------------------------------------------
+
+
+PREVIOUS_SCHEMA = OLD_SCHEMA.replace(
+    "CREATE INDEX {t}_dequeue ON {t} (queue, priority DESC, id);",
+    "CREATE INDEX {t}_ready ON {t} (queue, priority DESC, available_at, id);") + """
+CREATE TABLE {t}_scheduled (id bigserial PRIMARY KEY, queue text NOT NULL, body text NOT NULL,
+    priority integer NOT NULL, available_at timestamptz NOT NULL);
+CREATE INDEX {t}_scheduled_due ON {t}_scheduled (queue, available_at, id);
+CREATE TABLE {t}_fired (queue text NOT NULL, schedule text NOT NULL,
+    slot double precision NOT NULL, recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, schedule, slot));"""
+"""The tables of the version before retries: scheduling, no attempts, no failed store."""
+
+
+def failure(task_id: str, when: float, *args: Any, attempts: int = 1) -> dict[str, Any]:
+    """A record as the engine passes it to fail()."""
+    return {"task_id": task_id, "task": "T", "args": list(args), "attempts": attempts,
+            "error_type": "ValueError", "error": "bad", "traceback": "Traceback ...\n",
+            "last_failed_at": when}
+
+
+def take(queue: PostgresQueue, timeout: float = 10.0) -> Any:
+    """The next message of *queue*, waiting at most *timeout* seconds for it."""
+    message = queue.dequeue(timeout=timeout)
+    assert message is not None, f"no message within {timeout}s"
+    return message
+
+
+def columns(dsn: str, table: str) -> set[str]:
+    return {name for (name,) in rows(dsn, "SELECT column_name FROM information_schema.columns "
+                                          "WHERE table_name = %s", table)}
+
+
+def test_a_table_made_before_retries_gains_its_columns_and_failed_store(postgres_dsn, table,
+                                                                       queues):
+    """An older version's tables get attempts, first_failed_at and <table>_failed; rows stay
+    and count no failed attempt."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(PREVIOUS_SCHEMA.format(t=table))
+        conn.execute(f"INSERT INTO {table} (queue, body) VALUES ('tempest', '[\"id-old\",\"T\"]')")
+        conn.execute(f"INSERT INTO {table}_scheduled (queue, body, priority, available_at) "
+                     f"VALUES ('tempest', '[\"id-later\",\"T\"]', 2, now() + interval '1 hour')")
+    queue = queues()
+    assert len(queue) == 1 and queue.scheduled_count() == 1
+    for name in (table, f"{table}_scheduled"):
+        assert {"attempts", "first_failed_at"} <= columns(postgres_dsn, name)
+    assert rows(postgres_dsn, f"SELECT attempts, first_failed_at FROM {table}_scheduled") == [
+        (0, None)]
+    message = queue.dequeue()
+    assert list(message) == ["id-old", "T"] and queue.attempts(message) == 0
+    queue.retry(message, delay=0, failed_at=time.time())
+    again = queue.dequeue()
+    assert queue.attempts(again) == 1
+    assert queue.fail(again, failure("id-old", time.time()), keep=10, ttl=60) == 0
+    assert queue.find_failed("id-old")["attempts"] == 1
+    # Current now: the next queue object finds nothing to create.
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        current = conn.execute(postgres_module._EXISTING, postgres_module._names(table))
+        assert current.fetchone() == (True,)
+
+
+def test_a_missing_column_alone_makes_the_schema_out_of_date(postgres_dsn, table, queues):
+    """The schema check looks at the columns, not only the tables: a lost one comes back."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(postgres_module.schema_sql(table).encode())
+        conn.execute(f"ALTER TABLE {table}_scheduled DROP COLUMN first_failed_at")
+        stale = conn.execute(postgres_module._EXISTING, postgres_module._names(table))
+        assert stale.fetchone() == (False,)
+    queue = queues()
+    queue.enqueue(["id-1", "T"])
+    queue.retry(queue.dequeue(), delay=60, failed_at=1000.0)
+    assert rows(postgres_dsn, f"SELECT attempts, extract(epoch FROM first_failed_at)::float8 "
+                              f"FROM {table}_scheduled") == [(1, 1000.0)]
+
+
+def test_attempts_costs_no_query_and_needs_a_held_message(queues):
+    """attempts() reads the lease, sends no statement, and refuses what it does not hold."""
+    queue, other = queues(), queues()
+    queue.enqueue(["id-a", "T"])
+    message = queue.dequeue()
+    statements = count_statements(queue)
+    assert queue.attempts(message) == 0 and statements == [0]
+    for call in (lambda: other.attempts(message),
+                 lambda: other.retry(message, delay=0, failed_at=time.time()),
+                 lambda: other.fail(message, failure("id-a", time.time()), keep=10, ttl=60)):
+        with pytest.raises(ValueError, match="not a message this queue object dequeued"):
+            call()
+    queue.ack(message)  # still held by its own queue object
+    with pytest.raises(ValueError):
+        queue.attempts(message)
+
+
+def test_the_count_and_first_failure_survive_promotion_requeue_and_redelivery(postgres_dsn,
+                                                                             queues):
+    """A retried message keeps its attempts and first failure time through
+    <table>_scheduled, requeue, and a lease that ran out; only retry() adds one."""
+    queue, other = queues(lease=0.5), queues(lease=0.5)
+    queue.schedule(["id-c", "T", 1], priority=4)
+    first = time.time() - 100
+    queue.retry(queue.dequeue(), delay=0.2, failed_at=first)
+    assert rows(postgres_dsn, f"SELECT attempts, priority FROM {queue.table}_scheduled") == [
+        (1, 4)]
+    message = take(queue)  # promoted once due
+    assert queue.attempts(message) == 1
+    queue.requeue(message)
+    message = queue.dequeue()
+    assert queue.attempts(message) == 1
+    queue.retry(message, delay=0, failed_at=time.time())  # ready now: straight into the table
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}_scheduled") == [(0,)]
+    message = queue.dequeue()
+    assert queue.attempts(message) == 2  # ...and its engine dies
+    again = take(other)  # once the lease runs out
+    assert list(again) == ["id-c", "T", 1] and other.attempts(again) == 2
+    (stored,), = rows(postgres_dsn, f"SELECT extract(epoch FROM first_failed_at)::float8 "
+                                    f"FROM {queue.table}")
+    assert abs(stored - first) < 0.001
+    assert other.fail(again, failure("id-c", time.time(), 1, attempts=3), keep=10, ttl=60) == 0
+    entry = queue.find_failed("id-c")
+    assert abs(entry["first_failed_at"] - first) < 0.001
+    assert entry["priority"] == 4 and entry["attempts"] == 3
+
+
+def test_retry_and_fail_leave_a_message_taken_by_another_consumer_alone(postgres_dsn, queues):
+    """Once a lease ran out and another engine took the message, the late retry() or fail()
+    of the first one stores nothing: the message is the other engine's."""
+    late, other = queues(lease=0.5), queues(lease=30)
+    late.enqueue(["id-l", "T"])
+    first = late.dequeue()
+    taken = take(other)
+    late.retry(first, delay=0, failed_at=time.time())
+    assert rows(postgres_dsn, f"SELECT attempts, leased_by FROM {late.table}") == [
+        (0, other.consumer)]
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {late.table}_scheduled") == [(0,)]
+    late.enqueue(["id-l2", "T"])
+    second = late.dequeue()
+    taken2 = take(other)
+    assert late.fail(second, failure("id-l2", time.time()), keep=10, ttl=60) == 0
+    assert late.failed_count() == 0
+    other.ack(taken)
+    other.ack(taken2)
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {late.table}") == [(0,)]
+
+
+def test_a_retry_that_dies_leaves_the_leased_message(postgres_dsn, queues):
+    """retry() is one statement: killed before it commits, the message stays leased and
+    comes back after its lease with the count it had; committed, only the retry is left."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app), lease=0.5)
+    queue.enqueue(["id-x", "T"])
+    message = queue.dequeue()
+    with psycopg.connect(postgres_dsn) as blocker:  # holds the leased row
+        blocker.execute(f"SELECT 1 FROM {queue.table} FOR UPDATE")
+        errors: list[BaseException] = []
+
+        def retry() -> None:
+            try:
+                queue.retry(message, delay=0, failed_at=time.time())
+            except psycopg.OperationalError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=retry)
+        thread.start()
+        (pid,), = wait_for(lambda: rows(postgres_dsn, "SELECT pid FROM pg_stat_activity "
+                                                      "WHERE application_name = %s AND "
+                                                      "wait_event_type = 'Lock'", app), 5)
+        rows(postgres_dsn, "SELECT pg_terminate_backend(%s)", pid)
+        thread.join(10)
+        blocker.rollback()
+    assert len(errors) == 1
+    assert rows(postgres_dsn, f"SELECT attempts, leased_by FROM {queue.table}") == [
+        (0, queue.consumer)]
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}_scheduled") == [(0,)]
+    again = take(queues())
+    assert list(again) == ["id-x", "T"]
+    # Not both: once committed, the leased row is gone and the retried one is all there is.
+    owner = queues()
+    owner.enqueue(["id-y", "T"])
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(2,)]
+    taken = owner.dequeue()
+    owner.retry(taken, delay=30, failed_at=time.time())
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(1,)]
+    assert rows(postgres_dsn, f"SELECT body, attempts FROM {queue.table}_scheduled") == [
+        ('["id-y","T"]', 1)]
+
+
+def test_a_fail_that_dies_leaves_the_leased_message_and_the_store_as_they_were(
+        postgres_dsn, queues):
+    """fail() is one transaction: killed while trimming (after storing its entry), it stores
+    nothing and the message stays leased."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    now = time.time()
+    queue.enqueue(["id-old", "T"])
+    queue.fail(queue.dequeue(), failure("id-old", now - 10), keep=1, ttl=60)
+    queue.enqueue(["id-new", "T"])
+    message = queue.dequeue()
+    errors: list[BaseException] = []
+
+    def fail() -> None:
+        try:
+            queue.fail(message, failure("id-new", now), keep=1, ttl=60)  # drops id-old
+        except psycopg.OperationalError as exc:
+            errors.append(exc)
+
+    with psycopg.connect(postgres_dsn) as blocker:  # holds the entry the trim deletes
+        blocker.execute(f"SELECT 1 FROM {queue.table}_failed FOR UPDATE")
+        thread = threading.Thread(target=fail)
+        thread.start()
+        (pid, query), = wait_for(lambda: rows(
+            postgres_dsn, "SELECT pid, query FROM pg_stat_activity WHERE application_name = "
+                          "%s AND wait_event_type = 'Lock'", app), 5)
+        assert "gone" in query  # waiting in the trim: the entry is stored, uncommitted
+        rows(postgres_dsn, "SELECT pg_terminate_backend(%s)", pid)
+        thread.join(10)
+        blocker.rollback()
+    assert len(errors) == 1
+    assert [e["task_id"] for e in queue.failed()] == ["id-old"]
+    assert rows(postgres_dsn, f"SELECT leased_by FROM {queue.table}") == [(queue.consumer,)]
+
+
+def test_two_consumers_failing_at_once_keep_the_bound(queues):
+    """Engines failing tasks at the same moment never leave more than keep entries, and the
+    entries dropped are counted once."""
+    handles = [queues() for _ in range(4)]
+    for i in range(40):
+        handles[0].enqueue([f"id-{i:02d}", "T", i])
+    barrier = threading.Barrier(len(handles))
+    dropped: list[int] = []
+    errors: list[BaseException] = []
+
+    def consume(queue: PostgresQueue) -> None:
+        try:
+            barrier.wait(10)
+            while message := queue.dequeue():
+                dropped.append(queue.fail(message, failure(message[0], time.time(), message[2]),
+                                          keep=5, ttl=3600))
+                assert queue.failed_count() <= 5
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(h,)) for h in handles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert handles[1].failed_count() == 5 and sum(dropped) == 35
+
+
+def test_expired_entries_are_hidden_then_dropped(postgres_dsn, queues):
+    """An entry past expires_at is invisible to every call at once; the next fail() deletes it,
+    counted among the dropped."""
+    queue = queues()
+    now = time.time()
+    for task_id in ("id-e1", "id-e2", "id-live"):
+        queue.enqueue([task_id, "T"])
+        queue.fail(queue.dequeue(), failure(task_id, now), keep=100, ttl=3600)
+    rows(postgres_dsn, f"UPDATE {queue.table}_failed SET expires_at = now() - interval '1 s' "
+                       f"WHERE task_id LIKE 'id-e%%' RETURNING 1")
+    assert queue.failed_count() == 1 and [e["task_id"] for e in queue.failed()] == ["id-live"]
+    assert queue.find_failed("id-e1") is None
+    assert queue.retry_failed("id-e1") is False and len(queue) == 0
+    assert queue.delete_failed("id-e1") is False  # gone now, and never counted
+    assert queue.retry_failed_all() == 1
+    queue.ack(queue.dequeue())
+    queue.enqueue(["id-next", "T"])
+    assert queue.fail(queue.dequeue(), failure("id-next", now), keep=100, ttl=3600) == 1
+    assert rows(postgres_dsn, f"SELECT task_id FROM {queue.table}_failed") == [("id-next",)]
+    rows(postgres_dsn, f"UPDATE {queue.table}_failed SET expires_at = now() - interval '1 s' "
+                       f"RETURNING 1")
+    assert queue.purge_failed() == 0
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}_failed") == [(0,)]
+
+
+def test_entries_are_records_of_the_protocol(queues):
+    """failed() and find_failed() give dicts with exactly FAILED_FIELDS: floats for times, a
+    list for args, the ttl added to the failure time; failed() pages validate."""
+    queue = queues()
+    when = 1_700_000_000.25
+    queue.enqueue(["id-r", "T", 1, [2, 3], {"k": "v"}])
+    queue.fail(queue.dequeue(), failure("id-r", when, 1, [2, 3], {"k": "v"}), keep=10,
+               ttl=10**10)
+    entry = queue.find_failed("id-r")
+    assert set(entry) == set(protocol.FAILED_FIELDS)
+    assert entry["args"] == [1, [2, 3], {"k": "v"}]
+    assert entry["first_failed_at"] == entry["last_failed_at"] == when
+    assert entry["expires_at"] == when + 10**10 and entry["priority"] == 0
+    assert all(isinstance(entry[k], float)
+               for k in ("first_failed_at", "last_failed_at", "expires_at"))
+    assert queue.failed(limit=1) == [entry] and queue.failed(limit=0) == []
+    with pytest.raises(ValueError):
+        queue.failed(limit=-1)
+
+
+def test_two_queue_objects_share_one_failed_store(postgres_dsn, queues, monkeypatch):
+    """What one consumer fails, another lists, retries and deletes; retry_failed wakes a
+    waiting dequeue by notification, with the entry's priority and attempts 0; other queue
+    names in the table keep stores of their own."""
+    monkeypatch.setattr(postgres_module, "_RECLAIM", 60.0)  # only a NOTIFY can wake a wait
+    worker, admin, elsewhere = queues(), queues(), queues(name="elsewhere")
+    worker.schedule(["id-s", "T", 7], priority=9)
+    message = worker.dequeue()
+    worker.retry(message, delay=0, failed_at=time.time() - 5)
+    again = worker.dequeue()
+    assert worker.fail(again, failure("id-s", time.time(), 7, attempts=2), keep=10,
+                       ttl=60) == 0
+    assert admin.failed_count() == 1 and admin.failed()[0]["task_id"] == "id-s"
+    assert elsewhere.failed_count() == 0 and elsewhere.find_failed("id-s") is None
+    assert elsewhere.retry_failed("id-s") is False and elsewhere.purge_failed() == 0
+
+    got: list[tuple[Any, float]] = []
+    assert worker.dequeue_many(1, timeout=0.1) == []  # its listener is kept, listening
+    waiter = threading.Thread(
+        target=lambda: got.append((worker.dequeue(timeout=20), time.monotonic())))
+    waiter.start()
+    wait_for(worker._listening.locked, 5)
+    sent = time.monotonic()
+    assert admin.retry_failed("id-s") is True
+    waiter.join(25)
+    back, received = got[0]
+    assert list(back) == ["id-s", "T", 7] and received - sent < 5
+    assert worker.attempts(back) == 0
+    assert rows(postgres_dsn, f"SELECT priority, attempts, first_failed_at FROM {worker.table}"
+                ) == [(9, 0, None)]
+    assert admin.retry_failed("id-s") is False
+    worker.fail(back, failure("id-s", time.time(), 7), keep=10, ttl=60)
+    assert admin.delete_failed("id-s") is True and worker.failed_count() == 0
+
+
+def test_a_retry_wakes_a_waiting_dequeue_at_its_time(queues, monkeypatch):
+    """retry() notifies: a dequeue already waiting learns of the retried message's time and
+    takes it then, with no claim once a second to find it."""
+    monkeypatch.setattr(postgres_module, "_RECLAIM", 60.0)
+    worker, waiter = queues(), queues()
+    worker.enqueue(["id-w", "T"])
+    message = worker.dequeue()
+    assert waiter.dequeue_many(1, timeout=0.1) == []
+    got: list[tuple[Any, float]] = []
+    thread = threading.Thread(
+        target=lambda: got.append((waiter.dequeue(timeout=20), time.monotonic())))
+    thread.start()
+    wait_for(waiter._listening.locked, 5)
+    sent = time.monotonic()
+    worker.retry(message, delay=0.5, failed_at=time.time())
+    thread.join(25)
+    back, received = got[0]
+    assert list(back) == ["id-w", "T"] and waiter.attempts(back) == 1
+    assert 0.4 <= received - sent < 5
+
+
+def test_retry_failed_all_moves_every_entry_in_one_statement(postgres_dsn, queues):
+    """retry_failed_all() brings back every entry, each with its priority, oldest failure
+    first among equals, and wakes waiters once."""
+    queue = queues()
+    now = time.time()
+    for i, pri in enumerate((0, 5, 0)):
+        queue.schedule([f"id-{i}", "T", i], priority=pri)
+    for message in sorted(queue.dequeue_many(3), key=lambda m: m[2]):
+        queue.fail(message, failure(message[0], now - 10 + message[2], message[2]), keep=10,
+                   ttl=60)
+    statements = count_statements(queue)
+    assert queue.retry_failed_all() == 3 and statements == [1]
+    assert [m[0] for m in queue.dequeue_many(3)] == ["id-1", "id-0", "id-2"]
