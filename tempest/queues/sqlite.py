@@ -18,7 +18,9 @@ table ``tempest_messages`` they are::
         enqueued_at REAL NOT NULL,
         deliveries INTEGER NOT NULL DEFAULT 0,
         leased_by TEXT,
-        lease_until REAL
+        lease_until REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        first_failed_at REAL
     );
     CREATE INDEX IF NOT EXISTS "tempest_messages_ready"
         ON "tempest_messages" (queue, priority DESC, available_at, id);
@@ -34,7 +36,9 @@ table ``tempest_messages`` they are::
         queue TEXT NOT NULL,
         body TEXT NOT NULL,
         priority INTEGER NOT NULL,
-        available_at REAL NOT NULL
+        available_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        first_failed_at REAL
     );
     CREATE INDEX IF NOT EXISTS "tempest_messages_scheduled_due"
         ON "tempest_messages_scheduled" (queue, available_at);
@@ -45,11 +49,31 @@ table ``tempest_messages`` they are::
         recorded_at REAL NOT NULL,
         PRIMARY KEY (queue, schedule, slot)
     );
+    CREATE TABLE IF NOT EXISTS "tempest_messages_failed" (
+        queue TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        task TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        error_type TEXT NOT NULL,
+        error TEXT NOT NULL,
+        traceback TEXT NOT NULL,
+        first_failed_at REAL NOT NULL,
+        last_failed_at REAL NOT NULL,
+        priority INTEGER NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (queue, task_id)
+    );
+    CREATE INDEX IF NOT EXISTS "tempest_messages_failed_latest"
+        ON "tempest_messages_failed" (queue, last_failed_at);
 
 Delayed messages wait in ``<table>_scheduled`` until their time; the slots
-that periodic tasks fired are remembered in ``<table>_fired``. A database made
-by an earlier version gains these tables and the ``_ready`` index on first use
-(its ``_dequeue`` index is dropped).
+that periodic tasks fired are remembered in ``<table>_fired``; messages that
+failed for good are kept in ``<table>_failed``, one entry per queue and task
+id. ``attempts`` and ``first_failed_at`` are a message's failed attempts and
+the time of its first failure. A database made by an earlier version gains
+these tables, the two columns (of the table and ``<table>_scheduled``) and
+the ``_ready`` index on first use (its ``_dequeue`` index is dropped).
 
 Times are Unix seconds from the machine's clock. ``body`` is the message as
 JSON text; a body that is not (a BLOB, text that is not UTF-8 or not a JSON
@@ -93,7 +117,16 @@ whatever instant the process dies at.
   seconds ago, records (schedule, slot) under the primary key and stores the
   message, in one transaction: of engines racing for a slot, exactly one
   inserts the key, and a crash records neither or both.
-- Otherwise a message is dropped only by ``ack``, never by a failure.
+- ``retry`` deletes the leased row and inserts the message again (into
+  ``<table>_scheduled``, or the table when it is ready at once), one attempt
+  up, in one transaction; ``fail`` deletes it, stores its entry in
+  ``<table>_failed`` and trims the store, in one transaction. Both act only
+  while this consumer holds the lease: if it ran out and another consumer took
+  the message, that one runs it and nothing is stored. ``retry_failed`` deletes
+  the entry and inserts the message in one transaction.
+- Otherwise a message is dropped only by ``ack``, never by a failure; a
+  failed-store entry only by ``delete_failed``, ``purge_failed``, or the
+  bounds of ``fail`` (*keep* entries, *ttl* seconds).
 
 Delayed messages
 ----------------
@@ -116,6 +149,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import os
 import re
 import secrets
@@ -177,7 +211,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     enqueued_at REAL NOT NULL,
     deliveries INTEGER NOT NULL DEFAULT 0,
     leased_by TEXT,
-    lease_until REAL
+    lease_until REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_failed_at REAL
 );
 CREATE INDEX IF NOT EXISTS {ready_index}
     ON {table} (queue, priority DESC, available_at, id);
@@ -193,7 +229,9 @@ CREATE TABLE IF NOT EXISTS {scheduled} (
     queue TEXT NOT NULL,
     body TEXT NOT NULL,
     priority INTEGER NOT NULL,
-    available_at REAL NOT NULL
+    available_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_failed_at REAL
 );
 CREATE INDEX IF NOT EXISTS {scheduled_index}
     ON {scheduled} (queue, available_at);
@@ -203,7 +241,24 @@ CREATE TABLE IF NOT EXISTS {fired} (
     slot REAL NOT NULL,
     recorded_at REAL NOT NULL,
     PRIMARY KEY (queue, schedule, slot)
-);"""
+);
+CREATE TABLE IF NOT EXISTS {failed} (
+    queue TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    task TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    error_type TEXT NOT NULL,
+    error TEXT NOT NULL,
+    traceback TEXT NOT NULL,
+    first_failed_at REAL NOT NULL,
+    last_failed_at REAL NOT NULL,
+    priority INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (queue, task_id)
+);
+CREATE INDEX IF NOT EXISTS {failed_index}
+    ON {failed} (queue, last_failed_at);"""
 # The index the claims read in order: by priority, then by the time each row
 # became ready (available_at: its enqueue, or the time a delayed message was
 # due), then by id.
@@ -211,6 +266,10 @@ CREATE TABLE IF NOT EXISTS {fired} (
 _MIGRATE = "DROP INDEX IF EXISTS {old_index}"
 # Databases made before scheduling have the index <table>_dequeue on (queue,
 # priority DESC, id) instead: it goes, since every write would keep both up to date.
+
+_ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "first_failed_at": "REAL"}
+"""Columns of the table and <table>_scheduled that databases made before retries lack:
+added on first use (ALTER TABLE ... ADD COLUMN with a constant default rewrites no rows)."""
 
 # A row is available when its time has come and it is not leased, or its lease
 # ran out. "available_at <= enqueued_at" makes a message enqueued to run at
@@ -229,9 +288,18 @@ _DUE = ("SELECT id FROM {scheduled} WHERE queue = :queue AND available_at <= :no
 # into the table and "promoted" deletes them, in one write transaction: both
 # statements see the same rows (nothing else writes in between).
 
+_RETRIED = ("attempts + 1, coalesce(first_failed_at, :failed_at) FROM {table} "
+            "WHERE id = :id AND leased_by = :consumer")
+# The leased row, one attempt up, its first failure time kept if it has one:
+# "retry_ready" and "retry_later" read it before "settle" deletes it, in one
+# transaction. Only while this consumer holds the lease (as for acks).
+
+_FAILED_COLUMNS = ("task_id, body, task, attempts, error_type, error, traceback, "
+                   "first_failed_at, last_failed_at, priority, expires_at")
+
 _SQL = {
     "peek": "SELECT 1 FROM {table} WHERE " + _AVAILABLE + " LIMIT 1",
-    "candidate": "SELECT id, deliveries, CAST(body AS BLOB) FROM {table} WHERE "
+    "candidate": "SELECT id, deliveries, attempts, CAST(body AS BLOB) FROM {table} WHERE "
                  + _AVAILABLE + " ORDER BY priority DESC, available_at, id LIMIT :limit",
     "lease": "UPDATE {table} SET leased_by = :consumer, lease_until = :until, "
              "deliveries = deliveries + 1 WHERE id = :id",
@@ -242,9 +310,10 @@ _SQL = {
     "later": "INSERT INTO {scheduled} (queue, body, priority, available_at) "
              "VALUES (:queue, :body, :priority, :due)",
     "next_due": "SELECT min(available_at) FROM {scheduled} WHERE queue = :queue",
-    "promote": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at) "
-               "SELECT queue, body, priority, available_at, :now FROM {scheduled} "
-               "WHERE id IN (" + _DUE + ") ORDER BY available_at, id",
+    "promote": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at, "
+               "attempts, first_failed_at) "
+               "SELECT queue, body, priority, available_at, :now, attempts, first_failed_at "
+               "FROM {scheduled} WHERE id IN (" + _DUE + ") ORDER BY available_at, id",
     "promoted": "DELETE FROM {scheduled} WHERE id IN (" + _DUE + ")",
     "due": "SELECT count(*) FROM {scheduled} WHERE queue = :queue AND available_at <= :now",
     "scheduled": "SELECT count(*) FROM {scheduled} WHERE queue = :queue AND available_at > :now",
@@ -261,6 +330,43 @@ _SQL = {
     "waiting": "SELECT count(*) FROM {table} WHERE " + _AVAILABLE,
     "rejected": "SELECT CAST(body AS BLOB), reason FROM {rejected} "
                 "WHERE queue = :queue ORDER BY id",
+    # retry(), fail() and the failed store (see "Retries and the failed store")
+    "retry_ready": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at, "
+                   "attempts, first_failed_at) SELECT queue, :body, priority, :now, :now, "
+                   + _RETRIED,
+    "retry_later": "INSERT INTO {scheduled} (queue, body, priority, available_at, "
+                   "attempts, first_failed_at) SELECT queue, :body, priority, :due, " + _RETRIED,
+    "settle": "DELETE FROM {table} WHERE id = :id AND leased_by = :consumer",
+    "fail": "INSERT OR REPLACE INTO {failed} (queue, task_id, body, task, attempts, "
+            "error_type, error, traceback, first_failed_at, last_failed_at, priority, "
+            "expires_at) SELECT :queue, :task_id, :body, :task, :attempts, :error_type, "
+            ":error, :traceback, coalesce(first_failed_at, :last_failed_at), :last_failed_at, "
+            "priority, :expires_at FROM {table} WHERE id = :id AND leased_by = :consumer",
+    "trim": "DELETE FROM {failed} WHERE queue = :queue AND (expires_at <= :now OR task_id IN "
+            "(SELECT task_id FROM {failed} WHERE queue = :queue AND expires_at > :now "
+            "ORDER BY last_failed_at DESC, task_id DESC LIMIT -1 OFFSET :keep))",
+    "failed": "SELECT " + _FAILED_COLUMNS + " FROM {failed} WHERE queue = :queue "
+              "AND expires_at > :now ORDER BY last_failed_at DESC, task_id DESC "
+              "LIMIT :limit OFFSET :offset",
+    "find_failed": "SELECT " + _FAILED_COLUMNS + " FROM {failed} WHERE queue = :queue "
+                   "AND task_id = :task_id AND expires_at > :now",
+    "failed_count": "SELECT count(*) FROM {failed} WHERE queue = :queue AND expires_at > :now",
+    "retry_failed": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at) "
+                    "SELECT queue, body, priority, :now, :now FROM {failed} "
+                    "WHERE queue = :queue AND task_id = :task_id AND expires_at > :now",
+    "retry_failed_all": "INSERT INTO {table} (queue, body, priority, available_at, "
+                        "enqueued_at) SELECT queue, body, priority, :now, :now FROM {failed} "
+                        "WHERE queue = :queue AND expires_at > :now "
+                        "ORDER BY last_failed_at, task_id",
+    "unfail": "DELETE FROM {failed} WHERE queue = :queue AND task_id = :task_id "
+              "AND expires_at > :now",
+    "unfail_all": "DELETE FROM {failed} WHERE queue = :queue AND expires_at > :now",
+    "delete_failed": "DELETE FROM {failed} WHERE queue = :queue AND task_id = :task_id",
+    "purge_failed": "DELETE FROM {failed} WHERE queue = :queue",
+    "live_failed": "SELECT count(*) FROM {failed} WHERE queue = :queue "
+                   "AND task_id = :task_id AND expires_at > :now",
+    "live_failed_all": "SELECT count(*) FROM {failed} WHERE queue = :queue "
+                       "AND expires_at > :now",
 }
 # Bodies are read CAST AS BLOB: sqlite3 raises on TEXT that is not UTF-8, and
 # one such row would otherwise fail every claim for ever. _stored() decodes.
@@ -269,7 +375,8 @@ _SQL = {
 def _names(table: str) -> dict[str, str]:
     return {"table": table, "rejected": f"{table}_rejected", "ready_index": f"{table}_ready",
             "scheduled": f"{table}_scheduled", "scheduled_index": f"{table}_scheduled_due",
-            "fired": f"{table}_fired"}
+            "fired": f"{table}_fired", "failed": f"{table}_failed",
+            "failed_index": f"{table}_failed_latest"}
 
 
 class _Raw(str):
@@ -296,6 +403,33 @@ def _stored(blob: bytes) -> Any:
         return _RawBytes(blob)
     message = protocol.decode(text)
     return _Raw(text) if message is text else message
+
+
+class _Leases(protocol.Leases):
+    """Leases whose keys are (row id, failed attempts), readable without settling."""
+
+    def get(self, message: Any, where: str) -> tuple[int, int]:
+        """The key of *message*, kept; ValueError (naming *where*) if it is not held."""
+        with self._lock:
+            held = self._held.get(id(message))
+        if held is None or held[0] is not message:
+            raise ValueError(
+                f"{where}: {message!r:.80} is not a message this queue object dequeued, "
+                f"or it was already acked, rejected, requeued, retried or failed")
+        key: tuple[int, int] = held[1]
+        return key
+
+
+def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A failed-store entry as a dict of protocol.FAILED_FIELDS, from a _FAILED_COLUMNS row."""
+    (task_id, body, task, attempts, error_type, error, traceback, first_failed_at,
+     last_failed_at, priority, expires_at) = row
+    message = protocol.decode(body)
+    return {"task_id": task_id, "task": task,
+            "args": message[2:] if isinstance(message, list) else [],
+            "attempts": attempts, "error_type": error_type, "error": error,
+            "traceback": traceback, "first_failed_at": first_failed_at,
+            "last_failed_at": last_failed_at, "priority": priority, "expires_at": expires_at}
 
 
 class _Ack:
@@ -530,7 +664,7 @@ class SQLiteQueue:
         self._conn: sqlite3.Connection | None = None
         self._doorbell = _doorbell((os.path.realpath(self.path), self.table, self.name))
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._leases = protocol.Leases()
+        self._leases = _Leases()  # message -> (row id, failed attempts)
         # Group commit of acks (see _flush): all four under _acks.
         self._acks = threading.Lock()
         self._pending: list[_Ack] = []
@@ -698,7 +832,7 @@ class SQLiteQueue:
         Leases that dead consumers held need no recovery step: they simply run
         out and the next dequeue takes the message.
         """
-        held = self._leases.keys()
+        held = [row for row, _ in self._leases]
         with self._acks:  # their rows are ours until the delete commits
             held.extend(ticket.row for ticket in self._pending)
         if not held:
@@ -712,6 +846,131 @@ class SQLiteQueue:
                     f'UPDATE "{self.table}" SET lease_until = ? '
                     f'WHERE leased_by = ? AND id IN ({", ".join("?" * len(chunk))})',
                     [until, self.consumer, *chunk])
+
+    # -- retries and the failed store ---------------------------------------------------
+
+    def attempts(self, message: Any) -> int:
+        """Failed attempts stored with *message*, which this queue object dequeued.
+
+        Read from the lease (the claim read it with the row): no query.
+        ValueError if the queue object does not hold *message*.
+        """
+        self._check_fork()
+        _, attempts = self._leases.get(message, "SQLiteQueue.attempts")
+        return attempts
+
+    def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
+        """Settle *message* and store it again, ready in *delay* seconds, one attempt more.
+
+        One transaction deletes the leased row and stores *message* as given
+        (its task id filled in) with its priority, ``attempts`` one higher and
+        its first failure time (*failed_at* unless it had one): in the table
+        when *delay* is 0, else in ``<table>_scheduled`` until this machine's
+        clock + *delay*. Nothing is stored if this consumer's lease ran out and
+        another took the message. Wakes local waiters.
+        """
+        self._check_fork()
+        body = protocol.encode(message)  # before the lease goes: a bad message keeps it
+        row = self._settle(message, "retry")
+        now = time.time()
+        due = now + float(delay)
+        params = {"id": row, "consumer": self.consumer, "body": body, "now": now, "due": due,
+                  "failed_at": float(failed_at)}
+        with self._connection() as conn, self._transaction(conn):
+            conn.execute(self._sql["retry_ready" if due <= now else "retry_later"], params)
+            conn.execute(self._sql["settle"], params)
+        self._doorbell.ring()
+
+    def fail(self, message: Any, record: dict[str, Any], *, keep: int, ttl: float) -> int:
+        """Settle *message* into ``<table>_failed``; return how many old entries were dropped.
+
+        One transaction deletes the leased row, stores the entry (replacing
+        one with the same task id) and drops the expired entries and, beyond
+        *keep*, those that failed longest ago. The write lock makes engines
+        failing at once take turns, so the bound holds. Nothing is stored if
+        this consumer's lease ran out and another took the message.
+        """
+        self._check_fork()
+        last = float(record["last_failed_at"])
+        params = {
+            "queue": self.name, "task_id": record["task_id"], "task": record["task"],
+            # The message retry_failed() will store: [task_id, task, *args].
+            "body": protocol.encode([record["task_id"], record["task"], *record["args"]]),
+            "attempts": record["attempts"], "error_type": record["error_type"],
+            "error": record["error"], "traceback": record["traceback"],
+            "last_failed_at": last, "expires_at": last + ttl, "keep": int(keep),
+            "consumer": self.consumer}
+        params["id"] = self._settle(message, "fail")
+        with self._connection() as conn, self._transaction(conn):
+            params["now"] = time.time()
+            conn.execute(self._sql["fail"], params)
+            conn.execute(self._sql["settle"], params)
+            dropped = conn.execute(self._sql["trim"], params).rowcount
+        return max(dropped, 0)
+
+    def failed(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Entries of the failed store, the latest failure first (dicts: FAILED_FIELDS)."""
+        limit, offset = operator.index(limit), operator.index(offset)
+        if limit < 0 or offset < 0:
+            raise ValueError(f"SQLiteQueue.failed: limit ({limit}) and offset ({offset}) "
+                             f"must be >= 0")
+        params = {"queue": self.name, "limit": limit, "offset": offset, "now": time.time()}
+        with self._connection() as conn:
+            rows = conn.execute(self._sql["failed"], params).fetchall()
+        return [_entry(row) for row in rows]
+
+    def failed_count(self) -> int:
+        """Entries in the failed store (not expired)."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["failed_count"],
+                               {"queue": self.name, "now": time.time()}).fetchone()
+        return int(row[0]) if row else 0
+
+    def find_failed(self, task_id: str) -> dict[str, Any] | None:
+        """The entry of *task_id*, or None."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["find_failed"], {
+                "queue": self.name, "task_id": task_id, "now": time.time()}).fetchone()
+        return None if row is None else _entry(row)
+
+    def retry_failed(self, task_id: str) -> bool:
+        """Move the entry of *task_id* back into the queue, ready now, attempts reset.
+
+        One transaction: a crash leaves the entry or the message. False if
+        there is no such entry.
+        """
+        return self._retry_failed("retry_failed", "unfail", task_id) > 0
+
+    def retry_failed_all(self) -> int:
+        """Move every entry back into the queue, oldest failure first, in one transaction;
+        return how many."""
+        return self._retry_failed("retry_failed_all", "unfail_all", None)
+
+    def delete_failed(self, task_id: str) -> bool:
+        """Forget the entry of *task_id*; False if there was none."""
+        return self._delete_failed("live_failed", "delete_failed", task_id) > 0
+
+    def purge_failed(self) -> int:
+        """Forget every entry; return how many."""
+        return self._delete_failed("live_failed_all", "purge_failed", None)
+
+    def _retry_failed(self, store: str, forget: str, task_id: str | None) -> int:
+        params = {"queue": self.name, "task_id": task_id, "now": time.time()}
+        with self._connection() as conn, self._transaction(conn):
+            # Both statements see the same entries: nothing else writes in between.
+            count = conn.execute(self._sql[store], params).rowcount
+            conn.execute(self._sql[forget], params)
+        if count > 0:
+            self._doorbell.ring()
+        return max(count, 0)
+
+    def _delete_failed(self, live: str, forget: str, task_id: str | None) -> int:
+        params = {"queue": self.name, "task_id": task_id, "now": time.time()}
+        with self._connection() as conn, self._transaction(conn):
+            # Expired entries go too, uncounted: to whoever asks, they were gone already.
+            count = int(conn.execute(self._sql[live], params).fetchone()[0])
+            conn.execute(self._sql[forget], params)
+        return count
 
     def rejected(self) -> list[tuple[Any, str]]:
         """The rejected messages of this queue, oldest first, as (message or raw, reason)."""
@@ -791,7 +1050,7 @@ class SQLiteQueue:
         acks pending when it is about to commit (see "Group commit").
         """
         params: dict[str, Any] = {"queue": self.name, "consumer": self.consumer}
-        found: list[tuple[int, bytes]] = []
+        found: list[tuple[tuple[int, int], bytes]] = []  # ((row id, attempts), body)
         peek = self._peek_first  # read once: another thread's claim may change it
         # Announced before waiting for the connection, so that acks arriving
         # meanwhile wait for this transaction instead of making one of their own;
@@ -853,7 +1112,7 @@ class SQLiteQueue:
         if count > 1:  # for _claims_expected (unlocked: a hint, read without guarantees)
             self._batch_claimed_at = time.monotonic()
         add = self._leases.add
-        return [add(_stored(body), key) for key, body in found]
+        return [add(_stored(body), key) for key, body in found]  # attempts(m): no query
 
     def _promote(self, conn: sqlite3.Connection, params: dict[str, Any]) -> None:
         """Within a claim's transaction: make the delayed messages whose time has come ready.
@@ -870,7 +1129,7 @@ class SQLiteQueue:
         self._next_due = due
 
     def _lease_next(self, conn: sqlite3.Connection, count: int, params: dict[str, Any],
-                    found: list[tuple[int, bytes]]) -> int:
+                    found: list[tuple[tuple[int, int], bytes]]) -> int:
         """Within a claim's transaction: lease available rows, in order, until *found*
         holds *count*; set aside the poison met on the way (``_POISON_BATCH`` at most).
 
@@ -883,7 +1142,7 @@ class SQLiteQueue:
             params["limit"] = wanted
             rows = conn.execute(self._sql["candidate"], params).fetchall()
             leased: list[int] = []
-            for key, deliveries, body in rows:
+            for key, deliveries, attempts, body in rows:
                 if deliveries >= self.max_deliveries:
                     self._move(conn, key, protocol.POISON_REASON)
                     poisoned += 1
@@ -891,7 +1150,7 @@ class SQLiteQueue:
                         break  # the rows after it stay as they are
                     continue
                 leased.append(key)
-                found.append((key, body))
+                found.append(((key, attempts), body))
             if leased:
                 conn.executemany(self._sql["lease"], [
                     {"consumer": self.consumer, "until": until, "id": key} for key in leased])
@@ -1080,8 +1339,10 @@ class SQLiteQueue:
             lead.lead = True
             lead.signal()
 
-    def _settle(self, message: Any, action: str) -> Any:
-        return self._leases.settle(message, f"SQLiteQueue.{action}")
+    def _settle(self, message: Any, action: str) -> int:
+        """The row of *message*, its lease forgotten; ValueError if this object does not hold it."""
+        row: int = self._leases.settle(message, f"SQLiteQueue.{action}")[0]
+        return row
 
     @contextmanager
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -1165,7 +1426,7 @@ class SQLiteQueue:
         present = conn.execute(
             f"SELECT count(*) FROM sqlite_master WHERE name IN ({', '.join('?' * len(names))})",
             names).fetchone()
-        if present and present[0] == len(names):
+        if present and present[0] == len(names) and not self._missing_columns(conn):
             return
         # Under the write lock: of processes starting together, the first
         # creates and the others find everything there.
@@ -1173,10 +1434,22 @@ class SQLiteQueue:
             with self._transaction(conn):
                 for statement in self._schema:
                     conn.execute(statement)
+                for table, column in self._missing_columns(conn):
+                    conn.execute(f'ALTER TABLE "{table}" ADD COLUMN {column} '
+                                 f'{_ADDED_COLUMNS[column]}')
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _missing_columns(self, conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        """(table, column) of the _ADDED_COLUMNS that the message tables lack."""
+        missing: list[tuple[str, str]] = []
+        for table in (self._names["table"], self._names["scheduled"]):
+            columns = {row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')}
+            missing.extend((table, column) for column in _ADDED_COLUMNS
+                           if column not in columns)
+        return missing
 
 
 def _until_unlocked(step: Callable[[], _T], deadline: float) -> _T:
