@@ -206,7 +206,7 @@ def _stats_settle(engine: type[Engine], **expected: int) -> None:
     wait_for(lambda: all(engine.stats()[k] == v for k, v in expected.items()), 30)
 
 
-def test_a_failing_task_is_retried_until_it_succeeds(make_engine: Any, queue: Any) -> None:
+def test_a_failing_task_is_retried_until_it_succeeds(queue: Any, make_engine: Any) -> None:
     """Two failed attempts, then success: one id, attempts 1-2-3, after_retry twice."""
     engine = make_engine(queue=queue)
     engine.start()
@@ -231,7 +231,7 @@ def test_a_failing_task_is_retried_until_it_succeeds(make_engine: Any, queue: An
     assert engine.failed_count() == 0
 
 
-def test_the_last_attempt_goes_to_the_failed_store(make_engine: Any, queue: Any) -> None:
+def test_the_last_attempt_goes_to_the_failed_store(queue: Any, make_engine: Any) -> None:
     """retries exhausted: after_failure once, an entry with attempts and traceback."""
     engine = make_engine(queue=queue)
     engine.start()
@@ -254,7 +254,7 @@ def test_the_last_attempt_goes_to_the_failed_store(make_engine: Any, queue: Any)
                      main_log(engine))
 
 
-def test_backoff_delays_grow_within_their_jitter_and_cap(make_engine: Any, queue: Any
+def test_backoff_delays_grow_within_their_jitter_and_cap(queue: Any, make_engine: Any
                                                         ) -> None:
     """retry_delay 0.1, cap 0.3: retry_in is 0.1-0.15, then 0.2-0.3, then 0.3; the
     attempts start no sooner than that after the one before."""
@@ -275,7 +275,7 @@ def test_backoff_delays_grow_within_their_jitter_and_cap(make_engine: Any, queue
         assert gap < delay + 5  # generous: a busy machine
 
 
-def test_retry_on_picks_the_failures_that_are_retried(make_engine: Any, queue: Any) -> None:
+def test_retry_on_picks_the_failures_that_are_retried(queue: Any, make_engine: Any) -> None:
     """retry_on = (ConnectionError,): a ValueError is final at once."""
     engine = make_engine(queue=queue)
     engine.start()
@@ -289,7 +289,7 @@ def test_retry_on_picks_the_failures_that_are_retried(make_engine: Any, queue: A
     assert engine.failed_task(retried)["error_type"] == "ConnectionError"
 
 
-def test_raise_retry_asks_for_a_retry_with_its_delay(make_engine: Any, queue: Any) -> None:
+def test_raise_retry_asks_for_a_retry_with_its_delay(queue: Any, make_engine: Any) -> None:
     """Retry(delay=) is retried whatever retry_on says, after that delay; then final."""
     engine = make_engine(queue=queue)
     engine.start()
@@ -304,8 +304,8 @@ def test_raise_retry_asks_for_a_retry_with_its_delay(make_engine: Any, queue: An
     assert entry["error_type"] == "Retry" and entry["attempts"] == 2
 
 
-def test_a_timeout_is_retried_and_after_timeout_waits_for_the_last(make_engine: Any,
-                                                                   queue: Any) -> None:
+def test_a_timeout_is_retried_and_after_timeout_waits_for_the_last(queue: Any,
+                                                                   make_engine: Any) -> None:
     """A timed-out attempt with retries left: logged with retry_in, then run again."""
     engine = make_engine(queue=queue)
     engine.start()
@@ -317,7 +317,7 @@ def test_a_timeout_is_retried_and_after_timeout_waits_for_the_last(make_engine: 
                      rf"timeout=0\.2 retry_in=", main_log(engine))
 
 
-def test_a_final_timeout_is_stored_with_where_it_was(make_engine: Any, queue: Any) -> None:
+def test_a_final_timeout_is_stored_with_where_it_was(queue: Any, make_engine: Any) -> None:
     """No retries left: the entry says TaskTimeout and shows the thread's stack."""
     engine = make_engine(queue=queue)
     engine.start()
@@ -330,7 +330,7 @@ def test_a_final_timeout_is_stored_with_where_it_was(make_engine: Any, queue: An
     assert "time.sleep(0.01)" in entry["traceback"]
 
 
-def test_keep_failed_false_keeps_a_task_out_of_the_store(make_engine: Any, queue: Any
+def test_keep_failed_false_keeps_a_task_out_of_the_store(queue: Any, make_engine: Any
                                                          ) -> None:
     """keep_failed = False: the failure is logged and acked, not stored."""
     engine = make_engine(queue=queue)
@@ -341,7 +341,7 @@ def test_keep_failed_false_keeps_a_task_out_of_the_store(make_engine: Any, queue
     assert engine.failed_count() == 0
 
 
-def test_the_store_is_bounded_by_failed_max(make_engine: Any, queue: Any) -> None:
+def test_the_store_is_bounded_by_failed_max(queue: Any, make_engine: Any) -> None:
     """failed_max = 3: five failures keep the latest three; two dropped, counted."""
     engine = make_engine(queue=queue, failed_max=3, threads=1)
     ids = [engine.submit(Failing, n) for n in range(5)]
@@ -352,7 +352,7 @@ def test_the_store_is_bounded_by_failed_max(make_engine: Any, queue: Any) -> Non
     assert sorted(e["task_id"] for e in engine.failed()) == sorted(ids[2:])
 
 
-def test_the_api_runs_again_and_forgets_failed_tasks(make_engine: Any, queue: Any) -> None:
+def test_the_api_runs_again_and_forgets_failed_tasks(queue: Any, make_engine: Any) -> None:
     """retry_failed runs the task again under its id from attempt 1; delete and purge
     forget; an unknown id is a KeyError naming it."""
     engine = make_engine(queue=queue)
@@ -362,7 +362,7 @@ def test_the_api_runs_again_and_forgets_failed_tasks(make_engine: Any, queue: An
     assert engine.failed_count() == 4
     before = len(journal.of("run"))
     engine.retry_failed(ids[0])
-    wait_for(lambda: len(journal.of("failure")) == 5, 30)
+    _stats_settle(engine, failed=5)  # counted once the entry is stored
     again = journal.of("run")[before:]
     assert [(t, a) for _, t, a in again] == [(ids[0], a) for a in (1, 2, 3, 4)]
     engine.delete_failed(ids[1])
@@ -379,7 +379,7 @@ def test_the_api_runs_again_and_forgets_failed_tasks(make_engine: Any, queue: An
     assert engine.retry_failed_all() == 0
 
 
-def test_retry_failed_all_runs_each_again(make_engine: Any, queue: Any) -> None:
+def test_retry_failed_all_runs_each_again(queue: Any, make_engine: Any) -> None:
     """Every entry back into the queue at once."""
     engine = make_engine(queue=queue)
     ids = [engine.submit(Failing, n) for n in range(3)]
