@@ -583,33 +583,6 @@ class _Ack:
         self.wake.acquire()
 
 
-class _Leases(protocol.Leases):
-    """Leases whose keys are (row id, failed attempts), readable without settling."""
-
-    def get(self, message: Any, where: str) -> tuple[int, int]:
-        """The key of *message*, kept; ValueError (naming *where*) if it is not held."""
-        with self._lock:
-            held = self._held.get(id(message))
-        if held is None or held[0] is not message:
-            raise ValueError(
-                f"{where}: {message!r:.80} is not a message this queue object dequeued, "
-                f"or it was already acked, rejected, requeued, retried or failed")
-        key: tuple[int, int] = held[1]
-        return key
-
-
-def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
-    """A failed-store entry as a dict of protocol.FAILED_FIELDS, from a _FAILED_COLUMNS row."""
-    (task_id, body, task, attempts, error_type, error, traceback, first_failed_at,
-     last_failed_at, priority, expires_at) = row
-    message = protocol.decode(body)
-    return {"task_id": task_id, "task": task,
-            "args": message[2:] if isinstance(message, list) else [],
-            "attempts": attempts, "error_type": error_type, "error": error,
-            "traceback": traceback, "first_failed_at": first_failed_at,
-            "last_failed_at": last_failed_at, "priority": priority, "expires_at": expires_at}
-
-
 def _shared_failure(error: BaseException) -> BaseException:
     """What an ack raises when the DELETE that took it failed in another thread.
 
@@ -813,7 +786,7 @@ class PostgresQueue:
         self._forks = protocol.forks()
         self._work_slots = threading.BoundedSemaphore(_WORK_CONNECTIONS)
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._leases = _Leases()
+        self._leases = protocol.Leases()
         self._next_due: float | None = None  # monotonic time the earliest delayed one is due
         # Grouped acks (see ack): tickets waiting for the next DELETE, and whether
         # a thread has the duty to send it (one DELETE in flight at a time).
@@ -983,7 +956,7 @@ class PostgresQueue:
         """
         self._check_fork()
         _, attempts = self._leases.get(message, "PostgresQueue.attempts")
-        return attempts
+        return int(attempts)
 
     def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
         """Settle *message* and store it again, ready in *delay* seconds, one attempt more.
@@ -1033,7 +1006,7 @@ class PostgresQueue:
         with self._connection() as conn:
             found = conn.execute(self._sql["failed"], {
                 "queue": self.name, "limit": limit, "offset": offset}).fetchall()
-        return [_entry(each) for each in found]
+        return [protocol.failed_entry(each) for each in found]
 
     def failed_count(self) -> int:
         """Entries in the failed store (not expired)."""
@@ -1046,7 +1019,7 @@ class PostgresQueue:
         with self._connection() as conn:
             row = conn.execute(self._sql["find_failed"],
                                {"queue": self.name, "task_id": task_id}).fetchone()
-        return None if row is None else _entry(row)
+        return None if row is None else protocol.failed_entry(row)
 
     def retry_failed(self, task_id: str) -> bool:
         """Move the entry of *task_id* back into the queue, ready now, attempts reset.

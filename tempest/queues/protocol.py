@@ -201,6 +201,7 @@ __all__ = [
     "SchedulingQueue",
     "decode",
     "encode",
+    "failed_entry",
     "forks",
     "lease_options",
     "priority",
@@ -339,6 +340,20 @@ FAILED_METHODS = ("fail", "failed", "failed_count", "find_failed", "retry_failed
 """What a queue needs for the failed store."""
 
 
+def failed_entry(row: tuple[Any, ...] | list[Any]) -> dict[str, Any]:
+    """A failed-store entry (the keys of FAILED_FIELDS) from a SQL row of
+    (task_id, body, task, attempts, error_type, error, traceback, first_failed_at,
+    last_failed_at, priority, expires_at); ``args`` are read from the stored body."""
+    (task_id, body, task, attempts, error_type, error, traceback, first_failed_at,
+     last_failed_at, priority, expires_at) = row
+    message = decode(body)
+    return {"task_id": task_id, "task": task,
+            "args": message[2:] if isinstance(message, list) else [],
+            "attempts": attempts, "error_type": error_type, "error": error,
+            "traceback": traceback, "first_failed_at": first_failed_at,
+            "last_failed_at": last_failed_at, "priority": priority, "expires_at": expires_at}
+
+
 def priority(value: object, argument: str = "priority") -> int:
     """*value* as a message priority; TypeError or ValueError naming *argument*."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -401,6 +416,16 @@ class Leases:
             raise ValueError(
                 f"{where}: {message!r:.80} is not a message this queue object dequeued, "
                 f"or it was already acked, rejected or requeued") from None
+
+    def get(self, message: Any, where: str) -> Any:
+        """The key of *message*, kept held; ValueError (naming *where*) if it is not held."""
+        with self._lock:
+            held = self._held.get(id(message))
+        if held is None or held[0] is not message:
+            raise ValueError(
+                f"{where}: {message!r:.80} is not a message this queue object dequeued, "
+                f"or it was already acked, rejected, requeued, retried or failed")
+        return held[1]
 
     def keys(self) -> list[Any]:
         """Keys of every message held."""

@@ -405,33 +405,6 @@ def _stored(blob: bytes) -> Any:
     return _Raw(text) if message is text else message
 
 
-class _Leases(protocol.Leases):
-    """Leases whose keys are (row id, failed attempts), readable without settling."""
-
-    def get(self, message: Any, where: str) -> tuple[int, int]:
-        """The key of *message*, kept; ValueError (naming *where*) if it is not held."""
-        with self._lock:
-            held = self._held.get(id(message))
-        if held is None or held[0] is not message:
-            raise ValueError(
-                f"{where}: {message!r:.80} is not a message this queue object dequeued, "
-                f"or it was already acked, rejected, requeued, retried or failed")
-        key: tuple[int, int] = held[1]
-        return key
-
-
-def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
-    """A failed-store entry as a dict of protocol.FAILED_FIELDS, from a _FAILED_COLUMNS row."""
-    (task_id, body, task, attempts, error_type, error, traceback, first_failed_at,
-     last_failed_at, priority, expires_at) = row
-    message = protocol.decode(body)
-    return {"task_id": task_id, "task": task,
-            "args": message[2:] if isinstance(message, list) else [],
-            "attempts": attempts, "error_type": error_type, "error": error,
-            "traceback": traceback, "first_failed_at": first_failed_at,
-            "last_failed_at": last_failed_at, "priority": priority, "expires_at": expires_at}
-
-
 class _Ack:
     """One ack, waiting for the transaction that deletes its row (see "Group commit").
 
@@ -574,6 +547,16 @@ class SQLiteQueue:
         ``busy_timeout`` seconds (default 10) for another connection's write
         lock, then raises ``sqlite3.OperationalError: database is locked``;
         the engine logs a failed dequeue and retries with a backoff.
+    Retries and the failed store
+        A message's failed attempts are a column of its row, read by the claim
+        and kept with the lease (``attempts()`` costs no query); ``requeue``
+        and a lease that ran out leave it as it is, so a crash is never
+        counted as an attempt. ``retry()`` replaces the leased row with the
+        message to run again, one attempt up, and ``fail()`` moves it into
+        ``<table>_failed`` and trims that to ``keep`` entries and ``ttl``
+        seconds: each one transaction, so a crash leaves the leased message or
+        the new one, never neither, never both. ``retry_failed()`` moves an
+        entry back, ready now, attempts 0, in one transaction too.
 
     Each queue object opens one connection (lazily), shared by its threads under
     a lock: SQLite admits one writer at a time anyway, so threads queueing on
@@ -664,7 +647,7 @@ class SQLiteQueue:
         self._conn: sqlite3.Connection | None = None
         self._doorbell = _doorbell((os.path.realpath(self.path), self.table, self.name))
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._leases = _Leases()  # message -> (row id, failed attempts)
+        self._leases = protocol.Leases()  # message -> (row id, failed attempts)
         # Group commit of acks (see _flush): all four under _acks.
         self._acks = threading.Lock()
         self._pending: list[_Ack] = []
@@ -857,7 +840,7 @@ class SQLiteQueue:
         """
         self._check_fork()
         _, attempts = self._leases.get(message, "SQLiteQueue.attempts")
-        return attempts
+        return int(attempts)
 
     def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
         """Settle *message* and store it again, ready in *delay* seconds, one attempt more.
@@ -917,7 +900,7 @@ class SQLiteQueue:
         params = {"queue": self.name, "limit": limit, "offset": offset, "now": time.time()}
         with self._connection() as conn:
             rows = conn.execute(self._sql["failed"], params).fetchall()
-        return [_entry(row) for row in rows]
+        return [protocol.failed_entry(row) for row in rows]
 
     def failed_count(self) -> int:
         """Entries in the failed store (not expired)."""
@@ -931,7 +914,7 @@ class SQLiteQueue:
         with self._connection() as conn:
             row = conn.execute(self._sql["find_failed"], {
                 "queue": self.name, "task_id": task_id, "now": time.time()}).fetchone()
-        return None if row is None else _entry(row)
+        return None if row is None else protocol.failed_entry(row)
 
     def retry_failed(self, task_id: str) -> bool:
         """Move the entry of *task_id* back into the queue, ready now, attempts reset.
