@@ -131,8 +131,9 @@ def test_many_producers_and_consumers_each_message_once():
             elif producers_done.is_set() and len(queue) == 0:
                 return
 
-    consumers = [threading.Thread(target=consume, args=(c,)) for c in range(4)]
-    producers = [threading.Thread(target=produce, args=(p,)) for p in range(4)]
+    # Daemons: a thread stuck in a wait fails the test below without holding pytest at exit.
+    consumers = [threading.Thread(target=consume, args=(c,), daemon=True) for c in range(4)]
+    producers = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(4)]
     for t in consumers + producers:
         t.start()
     for t in producers:
