@@ -36,6 +36,12 @@ key                                   type    holds
                                               slot's ``repr``) -> when recorded (ms, server)
 ``tempest:{NAME}:slots:<schedule>``   zset    the same slots, scored by themselves
                                               (``last_fired``)
+``tempest:{NAME}:failed``             hash    task id -> the failed store's entry (its
+                                              JSON), a newline, and the message entry
+                                              ``retry_failed`` stores again
+``tempest:{NAME}:failed:by_time``     zset    task id -> the entry's ``last_failed_at``
+``tempest:{NAME}:failed:expires``     zset    task id -> the entry's ``expires_at``
+                                              (POSIX seconds, compared with the server's)
 ====================================  ======  ================================================
 
 A message is stored as its compact JSON (``["id","Task",1,2]``), so any client
@@ -44,8 +50,11 @@ list is handed to the engine raw (bytes), for it to reject. A message of
 priority *p* other than 0 is stored (in ``waiting:<p>``, in-flight lists, the
 ``deliveries`` hash) as the *entry* ``\\xffp<p>\\n<json>``, so that one given
 back or recovered returns to its own list; ``rejected`` holds the bare JSON.
+A message that failed before (see "Retries and the failed store") has the
+header ``\\xffa<attempts>,<first_failed_at>\\n`` in front of that entry, as
+in ``\\xffa2,1733500000.25\\n\\xffp5\\n<json>``.
 (A raw message of an external producer starting with those bytes would be
-read as prioritised.) A ``scheduled`` member is a 16-digit counter followed by
+read as prioritised, or as failed before.) A ``scheduled`` member is a 16-digit counter followed by
 the entry: members are unique, and those due at the same ms go in the order
 of the calls.
 
@@ -133,6 +142,29 @@ quarter lease old), so an engine picks up a dead engine's messages
 within about a heartbeat interval after its lease ends. All times are the Redis
 server's (``TIME``), so engines on machines with skewed clocks agree.
 
+Retries and the failed store
+----------------------------
+The failed attempts of a message travel in its entry (the ``\\xffa`` header,
+see "Keys"): a message requeued, recovered after its lease or counted as a
+delivery keeps its entry's bytes, so its count; ``attempts(m)`` reads it from
+the entry the dequeue brought back (no round trip). ``retry`` runs one script
+that settles the in-flight entry as ``ack`` does and stores the message as
+the engine passes it, under a header one attempt higher (the first failure
+time kept), into ``scheduled`` (due *delay* seconds from now on the server's
+clock; ready at once for 0), waking waiting consumers as ``schedule`` does.
+The enqueue, dequeue and ack paths read no more keys than before.
+
+``fail`` runs one script that settles the in-flight entry and writes the
+entry of the failed store under its task id, beside the message entry that
+``retry_failed`` will store again (``[task_id, task, *args]``, its priority,
+no header: attempts 0). The same script drops entries whose ``expires_at``
+is past on the server's clock and, beyond *keep*, those that failed longest
+ago (up to 1000 of each per call). ``failed``, ``failed_count`` and
+``find_failed`` skip entries whose ``expires_at`` is past, dropped or not.
+``retry_failed`` moves one entry back in a script; ``retry_failed_all`` does
+so 1000 at a time, the oldest failure first. The store is one per queue
+name: every engine sharing the queue shares it.
+
 Where a message can be lost or run twice
 ----------------------------------------
 Nothing is lost while Redis keeps its data; every case below errs towards
@@ -177,6 +209,12 @@ running a message twice.
   only workers already free get one) and are leased meanwhile. An engine dying
   then loses none: they are in its in-flight list and return with the rest.
   A stopping engine requeues those it did not start.
+* ``retry`` and ``fail`` are one script each: a crash leaves the leased
+  message (it returns after its lease with the count it had, and its attempt
+  runs again) or the retried message or failed entry, never both. One that
+  meets a connection error is deferred and retried as ``ack`` is (``fail``
+  then reports nothing dropped); its script settles only an entry still in
+  flight here or waiting, so a retry after a lost reply stores nothing twice.
 * Scheduled and fired messages: every script is atomic, so a crash (of the
   engine or the producer) never leaves half a step. A ``schedule`` or
   ``fire`` whose reply is lost may have stored the message: a retry of
@@ -863,6 +901,12 @@ class RedisQueue:
         on the server's clock. A waiting dequeue blocks no later than a fifth
         of a second before the next due time, then polls: a delayed message is
         taken within a few ms of its time.
+    Retries and the failed store
+        ``attempts()``, ``retry()``, ``fail()``, ``failed()``,
+        ``failed_count()``, ``find_failed()``, ``retry_failed()``,
+        ``retry_failed_all()``, ``delete_failed()`` and ``purge_failed()`` (see
+        :mod:`tempest.queues.protocol`): the attempt count travels in the
+        stored message, each step is one script, times are the server's.
     Batches
         ``dequeue_many(n, timeout=...)`` takes up to *n* messages in one round
         trip (the engine asks for one per free worker): the first as

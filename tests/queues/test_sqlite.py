@@ -878,3 +878,414 @@ def test_a_waiting_dequeue_wakes_at_the_delayed_time(queues):
     message = queue.dequeue(timeout=5)
     assert message is not None and list(message) == ["id-soon", "T"]
     assert time.monotonic() - began < 1.0
+
+
+# -- retries and the failed store ------------------------------------------------------
+
+
+SCHEMA_BEFORE_RETRIES = """\
+CREATE TABLE tempest_messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL,
+    body TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, available_at REAL NOT NULL,
+    enqueued_at REAL NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0, leased_by TEXT,
+    lease_until REAL);
+CREATE INDEX tempest_messages_ready ON tempest_messages (queue, priority DESC, available_at, id);
+CREATE TABLE tempest_messages_rejected (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
+    body TEXT NOT NULL, reason TEXT NOT NULL, rejected_at REAL NOT NULL);
+CREATE TABLE tempest_messages_scheduled (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
+    body TEXT NOT NULL, priority INTEGER NOT NULL, available_at REAL NOT NULL);
+CREATE INDEX tempest_messages_scheduled_due ON tempest_messages_scheduled (queue, available_at);
+CREATE TABLE tempest_messages_fired (queue TEXT NOT NULL, schedule TEXT NOT NULL,
+    slot REAL NOT NULL, recorded_at REAL NOT NULL, PRIMARY KEY (queue, schedule, slot));"""
+
+
+def columns(path: Path | str, table: str) -> list[str]:
+    """The column names of *table*, in order."""
+    return [row[1] for row in sql(path, f'PRAGMA table_info("{table}")')]
+
+
+def record(task_id: str, when: float, *args: Any, attempts: int = 1) -> dict[str, Any]:
+    """A failed-store record as the engine makes it."""
+    return {"task_id": task_id, "task": "Task", "args": list(args), "attempts": attempts,
+            "error_type": "ValueError", "error": "bad value",
+            "traceback": "Traceback (most recent call last):\nValueError: bad value\n",
+            "last_failed_at": when}
+
+
+def fail_one(queue: SQLiteQueue, task_id: str, when: float, *, keep: int = 100,
+             ttl: float = 3600.0, priority: int = 0) -> int:
+    """Store, take and fail a message of *task_id*; return what fail() returned."""
+    queue.schedule([task_id, "Task", 1], priority=priority)
+    message = queue.dequeue()
+    assert message is not None and message[0] == task_id
+    return queue.fail(message, record(task_id, when, 1), keep=keep, ttl=ttl)
+
+
+def add_trigger(path: Path | str, table: str, event: str) -> None:
+    """Make every *event* (INSERT, DELETE) on *table* fail, as a full disk would."""
+    sql(path, f'CREATE TRIGGER boom BEFORE {event} ON "{table}" '
+              f"BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+
+
+def test_a_file_made_before_retries_gains_its_columns_and_table(tmp_path):
+    """The message tables of the version before retries gain attempts and first_failed_at
+    (rows kept, counted 0), and the failed store comes; a second opening changes nothing."""
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_BEFORE_RETRIES)
+        conn.execute("INSERT INTO tempest_messages (queue, body, available_at, enqueued_at) "
+                     "VALUES ('tempest', '[\"id-old\",\"T\"]', 0, 0)")
+        conn.execute("INSERT INTO tempest_messages_scheduled (queue, body, priority, "
+                     "available_at) VALUES ('tempest', '[\"id-due\",\"T\"]', 2, 1)")
+        conn.commit()
+    queue = SQLiteQueue(path)
+    try:
+        first = queue.dequeue()  # the due one is promoted: its priority is higher
+        assert list(first) == ["id-due", "T"] and queue.attempts(first) == 0
+        for table in ("tempest_messages", "tempest_messages_scheduled"):
+            assert columns(path, table)[-2:] == ["attempts", "first_failed_at"]
+        assert columns(path, "tempest_messages_failed") == [
+            "queue", "task_id", "body", "task", "attempts", "error_type", "error",
+            "traceback", "first_failed_at", "last_failed_at", "priority", "expires_at"]
+        names = {name for (name,) in sql(path, "SELECT name FROM sqlite_master")}
+        assert "tempest_messages_failed_latest" in names
+        queue.retry(first, delay=0, failed_at=100.0)
+        again = queue.dequeue()  # its priority kept: first again
+        assert list(again) == ["id-due", "T"] and queue.attempts(again) == 1
+        queue.ack(again)
+        old = queue.dequeue()
+        assert list(old) == ["id-old", "T"] and queue.attempts(old) == 0
+        assert queue.fail(old, record("id-old", time.time()), keep=10, ttl=60) == 0
+    finally:
+        queue.close()
+    schema = sql(path, "SELECT sql FROM sqlite_master ORDER BY name")
+    reopened = SQLiteQueue(path)
+    try:
+        assert reopened.find_failed("id-old") is not None
+    finally:
+        reopened.close()
+    assert sql(path, "SELECT sql FROM sqlite_master ORDER BY name") == schema
+
+
+def test_a_file_made_before_scheduling_gains_the_retry_columns_too(tmp_path):
+    """The oldest tables gain scheduling and retries in one go."""
+    path = tmp_path / "older.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(OLD_SCHEMA)
+    queue = SQLiteQueue(path)
+    try:
+        queue.enqueue(["id-1", "T"])
+        message = queue.dequeue()
+        queue.retry(message, delay=60, failed_at=5.0)
+        assert sql(path, "SELECT attempts, first_failed_at FROM tempest_messages_scheduled"
+                   ) == [(1, 5.0)]
+    finally:
+        queue.close()
+
+
+def test_attempts_costs_no_query(queues):
+    """attempts(m) is read from the lease: no statement reaches the file."""
+    queue = queues()
+    queue.enqueue(["id-1", "T"])
+    message = queue.dequeue()
+    statements: list[str] = []
+    assert queue._conn is not None
+    queue._conn.set_trace_callback(statements.append)
+    try:
+        assert queue.attempts(message) == 0
+    finally:
+        queue._conn.set_trace_callback(None)
+    assert statements == []
+    queue.ack(message)
+
+
+def test_attempts_and_the_first_failure_survive_promotion_requeue_and_redelivery(
+        path, queues):
+    """The count and first failure time travel with the row: through <table>_scheduled,
+    a requeue and a lease that ran out; only retry() counts, and keeps the first time."""
+    queue, other = queues(lease=0.3), queues(lease=30)
+    queue.schedule(["id-a", "T", 1], priority=4)
+    queue.retry(queue.dequeue(), delay=0.2, failed_at=1000.0)
+    assert sql(path, "SELECT priority, attempts, first_failed_at "
+                     "FROM tempest_messages_scheduled") == [(4, 1, 1000.0)]
+    assert len(queue) == 0 and queue.scheduled_count() == 1
+    promoted = queue.dequeue(timeout=10)  # wakes at the delayed time
+    assert promoted is not None and list(promoted) == ["id-a", "T", 1]
+    assert queue.attempts(promoted) == 1
+    queue.requeue(promoted)
+    given_back = queue.dequeue()
+    assert queue.attempts(given_back) == 1  # ...and this consumer dies
+    redelivered = wait_for(other.dequeue, 10)
+    assert list(redelivered) == ["id-a", "T", 1] and other.attempts(redelivered) == 1
+    other.retry(redelivered, delay=0, failed_at=2000.0)
+    assert sql(path, "SELECT priority, attempts, first_failed_at, leased_by "
+                     "FROM tempest_messages") == [(4, 2, 1000.0, None)]
+    last = other.dequeue()
+    assert other.attempts(last) == 2
+    when = time.time()
+    other.fail(last, record("id-a", when, 1, attempts=3), keep=10, ttl=60)
+    entry = other.find_failed("id-a")
+    assert entry is not None
+    assert (entry["first_failed_at"], entry["last_failed_at"], entry["priority"]) == (
+        1000.0, when, 4)
+    assert sql(path, "SELECT count(*) FROM tempest_messages") == [(0,)]
+
+
+def test_retry_with_no_delay_takes_its_turn_by_priority_and_readiness(queues):
+    """A message retried at once is ready now: after those of its priority already ready."""
+    queue = queues()
+    queue.schedule(["id-r", "T"], priority=1)
+    message = queue.dequeue()
+    queue.schedule(["id-before", "T"], priority=1)
+    queue.schedule(["id-low", "T"], priority=0)
+    queue.retry(message, delay=0, failed_at=time.time())
+    queue.schedule(["id-after", "T"], priority=1)
+    order = []
+    while (m := queue.dequeue()) is not None:
+        order.append(m[0])
+        queue.ack(m)
+    assert order == ["id-before", "id-r", "id-after", "id-low"]
+
+
+def test_a_retry_wakes_a_waiting_dequeue_in_this_process(queues, monkeypatch):
+    """retry() rings the bell, as schedule() does: no waiting for the next poll."""
+    monkeypatch.setattr(sqlite_module, "_POLL_MIN", 30.0)
+    monkeypatch.setattr(sqlite_module, "_POLL_MAX", 30.0)
+    producer, consumer = queues(), queues()
+    producer.enqueue(["id-w", "T"])
+    message = producer.dequeue()
+    assert consumer.dequeue() is None  # empty: its next look would be 30 s away
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(consumer.dequeue(timeout=20)))
+    thread.start()
+    try:
+        wait_for(lambda: consumer._pause == 30.0 or got, 5)
+        started = time.monotonic()
+        producer.retry(message, delay=0, failed_at=time.time())
+    finally:
+        thread.join(25)
+    assert list(got[0]) == ["id-w", "T"]
+    assert time.monotonic() - started < 5.0
+    consumer.ack(got[0])
+
+
+def test_a_retry_whose_transaction_fails_leaves_the_leased_message(path, queues):
+    """If the delete of the leased row fails, the insert of the retried one is rolled back:
+    the message comes back after its lease with the count it had, once."""
+    queue, other = queues(lease=0.3), queues()
+    queue.enqueue(["id-x", "T"])
+    message = queue.dequeue()
+    add_trigger(path, "tempest_messages", "DELETE")
+    with pytest.raises(sqlite3.Error, match="disk I/O error"):
+        queue.retry(message, delay=60, failed_at=time.time())
+    assert queue._conn is not None and not queue._conn.in_transaction  # rolled back
+    sql(path, "DROP TRIGGER boom")
+    assert sql(path, "SELECT count(*) FROM tempest_messages_scheduled") == [(0,)]
+    assert sql(path, "SELECT leased_by, attempts FROM tempest_messages") == [
+        (queue.consumer, 0)]
+    again = wait_for(other.dequeue, 10)
+    assert list(again) == ["id-x", "T"] and other.attempts(again) == 0
+    other.ack(again)
+    assert other.dequeue() is None and other.scheduled_count() == 0
+
+
+@pytest.mark.parametrize(("table", "event", "keep"), [
+    ("tempest_messages", "DELETE", 10),  # settling the leased row fails
+    ("tempest_messages_failed", "INSERT", 10),  # storing the entry fails
+    ("tempest_messages_failed", "DELETE", 0),  # trimming the store fails
+])
+def test_a_fail_whose_transaction_fails_leaves_the_leased_message(path, queues, table, event,
+                                                                  keep):
+    """Whichever statement of fail() fails, nothing of it stays: the message is still
+    leased (it comes back after its lease) and the failed store holds no entry of it."""
+    queue, other = queues(lease=0.3), queues()
+    assert fail_one(queue, "id-earlier", time.time() - 5) == 0  # an entry to trim
+    queue.enqueue(["id-f", "T"])
+    message = queue.dequeue()
+    add_trigger(path, table, event)
+    with pytest.raises(sqlite3.Error, match="disk I/O error"):
+        queue.fail(message, record("id-f", time.time()), keep=keep, ttl=60)
+    sql(path, "DROP TRIGGER boom")
+    assert [e["task_id"] for e in queue.failed()] == ["id-earlier"]
+    again = wait_for(other.dequeue, 10)
+    assert list(again) == ["id-f", "T"] and other.attempts(again) == 0
+    other.ack(again)
+
+
+def test_retry_and_fail_of_a_message_not_held_change_nothing(path, queues):
+    """Like ack: ValueError for a message this object did not dequeue, or settled."""
+    queue, other = queues(), queues()
+    queue.enqueue(["id-n", "T"])
+    message = queue.dequeue()
+    for call in (lambda: other.attempts(message),
+                 lambda: other.retry(message, delay=0, failed_at=1.0),
+                 lambda: other.fail(message, record("id-n", 1.0), keep=1, ttl=60)):
+        with pytest.raises(ValueError, match="not a message this queue object dequeued"):
+            call()
+    queue.retry(message, delay=0, failed_at=1.0)
+    for call in (lambda: queue.attempts(message), lambda: queue.ack(message),
+                 lambda: queue.retry(message, delay=0, failed_at=1.0),
+                 lambda: queue.fail(message, record("id-n", 1.0), keep=1, ttl=60)):
+        with pytest.raises(ValueError, match="already acked"):
+            call()
+    assert sql(path, "SELECT attempts FROM tempest_messages") == [(1,)]
+    assert queue.failed_count() == 0
+
+
+def test_a_late_retry_or_fail_leaves_the_message_to_its_new_consumer(path, queues):
+    """Once the lease ran out and another consumer took the message, the first one's
+    retry and fail store nothing: the new holder runs it with the count it had."""
+    slow, fast = queues(lease=0.3), queues(lease=30)
+    slow.enqueue(["id-1", "T"])
+    slow.enqueue(["id-2", "T"])
+    late_retry, late_fail = slow.dequeue(), slow.dequeue()
+    taken = [wait_for(fast.dequeue, 10), wait_for(fast.dequeue, 10)]
+    slow.retry(late_retry, delay=0, failed_at=1.0)
+    assert slow.fail(late_fail, record("id-2", time.time()), keep=10, ttl=60) == 0
+    assert slow.failed_count() == 0 and slow.scheduled_count() == 0
+    assert sql(path, "SELECT leased_by, attempts FROM tempest_messages") == [
+        (fast.consumer, 0)] * 2
+    for message in taken:
+        fast.ack(message)
+
+
+def test_the_keep_bound_drops_the_oldest_failures_not_the_oldest_writes(queues):
+    """Beyond keep, the entries with the earliest last_failed_at go, whenever stored."""
+    queue = queues()
+    now = time.time()
+    assert fail_one(queue, "id-newest", now, keep=2) == 0
+    assert fail_one(queue, "id-oldest", now - 100, keep=2) == 0
+    assert fail_one(queue, "id-middle", now - 50, keep=2) == 1
+    assert [e["task_id"] for e in queue.failed()] == ["id-newest", "id-middle"]
+
+
+def test_the_keep_bound_holds_with_consumers_failing_at_once(path, queues):
+    """Four queue objects failing 10 messages each in threads, keep=5: 5 stay, 35 dropped."""
+    handles = [queues() for _ in range(4)]
+    for i in range(40):
+        handles[0].enqueue([f"id-{i}", "T"])
+    start = threading.Barrier(4, timeout=10)
+    dropped: list[int] = []
+
+    def fail_ten(queue: SQLiteQueue) -> None:
+        messages = [queue.dequeue() for _ in range(10)]
+        start.wait()
+        for message in messages:
+            dropped.append(queue.fail(message, record(message[0], time.time()), keep=5,
+                                      ttl=60))
+
+    threads = [threading.Thread(target=fail_ten, args=(h,)) for h in handles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads) and len(dropped) == 40
+    assert sum(dropped) == 35
+    assert handles[1].failed_count() == 5
+    assert sql(path, "SELECT count(*) FROM tempest_messages_failed") == [(5,)]
+    assert sql(path, "SELECT count(*) FROM tempest_messages") == [(0,)]
+
+
+def test_expired_entries_vanish_at_once_and_go_at_the_next_fail(path, queues):
+    """An entry past its expires_at is neither listed, counted, found, retried nor deleted
+    (False) even while it is in the file; the next fail() drops it and counts it."""
+    queue = queues()
+    now = time.time()
+    fail_one(queue, "id-old", now - 10, ttl=60)
+    fail_one(queue, "id-new", now, ttl=60)
+    sql(path, "UPDATE tempest_messages_failed SET expires_at = ? WHERE task_id = 'id-old'",
+        now - 1)
+    assert queue.failed_count() == 1 and [e["task_id"] for e in queue.failed()] == ["id-new"]
+    assert queue.find_failed("id-old") is None and queue.retry_failed("id-old") is False
+    assert sql(path, "SELECT count(*) FROM tempest_messages_failed") == [(2,)]
+    assert fail_one(queue, "id-third", now, ttl=60) == 1
+    assert sorted(task_id for (task_id,) in sql(path, "SELECT task_id FROM "
+                                                      "tempest_messages_failed")) == [
+        "id-new", "id-third"]
+    assert queue.retry_failed_all() == 2 and len(queue) == 2
+
+
+def test_a_ttl_already_past_drops_the_new_entry(queues):
+    """With a ttl shorter than the failure's age, the entry is dropped as it is stored."""
+    queue = queues()
+    assert fail_one(queue, "id-gone", time.time() - 10, ttl=5) == 1
+    assert queue.failed_count() == 0
+
+
+def test_retry_failed_stores_the_message_ready_with_its_priority(path, queues):
+    """retry_failed(): the message [task_id, task, *args] is ready now, at its priority,
+    attempts 0 and no first failure; the entry is gone, in the same transaction."""
+    queue = queues()
+    fail_one(queue, "id-p", time.time() - 5, priority=9)
+    queue.enqueue(["id-plain", "T"])
+    assert queue.retry_failed("id-p") is True
+    assert sql(path, "SELECT body, priority, attempts, first_failed_at, leased_by "
+                     "FROM tempest_messages ORDER BY priority DESC") == [
+        ('["id-p","Task",1]', 9, 0, None, None), ('["id-plain","T"]', 0, 0, None, None)]
+    assert sql(path, "SELECT count(*) FROM tempest_messages_failed") == [(0,)]
+    message = queue.dequeue()
+    assert list(message) == ["id-p", "Task", 1] and queue.attempts(message) == 0
+    queue.ack(message)
+    assert queue.retry_failed("id-p") is False
+
+
+def test_retry_failed_all_stores_the_oldest_failure_first(queues):
+    """Every entry back, ready in the order they failed (at equal priority)."""
+    queue = queues()
+    now = time.time()
+    for task_id, age in [("id-b", 20), ("id-c", 10), ("id-a", 30)]:
+        fail_one(queue, task_id, now - age)
+    assert queue.retry_failed_all() == 3
+    order = []
+    while (m := queue.dequeue()) is not None:
+        order.append(m[0])
+        queue.ack(m)
+    assert order == ["id-a", "id-b", "id-c"]
+
+
+def test_a_retry_failed_whose_transaction_fails_keeps_the_entry(path, queues):
+    """If deleting the entry fails, the stored message is rolled back: entry, no message."""
+    queue = queues()
+    fail_one(queue, "id-k", time.time())
+    add_trigger(path, "tempest_messages_failed", "DELETE")
+    with pytest.raises(sqlite3.Error, match="disk I/O error"):
+        queue.retry_failed("id-k")
+    with pytest.raises(sqlite3.Error, match="disk I/O error"):
+        queue.retry_failed_all()
+    sql(path, "DROP TRIGGER boom")
+    assert len(queue) == 0 and queue.find_failed("id-k") is not None
+
+
+def test_delete_and_purge_remove_expired_entries_uncounted(path, queues):
+    """Expired entries leave the file with delete_failed/purge_failed, never counted."""
+    queue = queues()
+    now = time.time()
+    for task_id in ("id-1", "id-2", "id-3"):
+        fail_one(queue, task_id, now)
+    sql(path, "UPDATE tempest_messages_failed SET expires_at = 0 WHERE task_id <> 'id-3'")
+    assert queue.delete_failed("id-1") is False
+    assert sql(path, "SELECT task_id FROM tempest_messages_failed ORDER BY task_id") == [
+        ("id-2",), ("id-3",)]
+    assert queue.purge_failed() == 1
+    assert sql(path, "SELECT count(*) FROM tempest_messages_failed") == [(0,)]
+
+
+def test_named_queues_keep_failed_stores_apart(path, queues):
+    """One table, two queue names: each sees, retries and purges only its own entries."""
+    mail, video = queues(name="mail"), queues(name="video")
+    fail_one(mail, "id-same", time.time())
+    fail_one(video, "id-same", time.time() - 1)
+    fail_one(video, "id-v", time.time())
+    assert (mail.failed_count(), video.failed_count()) == (1, 2)
+    assert mail.purge_failed() == 1 and video.failed_count() == 2
+    assert video.retry_failed_all() == 2 and len(mail) == 0 and len(video) == 2
+
+
+def test_failed_pages_read_the_latest_index(path, queues):
+    """Listing the store walks (queue, last_failed_at) backwards: no sort, no table scan."""
+    queue = queues()
+    len(queue)
+    with closing(sqlite3.connect(path)) as conn:
+        plan = conn.execute("EXPLAIN QUERY PLAN " + queue._sql["failed"], {
+            "queue": "q", "now": 0, "limit": 10, "offset": 0}).fetchall()
+    text = " ".join(str(row[-1]) for row in plan)
+    assert "tempest_messages_failed_latest" in text, text
