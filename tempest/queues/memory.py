@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+from tempest.queues._fifo import Fifo
+
 __all__ = ["MemoryQueue"]
 
 
@@ -64,14 +66,14 @@ class MemoryQueue:
 
     def __init__(self) -> None:
         # Plain mode (nothing delayed or prioritised, the common case): every
-        # message goes through _plain, a C SimpleQueue -- put() never blocks,
-        # get() with a timeout waits on a semaphore without polling, and no
-        # Python-level lock is taken. Ranked mode (_ranked True, switched under
+        # message goes through _plain, a Fifo -- put() never blocks and takes no
+        # lock, get() with a timeout sleeps on a lock of its own without polling
+        # (see _fifo for why not queue.SimpleQueue). Ranked mode (_ranked True, switched under
         # _lock): ready messages are ordered in the heap _ready by (-priority,
         # ready time, seq), delayed ones wait in _scheduled by (due, seq); _plain
         # still takes enqueues that raced with the switch and the _WAKE tokens,
         # and each dequeue moves what it holds into _ready first.
-        self._plain: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._plain = Fifo()
         self._lock = threading.Lock()
         self._ranked = False
         self._ready: list[tuple[int, float, int, Any]] = []
