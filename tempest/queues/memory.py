@@ -168,11 +168,11 @@ class MemoryQueue:
 
     def dequeue(self, timeout: float | None = None) -> Any:
         """Take the next ready message, waiting up to *timeout* seconds; None if none."""
-        waits = timeout is not None and timeout > 0
-        deadline = time.monotonic() + timeout if waits else 0.0  # type: ignore[operator]
+        wait = timeout if timeout is not None and timeout > 0 else 0.0
+        deadline = time.monotonic() + wait if wait else 0.0
         if not self._ranked:
             try:
-                message = self._plain.get(timeout=timeout) if waits else self._plain.get_nowait()
+                message = self._plain.get(wait) if wait else self._plain.get_nowait()
             except queue.Empty:
                 return None
             if message is not _WAKE and not self._ranked:
