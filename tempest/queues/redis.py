@@ -100,7 +100,13 @@ ready the due members of ``scheduled`` (at most 1000, oldest due first:
 ``LPUSH``-ed onto their priority's list, as if enqueued at that moment), then
 stores the message: ready (``LPUSH`` onto its list) if its time has come, else
 into ``scheduled``. So a message stored after another one's time comes after
-it, whether or not anyone dequeued in between. The claim and take scripts
+it, whether or not anyone dequeued in between. The script also reports
+whether anything is scheduled or prioritised: while nothing was, less than
+50 ms before (and this object has stored nothing delayed, retried or fired
+since), ``enqueue`` is a bare ``LPUSH`` instead, at the cost of the script
+(about a third of the enqueue rate, see bench/README.md). Another client's
+delayed message falling due within those 50 ms may then come after such an
+enqueue, as after an external producer's. The claim and take scripts
 make due members ready the same way before they take; they take from the
 highest priority present in ``priorities`` -- positive ones before
 ``waiting``, negative ones after it -- and report what they saw besides
@@ -582,7 +588,11 @@ elseif ARGV[3] == 'at' then
     due = tonumber(ARGV[4])
 end
 store(ARGV[2], due, now)
-return 1
+-- 1 if nothing is scheduled or prioritised: the next enqueues may be bare LPUSHes.
+if redis.call('EXISTS', scheduled, priorities) == 0 then
+    return 1
+end
+return 0
 """
 
 _FIRE = _COMMON + _READY + """\
@@ -1040,6 +1050,9 @@ class RedisQueue:
         inf if none waits, -inf while prioritised (or due) messages are ready."""
         self._checked_at = -math.inf
         """When (monotonic) a script last looked for prioritised and due messages."""
+        self._plain_until = -math.inf
+        """Until when (monotonic) enqueue may be a bare LPUSH: the last store script,
+        less than _RECHECK before, saw nothing scheduled or prioritised."""
         self._acks: list[bytes] = []
         """Acked entries waiting for the ack being sent (see ack)."""
         self._flushing = False
@@ -1056,7 +1069,15 @@ class RedisQueue:
 
         ``schedule(message)``: priority 0, ready now, after any delayed message
         whose time has come.
+
+        While the last store script of this object, less than 50 ms before,
+        saw nothing scheduled or prioritised, a bare ``LPUSH`` does the same
+        in one command (see "Delayed and prioritised messages").
         """
+        if time.monotonic() < self._plain_until:
+            self._check_fork()
+            self._client.lpush(self._waiting, protocol.encode(message))
+            return
         self._store(message, "now", 0, 0)
 
     def schedule(self, message: Any, *, delay: float | None = None,
@@ -1088,6 +1109,7 @@ class RedisQueue:
         Slots recorded more than *keep* seconds ago are forgotten then.
         """
         self._check_fork()
+        self._plain_until = -math.inf  # enqueues look again: this one may be scheduled
         fired = self._fire_script(
             keys=[self._waiting, self._scheduled, self._priorities, self._sequence,
                   f"{self.prefix}fired:{schedule}", f"{self.prefix}slots:{schedule}"],
@@ -1171,6 +1193,7 @@ class RedisQueue:
         attempts, first, priority, _ = _header(self._peek(message, "retry"))
         again = _entry(message, priority, attempts + 1,
                        float(failed_at) if first is None else first)
+        self._plain_until = -math.inf  # enqueues look again: it is scheduled or ranked
         self._settle(message, "retry", again, repr(float(delay) * 1000))
 
     def fail(self, message: Any, record: dict[str, Any], *, keep: int, ttl: float) -> int:
@@ -1233,6 +1256,7 @@ class RedisQueue:
         """
         if not task_id:
             return False
+        self._plain_until = -math.inf  # enqueues look again: it may have a priority
         moved, _ = self._retry_failed_script(
             keys=self._retry_failed_keys(), args=[self.prefix, task_id, 1, _PROMOTE_LIMIT])
         return bool(int(moved))
@@ -1244,6 +1268,7 @@ class RedisQueue:
         included.
         """
         left = int(self._client.zcard(self._failed_keys[1]))
+        self._plain_until = -math.inf  # enqueues look again: some may have a priority
         total = 0
         while left > 0:
             batch = min(left, _PRUNE_LIMIT)
@@ -1319,10 +1344,14 @@ class RedisQueue:
 
     def _store(self, message: Any, kind: str, value: float, priority: int) -> None:
         self._check_fork()
-        self._store_script(
+        self._plain_until = -math.inf  # a thread's enqueue meanwhile runs the script too
+        sent = time.monotonic()
+        only_waiting = self._store_script(
             keys=[self._waiting, self._scheduled, self._priorities, self._sequence],
             args=[self.prefix, _entry(message, priority), kind, repr(float(value)),
                   _PROMOTE_LIMIT])
+        if only_waiting == 1:
+            self._plain_until = sent + _RECHECK
 
     def close(self) -> None:
         """Close every connection; settlements still deferred are tried once first.

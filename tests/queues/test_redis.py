@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tempest import ConfigurationError, Task
+from tempest.queues import redis as redis_module
 from tempest.queues.protocol import POISON_REASON
 from tempest.queues.redis import RedisQueue
 from tempest.testing import QueueContract
@@ -858,3 +859,75 @@ def test_a_late_ack_of_a_prioritised_message(queues, client, name):
     dead.ack(message)
     assert len(other) == 0 and other.dequeue() is None
     assert not client.exists(f"tempest:{{{name}}}:waiting:5")
+
+
+# -- enqueue's bare LPUSH ---------------------------------------------------------------
+
+
+def test_enqueues_are_bare_lpushes_while_only_waiting_holds_messages(queues, client,
+                                                                     monkeypatch):
+    """After a store script that saw nothing scheduled or prioritised, the enqueues of
+    the next 50 ms (here: 30 s) are one LPUSH each, storing what the script stores."""
+    monkeypatch.setattr(redis_module, "_RECHECK", 30.0)
+    producer, consumer = queues(), queues()
+    counter = CommandCounter(monkeypatch)
+    for i in range(4):
+        producer.enqueue([f"id-{i}", "Task", i])
+    assert counter.sent == ["EVALSHA", "LPUSH", "LPUSH", "LPUSH"]
+    assert client.lrange(f"{producer.prefix}waiting", 0, -1) == [
+        b'["id-3","Task",3]', b'["id-2","Task",2]', b'["id-1","Task",1]',
+        b'["id-0","Task",0]']
+    assert drain(consumer) == ["id-0", "id-1", "id-2", "id-3"]
+
+
+def test_enqueues_run_the_script_again_after_50_ms(queues, monkeypatch):
+    """Past the window, the next enqueue looks again by script."""
+    producer = queues()
+    producer.enqueue(["id-0", "Task"])
+    producer._plain_until = time.monotonic() - 0.001  # the window has passed
+    counter = CommandCounter(monkeypatch)
+    producer.enqueue(["id-1", "Task"])
+    producer.enqueue(["id-2", "Task"])
+    assert counter.sent[0] == "EVALSHA"
+    assert counter.sent[1] in ("LPUSH", "EVALSHA")  # LPUSH unless this machine stalled 50 ms
+
+
+@pytest.mark.parametrize("store", ["delayed", "prioritised", "retried", "fired"])
+def test_own_delayed_or_ranked_stores_end_the_bare_lpushes(queues, monkeypatch, store):
+    """Once this object stored a delayed, prioritised, retried or fired message, its
+    enqueues run the script, which makes due messages ready first: a message enqueued
+    after another's time comes after it. With nothing left scheduled or prioritised,
+    LPUSH comes back."""
+    monkeypatch.setattr(redis_module, "_RECHECK", 30.0)
+    producer = queues()
+    producer.enqueue(["id-first", "Task"])  # the script: bare LPUSHes from now on
+    due = time.time() + 0.05
+    if store == "delayed":
+        producer.schedule(["id-stored", "Task"], delay=0.05)
+    elif store == "prioritised":
+        producer.schedule(["id-stored", "Task"], priority=1)
+    elif store == "retried":
+        producer.enqueue(["id-stored", "Task"])
+        assert drain_one(producer) == "id-first"
+        message = producer.dequeue()
+        producer.retry(message, delay=0.05, failed_at=time.time())
+    else:
+        assert producer.fire("every-1", due, ["id-stored", "Task"], keep=60)
+    wait_for(lambda: time.time() > due + 0.01, 5)
+    counter = CommandCounter(monkeypatch)
+    producer.enqueue(["id-after", "Task"])
+    assert counter.sent == ["EVALSHA"]
+    order = drain(queues())
+    assert order.index("id-stored") < order.index("id-after") == len(order) - 1
+    counter.sent.clear()
+    producer.enqueue(["id-again", "Task"])  # the script, unless the last one saw nothing
+    producer.enqueue(["id-again-2", "Task"])
+    assert counter.sent[-1] == "LPUSH"
+
+
+def drain_one(queue: RedisQueue) -> Any:
+    """Dequeue and ack one message; its first field."""
+    message = queue.dequeue()
+    assert message is not None
+    queue.ack(message)
+    return message[0]
