@@ -9,6 +9,7 @@ from tempest.engine import Engine
 from tempest.exceptions import (
     ConfigurationError,
     Retry,
+    TaskFailed,
     TaskTimeout,
     TempestError,
     TooManyAbandoned,
@@ -25,6 +26,7 @@ __all__ = [
     "Engine",
     "Retry",
     "Task",
+    "TaskFailed",
     "TaskTimeout",
     "TempestError",
     "TooManyAbandoned",

@@ -6,16 +6,17 @@ import datetime
 import json
 import math
 import threading
+import time
 from typing import Any, ClassVar
 
-from tempest import config, periodic, retries
+from tempest import config, periodic, results, retries
 from tempest.control import Control
 from tempest.exceptions import ConfigurationError, TempestError, Unsupported
 from tempest.messages import encode, new_task_id
 from tempest.queues import protocol
 from tempest.queues.memory import MemoryQueue
 from tempest.runtime import Runtime, queue_counts
-from tempest.task import Task
+from tempest.task import UNSET, Task
 
 __all__ = ["Engine"]
 
@@ -64,6 +65,7 @@ class Engine:
             config.Option("failed_max", 10_000, config.positive_int),
             config.Option("failed_ttl", 30 * 86400.0, config.positive_seconds),
             config.Option("periodic", (), config.periodic),
+            config.Option("result_ttl", 86400.0, config.positive_seconds),
         )
     }
 
@@ -123,6 +125,15 @@ class Engine:
         ``tempest.Unsupported``. A bad value raises TypeError or ValueError
         naming the argument; nothing is enqueued.
         """
+        return cls._submit(task, args, task_id=task_id, delay=delay, at=at, priority=priority,
+                           result_ttl=None)
+
+    @classmethod
+    def _submit(cls, task: type[Task] | str, args: tuple[Any, ...], *, task_id: str | None,
+                delay: float | datetime.timedelta | None,
+                at: float | datetime.datetime | None, priority: int | None,
+                result_ttl: float | None) -> str:
+        """submit(), asking for the result to be kept *result_ttl* seconds unless None."""
         if isinstance(task, type) and issubclass(task, Task) and task is not Task:
             name = task.task_name
             try:
@@ -153,7 +164,7 @@ class Engine:
         else:
             message = json.loads(encode(task_id, name, args))
         queue = cls._options["queue"]
-        if when is None and priority is None:
+        if when is None and priority is None and result_ttl is None:
             queue.enqueue(message)
             return task_id
         schedule = getattr(queue, "schedule", None)
@@ -166,9 +177,87 @@ class Engine:
                 f"no schedule() method, so it cannot hold a message until a time or order "
                 f"it by priority; nothing was enqueued. Use a built-in queue, or add "
                 f"schedule() and scheduled_count() to yours (see tempest.queues.protocol)")
+        options: dict[str, Any] = {} if result_ttl is None else {"result_ttl": result_ttl}
         schedule(message, delay=when[0] if when else None, at=when[1] if when else None,
-                 priority=priority or 0)
+                 priority=priority or 0, **options)
         return task_id
+
+    # -- results -------------------------------------------------------------------------
+
+    @classmethod
+    def result(cls, task_id: str, timeout: float | None = None) -> Any:
+        """The return value of task *task_id* once it succeeded (as JSON gives it back).
+
+        Waits up to *timeout* seconds (None: no limit; 0: looks once) and
+        raises the builtin ``TimeoutError`` if no result came by then -- the
+        task has not finished, its result expired (``result_ttl``), or none
+        was asked for (``store_result``, ``call``). Raises
+        ``tempest.TaskFailed`` if the task ended in failure or timeout after
+        its last attempt. Any process that reaches the queue may ask, any
+        number of times until the result expires.
+        """
+        queue = cls._options["queue"]
+        results.require(cls.__name__, queue, "result()")
+        return results.wait(queue, _task_id(task_id), results.check_timeout(timeout))
+
+    @classmethod
+    def call(cls, task: type[Task] | str, *args: Any, timeout: float | None = None,
+             **submit_options: Any) -> Any:
+        """Submit *task* with *args* and wait for its result: ``submit``, then ``result``.
+
+        A synchronous call through the queue: whichever engine takes the
+        message runs it (another process or machine on a shared queue) and its
+        return value comes back here. *submit_options* are ``submit``'s
+        (``task_id``, ``delay``, ``at``, ``priority``); *timeout* bounds the
+        wait, from the submit on (TimeoutError: the task may still run later).
+        The result is kept ``result_ttl`` seconds (the task's option, else the
+        engine's), whatever ``store_result`` says.
+        """
+        return results.wait(cls._options["queue"], *cls._call(task, args, timeout,
+                                                              submit_options))
+
+    @classmethod
+    async def aresult(cls, task_id: str, timeout: float | None = None) -> Any:
+        """``result()`` for a coroutine: awaits without blocking the event loop.
+
+        The wait runs in a thread of a pool shared by all awaiting calls (64
+        threads; more waiters take their turn), in slices of at most a second,
+        so cancelling the awaiting task frees its thread within a second.
+        """
+        queue = cls._options["queue"]
+        results.require(cls.__name__, queue, "aresult()")
+        return await results.await_result(queue, _task_id(task_id),
+                                          results.check_timeout(timeout))
+
+    @classmethod
+    async def acall(cls, task: type[Task] | str, *args: Any, timeout: float | None = None,
+                    **submit_options: Any) -> Any:
+        """``call()`` for a coroutine: the submit and the wait run in threads (see
+        ``aresult``), so neither blocks the event loop."""
+        task_id, wait = await results.in_thread(cls._call, task, args, timeout,
+                                                submit_options)
+        return await results.await_result(cls._options["queue"], task_id, wait)
+
+    @classmethod
+    def _call(cls, task: type[Task] | str, args: tuple[Any, ...], timeout: object,
+              submit_options: dict[str, Any]) -> tuple[str, float | None]:
+        """call()'s submit: (task id, seconds left to wait)."""
+        wait = results.check_timeout(timeout)
+        queue = cls._options["queue"]
+        results.require(cls.__name__, queue, "call()")
+        unknown = set(submit_options) - {"task_id", "delay", "at", "priority"}
+        if unknown:
+            raise TypeError(f"{cls.__name__}.call() got unexpected keyword argument(s) "
+                            f"{', '.join(sorted(unknown))}")
+        ttl = cls._options["result_ttl"]
+        if isinstance(task, type) and issubclass(task, Task):
+            own = task._options.get("result_ttl", UNSET)
+            ttl = ttl if own is UNSET else own
+        began = time.monotonic()
+        task_id = cls._submit(task, args, task_id=submit_options.get("task_id"),
+                              delay=submit_options.get("delay"), at=submit_options.get("at"),
+                              priority=submit_options.get("priority"), result_ttl=ttl)
+        return task_id, None if wait is None else max(0.0, wait - (time.monotonic() - began))
 
     # -- running -----------------------------------------------------------------------
 

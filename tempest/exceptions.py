@@ -10,7 +10,8 @@
                ├── UnknownTask          a task name that no Task class registered
                ├── TooManyAbandoned     more stuck threads than ``max_abandoned``
                ├── Unsupported          the queue lacks what a call needs (scheduling)
-               └── Retry                raised by a task: run me again later
+               ├── Retry                raised by a task: run me again later
+               └── TaskFailed           result(): the task failed or timed out for good
 
 ``TaskTimeout`` derives from ``BaseException`` on purpose: task code that says
 ``except Exception`` must not swallow the engine's request to stop.
@@ -18,9 +19,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ConfigurationError",
     "Retry",
+    "TaskFailed",
     "TaskTimeout",
     "TempestError",
     "TooManyAbandoned",
@@ -83,6 +87,32 @@ class Retry(TempestError):
                                     else f"retry asked for in {delay:g}s"))
         self.delay = delay
         self.reason = reason
+
+
+class TaskFailed(TempestError):
+    """``Engine.result()`` / ``Engine.call()``: the task ended in failure or timeout
+    after its last attempt.
+
+    Attributes: ``task_id``, ``error_type`` (the exception's class name, or
+    ``"TaskTimeout"``), ``error`` (its message), ``traceback`` (text, as the
+    worker saw it) and ``attempts`` (how many attempts ran, the last included).
+    """
+
+    def __init__(self, task_id: str, error_type: str, error: str, traceback: str = "",
+                 attempts: int = 1) -> None:
+        plural = "" if attempts == 1 else "s"
+        super().__init__(f"task {task_id} failed after {attempts} attempt{plural}: "
+                         f"{error_type}: {error}" if error else
+                         f"task {task_id} failed after {attempts} attempt{plural}: {error_type}")
+        self.task_id = task_id
+        self.error_type = error_type
+        self.error = error
+        self.traceback = traceback
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task_id, self.error_type, self.error, self.traceback,
+                             self.attempts))
 
 
 class TaskTimeout(BaseException):

@@ -71,7 +71,13 @@ from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
 from tempest.messages import BadMessage, new_task_id, parse
 from tempest.periodic import Scheduler
 from tempest.pool import ABANDONED, INTERRUPTED, TIMEOUT, WORKER, Slot, Supervisor
-from tempest.queues.protocol import DEFAULT_HEARTBEAT, FAILED_METHODS, RETRY_METHODS
+from tempest.queues.protocol import (
+    DEFAULT_HEARTBEAT,
+    FAILED_METHODS,
+    RESULT_METHODS,
+    RETRY_METHODS,
+)
+from tempest.results import failure, json_value, success
 from tempest.retries import Policy, failed_record, thread_stack
 from tempest.task import UNSET, Task, _registry
 
@@ -173,6 +179,9 @@ class Runtime:
         self._attempts = None if lacking else self.queue.attempts
         self._retry = None if lacking else self.queue.retry
         self._fail = None if missing(self.queue, FAILED_METHODS) else self.queue.fail
+        stores = not missing(self.queue, RESULT_METHODS)
+        self._result_ttl = self.queue.result_ttl if stores else None
+        self._store_result = self.queue.store_result if stores else None
         self._policies: dict[type[Task], Policy] = {}
         self._heartbeat = getattr(self.queue, "heartbeat", None)
         self.heartbeat_interval = _heartbeat_interval(self.queue)
@@ -249,6 +258,14 @@ class Runtime:
                     "retries unavailable", tasks=cannot, queue=type(self.queue).__name__,
                     missing=missing(self.queue, RETRY_METHODS),
                     effect="their failures are final on this engine")
+        if self._store_result is None:
+            cannot = sorted(name for name, cls in list(_registry.items())
+                            if cls._options.get("store_result"))
+            if cannot:
+                self.logs.always.warning(
+                    "results unavailable", tasks=cannot, queue=type(self.queue).__name__,
+                    missing=missing(self.queue, RESULT_METHODS),
+                    effect="their return values are not kept on this engine")
         self.supervisor.start()
         if callable(self._heartbeat):
             self._heartbeat_thread = threading.Thread(
@@ -506,10 +523,17 @@ class Runtime:
                 duration: float) -> None:
         name = task.task_name
         outcome = "succeeded"
+        keep, value = self._keeps_result(task, message), None
+        if error is None and keep is not None:
+            try:
+                value = json_value(task, result)
+            except TypeError as exc:  # the attempt fails: not JSON, cannot be stored
+                error = exc
         if error is None:
             self.logs.success_line(task.task_id, name, duration, task.attempt)
             self._callback(task, "after_success", result)
-            self._acknowledge(task.task_id, message)
+            if keep is None or self._keep_result(task, success(task, value), keep):
+                self._acknowledge(task.task_id, message)
         else:
             delay = self._retry_in(task, error)
             fields = {"task_id": task.task_id, "task": name, "outcome": "failure",
@@ -529,13 +553,47 @@ class Runtime:
                 task.task_logger.error("failed", attempt=task.attempt, error=_describe(error),
                                        exc_info=error)
                 self._callback(task, "after_failure", error)
-                self._final_failure(task, message, error)
+                if keep is None or self._keep_result(task, failure(task, error), keep):
+                    self._final_failure(task, message, error)
         # Counted once everything about the message is done, so that a stats()
         # reader never sees it processed while its callbacks still run.
         with self._lock:
             self.processed += 1
             setattr(self, outcome, getattr(self, outcome) + 1)
             self.running -= 1
+
+    # -- results ----------------------------------------------------------------------------
+
+    def _keeps_result(self, task: Task, message: Any) -> float | None:
+        """Seconds to keep *task*'s result: as its message asked (``call``), else as its
+        class says (``store_result``); None: no result is kept."""
+        if self._result_ttl is None:
+            return None  # warned at start: "results unavailable"
+        try:
+            asked = self._result_ttl(message)
+        except Exception as exc:  # noqa: BLE001 - then as if nothing was asked
+            self.logs.main.error("result_ttl failed", task_id=task.task_id, error=_describe(exc))
+            asked = None
+        if asked is not None:
+            return float(asked)
+        own = type(task)._options
+        if not own.get("store_result"):
+            return None
+        ttl = own.get("result_ttl", UNSET)
+        return float(self.options["result_ttl"] if ttl is UNSET else ttl)
+
+    def _keep_result(self, task: Task, record: dict[str, Any], ttl: float) -> bool:
+        """Store *task*'s final result; False if that failed, and then the message stays
+        leased: a reliable queue runs it again after its lease, and that run stores
+        its result (at-least-once, like the task). The outcome is logged already."""
+        try:
+            self._store_result(task.task_id, record, ttl=ttl)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001
+            self.logs.main.error("result store failed", task_id=task.task_id,
+                                 task=task.task_name, error=_describe(exc),
+                                 redelivery=self.guarantee)
+            return False
+        return True
 
     # -- retries and the failed store ------------------------------------------------------
 
@@ -622,7 +680,10 @@ class Runtime:
             self._send_retry(task, message, task._retry_delay)
         else:
             self._callback(task, "after_timeout")
-            self._final_failure(task, message, task._timeout or TaskTimeout(), task._stack)
+            error = task._timeout or TaskTimeout()
+            keep = self._keeps_result(task, message)
+            if keep is None or self._keep_result(task, failure(task, error, task._stack), keep):
+                self._final_failure(task, message, error, task._stack)
         self._done()
 
     def _on_abandon(self, slot: Slot, task: Task, message: Any) -> None:

@@ -51,6 +51,10 @@ _OPTIONS = {
         "retry_max_delay", UNSET,
         lambda v: UNSET if v is UNSET else config.non_negative_seconds(v)),
     "keep_failed": config.Option("keep_failed", True, config.boolean),
+    # Results (see tempest.results): kept only for tasks and calls that ask.
+    "store_result": config.Option("store_result", False, config.boolean),
+    "result_ttl": config.Option(
+        "result_ttl", UNSET, lambda v: UNSET if v is UNSET else config.positive_seconds(v)),
 }
 
 _registry: dict[str, type[Task]] = {}
@@ -86,7 +90,10 @@ class Task:
     ``retries``, ``retry_on``, ``retry_delay`` and ``retry_max_delay``
     override the engine's options of those names (see :mod:`tempest.retries`);
     ``keep_failed = False`` keeps the task's final failures out of the failed
-    store (they are logged all the same).
+    store (they are logged all the same). ``store_result = True`` keeps the
+    return value of each run for ``Engine.result(task_id)``, for
+    ``result_ttl`` seconds (default: the engine's, one day); ``Engine.call``
+    keeps it whatever the option says.
     """
 
     task_name: ClassVar[str]

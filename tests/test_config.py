@@ -65,6 +65,7 @@ EXPECTED_DEFAULTS = {
     "retry_max_delay": 3600.0,
     "failed_max": 10_000,
     "failed_ttl": 30 * 86400.0,
+    "result_ttl": 86400.0,
 }
 
 

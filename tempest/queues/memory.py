@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from tempest.queues._fifo import Fifo
+from tempest.results import MemoryResults
 
 __all__ = ["MemoryQueue"]
 
@@ -29,17 +30,18 @@ _WAKE = _Wake()
 
 
 class _Ranked(list):  # type: ignore[type-arg]
-    """A message of a priority other than 0, or one that failed before, as stored and
-    as ``dequeue`` hands it out.
+    """A message of a priority other than 0, one that failed before, or one that asks
+    for its result, as stored and as ``dequeue`` hands it out.
 
     A list like any other message; ``requeue``, ``retry`` and ``fail`` read its
-    priority, failed attempts and first failure time back from it.
+    priority, failed attempts, first failure time and result ttl back from it.
     """
 
-    __slots__ = ("attempts", "first_failed_at", "priority")
+    __slots__ = ("attempts", "first_failed_at", "priority", "result_ttl")
     priority: int
     attempts: int
     first_failed_at: float | None
+    result_ttl: float | None
 
 
 class MemoryQueue:
@@ -85,6 +87,7 @@ class MemoryQueue:
         self._rejected_lock = threading.Lock()
         # The failed store: task id -> entry, the one that failed longest ago first.
         self._failed: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._results = MemoryResults()
 
     # -- storing ---------------------------------------------------------------------
 
@@ -102,8 +105,12 @@ class MemoryQueue:
         self._plain.put(message)
 
     def schedule(self, message: Any, *, delay: float | None = None, at: float | None = None,
-                 priority: int = 0) -> None:
-        """Store *message* to become ready after *delay* seconds or at POSIX time *at*."""
+                 priority: int = 0, result_ttl: float | None = None) -> None:
+        """Store *message* to become ready after *delay* seconds or at POSIX time *at*;
+        with *result_ttl*, its result is kept that many seconds (see ``store_result``)."""
+        if result_ttl is not None:
+            message = _ranked(message, priority)
+            message.result_ttl = result_ttl
         now = time.time()
         due = now + delay if delay is not None else at if at is not None else now
         with self._lock:
@@ -361,6 +368,20 @@ class MemoryQueue:
             self._failed.clear()
             return count
 
+    # -- results ---------------------------------------------------------------------
+
+    def result_ttl(self, message: Any) -> float | None:
+        """Seconds to keep *message*'s result, as ``schedule`` stored it; None: none asked."""
+        return getattr(message, "result_ttl", None)
+
+    def store_result(self, task_id: str, record: dict[str, Any], *, ttl: float) -> None:
+        """Keep *record* as *task_id*'s result for *ttl* seconds; wakes its waiters at once."""
+        self._results.store(task_id, record, ttl=ttl)
+
+    def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
+        """*task_id*'s result record, waiting up to *timeout* seconds (None: no limit)."""
+        return self._results.get(task_id, timeout)
+
     # -- counting --------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -398,4 +419,5 @@ def _ranked(message: Any, priority: int) -> _Ranked:
     ranked.priority = priority
     ranked.attempts = getattr(message, "attempts", 0)
     ranked.first_failed_at = getattr(message, "first_failed_at", None)
+    ranked.result_ttl = getattr(message, "result_ttl", None)
     return ranked

@@ -76,6 +76,24 @@ ttl)``                           returns how many old entries the bounds dropped
 ``purge_failed()``               forget every entry: how many
 ===============================  ==================================================
 
+Results (all of them, or none: the engine looks for all three, and for
+``schedule``):
+
+==================================  ===============================================
+method                              what it buys
+==================================  ===============================================
+``schedule(m, ..., result_ttl=)``   store *m* asking for its result, kept
+                                    *result_ttl* seconds (None: no result)
+``result_ttl(m)``                   what ``schedule`` stored with *m* (a message this
+                                    queue object handed out): seconds, or None
+``store_result(task_id, record,``   keep *record* as *task_id*'s result for *ttl*
+``*, ttl)``                         seconds; wake whoever waits for it
+``result(task_id, timeout)``        the record once stored, waiting up to *timeout*
+                                    seconds (None: no limit; 0: look once); None
+                                    if none came in time. ``Engine.result`` and
+                                    ``Engine.call`` need these
+==================================  ===============================================
+
 The engine passes ``ack``, ``reject`` and ``requeue`` the very object that
 ``dequeue`` returned. Durable queues use that identity to find the stored
 row (see :class:`Leases`), so the message itself needs no hidden fields.
@@ -171,6 +189,30 @@ priority and ``attempts`` 0, in one atomic step: a crash leaves the entry or
 the message. ``retry_failed_all()`` does that for every entry (entries
 failing meanwhile may or may not be included) and returns how many.
 ``delete_failed(task_id)``, ``purge_failed()``: forget entries.
+
+Results
+-------
+``schedule(m, ..., result_ttl=T)`` stores *T* (seconds > 0) with the message,
+as its attempt count is stored: ``requeue``, redelivery after a lease and
+``retry`` keep it; ``retry_failed`` stores the message again without it; a
+message stored by ``enqueue`` or by another producer has none. The engine
+asks for a result that way for ``Engine.call`` and for tasks with
+``store_result = True``.
+
+Once an outcome is final (a success; a failure or timeout with no retry
+left), the worker calls ``store_result(task_id, record, ttl=T)`` and only
+then settles the message (``ack`` or ``fail``): a crash in between runs the
+task again, which stores its result again (replacing it), so a result is
+never lost where the message is not. *record* is a JSON-serializable dict
+with the keys ``task_id``, ``task``, ``state`` (``"succeeded"`` or
+``"failed"``), ``value`` (the return value, None for a failure),
+``error_type``, ``error``, ``traceback`` (None for a success), ``attempts``
+and ``finished_at`` (POSIX seconds). The queue adds ``expires_at``
+(``finished_at``'s moment on its clock + *ttl*), replaces any record of that
+id atomically, and wakes every waiter on it, in this process and others.
+``result(task_id, timeout)`` returns the record as JSON gives it back,
+never one past its ``expires_at``; it waits without polling once a second
+(each built-in queue says how it is woken).
 """
 
 from __future__ import annotations
@@ -196,8 +238,11 @@ __all__ = [
     "PRIORITY_MAX",
     "PRIORITY_MIN",
     "Queue",
+    "RESULT_FIELDS",
+    "RESULT_METHODS",
     "RETRY_METHODS",
     "ReliableQueue",
+    "ResultQueue",
     "SchedulingQueue",
     "decode",
     "encode",
@@ -327,6 +372,27 @@ class FailingQueue(Queue, Protocol):
     def purge_failed(self) -> int:
         """Forget every entry; return how many."""
 
+
+@runtime_checkable
+class ResultQueue(Queue, Protocol):
+    """A queue that keeps the results of the messages that ask for them."""
+
+    def result_ttl(self, message: Any) -> float | None:
+        """Seconds to keep *message*'s result, as stored with it; None: no result asked."""
+
+    def store_result(self, task_id: str, record: dict[str, Any], *, ttl: float) -> None:
+        """Keep *record* as *task_id*'s result for *ttl* seconds; wake its waiters."""
+
+    def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
+        """*task_id*'s result record, waiting up to *timeout* seconds; None if none came."""
+
+
+RESULT_FIELDS = ("task_id", "task", "state", "value", "error_type", "error", "traceback",
+                 "attempts", "finished_at", "expires_at")
+"""The keys of a result record, as ``result()`` returns it."""
+
+RESULT_METHODS = ("result_ttl", "store_result", "result", "schedule")
+"""What a queue needs for results."""
 
 FAILED_FIELDS = ("task_id", "task", "args", "attempts", "error_type", "error", "traceback",
                  "first_failed_at", "last_failed_at", "priority", "expires_at")
