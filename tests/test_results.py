@@ -220,7 +220,7 @@ def test_waiting_for_an_unknown_id_times_out(engine):
         engine.result("no-such-task", timeout=0)
     assert time.monotonic() - began < 2.0
     began = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"within 0.3s"):
+    with pytest.raises(TimeoutError, match=r"within 0\.3s"):
         engine.result("no-such-task", timeout=0.3)
     assert 0.25 < time.monotonic() - began < 5.0
 
@@ -250,7 +250,7 @@ def test_bad_call_arguments_enqueue_nothing(make_engine, queue):
         engine.call(ResultsAdd, 1, 2, timeout="soon")
     with pytest.raises(TypeError, match="unexpected keyword"):
         engine.call(ResultsAdd, 1, 2, prio=3)
-    with pytest.raises(TypeError, match="ResultsAdd.process"):
+    with pytest.raises(TypeError, match=r"ResultsAdd\.process"):
         engine.call(ResultsAdd, 1, timeout=1)
     with pytest.raises(ValueError, match="delay"):
         engine.call(ResultsAdd, 1, 2, delay=-1, timeout=1)
