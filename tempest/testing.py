@@ -20,7 +20,8 @@ are skipped, and so are the scheduling tests for a queue without
 ``schedule`` and ``scheduled_count`` (delayed and prioritised messages) or
 without ``fire`` and ``last_fired`` (periodic tasks), and the retry tests
 for a queue without ``attempts``, ``retry``, ``fail`` and the failed-store
-methods; see
+methods, and the result tests for one without ``result_ttl``,
+``store_result`` and ``result``; see
 :mod:`tempest.queues.protocol` for what those promise. Override ``put_raw``
 to let the suite store an undecodable message. Needs pytest.
 """
@@ -44,6 +45,8 @@ from tempest.queues.protocol import (
     POISON_REASON,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    RESULT_FIELDS,
+    RESULT_METHODS,
     RETRY_METHODS,
 )
 
@@ -53,6 +56,8 @@ __all__ = ["QueueContract"]
 _AT_MOST_ONCE = "an at-most-once queue (no ack): leases do not apply"
 _NO_SCHEDULE = "the queue has no schedule(): delayed and prioritised messages do not apply"
 _NO_FIRE = "the queue has no fire(): periodic tasks do not apply"
+_NO_RESULTS = ("the queue lacks the result methods (result_ttl, store_result, result, "
+               "schedule): results do not apply")
 _NO_RETRY = ("the queue lacks the retry and failed-store methods (attempts, retry, fail, "
              "failed, ...): retries do not apply")
 
@@ -935,6 +940,117 @@ class QueueContract:
         assert queue.purge_failed() == 2
         assert queue.failed_count() == 0 and queue.failed() == []
         assert queue.retry_failed_all() == 0
+
+    # -- results (result_ttl, store_result, result; schedule(result_ttl=)) ---------------
+
+    def _keeping(self, **options: Any) -> Any:
+        queue = self._queue(**options)
+        lacking = [m for m in RESULT_METHODS if not callable(getattr(queue, m, None))]
+        if lacking:
+            pytest.skip(_NO_RESULTS)
+        return queue
+
+    def test_result_ttl_travels_with_the_message(self) -> None:
+        """schedule(result_ttl=) is read back by result_ttl(); enqueue asks for none."""
+        queue = self._keeping()
+        queue.schedule(["id-res1", "Task", 1], result_ttl=120.0)
+        queue.enqueue(["id-res2", "Task", 2])
+        first, second = self._take(queue), self._take(queue)
+        assert [list(first), list(second)] == [["id-res1", "Task", 1], ["id-res2", "Task", 2]]
+        assert queue.result_ttl(first) == 120.0
+        assert queue.result_ttl(second) is None
+        for message in (first, second):
+            self._settle(queue, message)
+
+    def test_requeue_and_retry_keep_the_result_ttl(self) -> None:
+        """A message given back, or retried, still asks for its result."""
+        queue = self._keeping()
+        queue.schedule(["id-res3", "Task"], result_ttl=60.0)
+        message = self._take(queue)
+        if callable(getattr(queue, "requeue", None)):
+            queue.requeue(message)
+            message = self._take(queue)
+            assert queue.result_ttl(message) == 60.0
+        if callable(getattr(queue, "retry", None)):
+            queue.retry(message, delay=0, failed_at=time.time())
+            message = self._take(queue)
+            assert queue.result_ttl(message) == 60.0
+            assert queue.attempts(message) == 1
+        self._settle(queue, message)
+
+    def test_a_stored_result_is_read_back_by_any_handle(self) -> None:
+        """store_result() then result(): the record as JSON gives it back, expires_at added."""
+        queue, other = self._keeping(), self._keeping()
+        before = time.time()
+        queue.store_result("id-res4", _result("id-res4", (1, {"a": [2]})), ttl=60.0)
+        record = other.result("id-res4", 0)
+        assert record is not None
+        assert {k: record[k] for k in RESULT_FIELDS if k != "expires_at"} == {
+            **_result("id-res4", [1, {"a": [2]}])}
+        assert before + 55 < record["expires_at"] < time.time() + 65
+        queue.store_result("id-res4", _result("id-res4", "again"), ttl=60.0)
+        assert other.result("id-res4", 0)["value"] == "again"  # replaced
+
+    def test_result_of_an_unknown_id_waits_its_timeout(self) -> None:
+        """None at once for timeout 0; None after about *timeout* seconds otherwise."""
+        queue = self._keeping()
+        began = time.monotonic()
+        assert queue.result("id-none", 0) is None
+        assert time.monotonic() - began < 1.0
+        began = time.monotonic()
+        assert queue.result("id-none", 0.3) is None
+        assert 0.25 < time.monotonic() - began < 5.0
+
+    def test_a_waiting_result_wakes_when_it_is_stored(self) -> None:
+        """Two waiters on one id and one on another: the store wakes both of the first,
+        well within their wait (no once-a-second poll); the third waits on."""
+        queue, producer = self._keeping(), self._keeping()
+        got: dict[str, Any] = {}
+        lock = threading.Lock()
+
+        def wait(key: str, task_id: str, timeout: float) -> None:
+            record = queue.result(task_id, timeout)
+            with lock:
+                got[key] = (record, time.monotonic())
+
+        waiters = [threading.Thread(target=wait, args=("a", "id-res5", 20)),
+                   threading.Thread(target=wait, args=("b", "id-res5", 20)),
+                   threading.Thread(target=wait, args=("c", "id-res6", 1.5))]
+        for t in waiters:
+            t.start()
+        # A pause for the waiters to block. Not a synchronisation: one that starts
+        # waiting after the store finds the record at once, and passes as well.
+        threading.Event().wait(0.3)
+        stored = time.monotonic()
+        producer.store_result("id-res5", _result("id-res5", 5), ttl=60.0)
+        for t in waiters:
+            t.join(30)
+        assert not any(t.is_alive() for t in waiters)
+        for key in ("a", "b"):
+            record, woke = got[key]
+            assert record is not None and record["value"] == 5
+            assert woke - stored < 0.9
+        assert got["c"][0] is None
+
+    def test_an_expired_result_is_not_returned(self) -> None:
+        """A record past its ttl is gone for result(), even before it is removed."""
+        queue = self._keeping()
+        queue.store_result("id-res7", _result("id-res7", 7), ttl=0.3)
+        assert queue.result("id-res7", 0) is not None
+        deadline = time.monotonic() + 10
+        while queue.result("id-res7", 0) is not None:
+            assert time.monotonic() < deadline, "the result outlived its ttl by 10 s"
+            threading.Event().wait(0.05)  # a bounded poll for the expiry
+        queue.store_result("id-res8", _result("id-res8", 8), ttl=60.0)  # may sweep
+        assert queue.result("id-res7", 0) is None
+        assert queue.result("id-res8", 0)["value"] == 8
+
+
+def _result(task_id: str, value: Any) -> dict[str, Any]:
+    """A success record as the engine makes it (without expires_at)."""
+    return {"task_id": task_id, "task": "Task", "state": "succeeded", "value": value,
+            "error_type": None, "error": None, "traceback": None, "attempts": 1,
+            "finished_at": 1733500000.5}
 
 
 def _record(task_id: str, args: tuple[Any, ...], when: float, attempts: int = 1
