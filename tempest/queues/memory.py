@@ -63,7 +63,8 @@ class MemoryQueue:
     lists them with their reasons. ``retry`` stores a failed message again,
     delayed, its attempt count kept with it; ``fail`` puts a finally failed one
     in the failed store (``failed()``, ``retry_failed()``, ...), gone with the
-    process like everything else here.
+    process like everything else here. ``store_result`` keeps a task's result
+    (as JSON text) and wakes every ``result()`` waiting for it at once.
     """
 
     def __init__(self) -> None:
