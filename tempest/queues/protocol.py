@@ -208,7 +208,7 @@ with the keys ``task_id``, ``task``, ``state`` (``"succeeded"`` or
 ``"failed"``), ``value`` (the return value, None for a failure),
 ``error_type``, ``error``, ``traceback`` (None for a success), ``attempts``
 and ``finished_at`` (POSIX seconds). The queue adds ``expires_at``
-(``finished_at``'s moment on its clock + *ttl*), replaces any record of that
+(the moment it stores the record, on its own clock, + *ttl*), replaces any record of that
 id atomically, and wakes every waiter on it, in this process and others.
 ``result(task_id, timeout)`` returns the record as JSON gives it back,
 never one past its ``expires_at``; it waits without polling once a second

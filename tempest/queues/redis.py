@@ -42,6 +42,12 @@ key                                   type    holds
 ``tempest:{NAME}:failed:by_time``     zset    task id -> the entry's ``last_failed_at``
 ``tempest:{NAME}:failed:expires``     zset    task id -> the entry's ``expires_at``
                                               (POSIX seconds, compared with the server's)
+``tempest:{NAME}:result:<id>``        string  the result record of task ``<id>`` (its JSON,
+                                              ``expires_at`` included), expiring with it
+                                              (``PX``): see "Results"
+``tempest:{NAME}:result-wake:<id>``   list    one element ``1``, pushed by ``store_result``
+                                              to wake the waiters on ``<id>``; expires
+                                              with the record
 ====================================  ======  ================================================
 
 A message is stored as its compact JSON (``["id","Task",1,2]``), so any client
@@ -52,11 +58,15 @@ priority *p* other than 0 is stored (in ``waiting:<p>``, in-flight lists, the
 back or recovered returns to its own list; ``rejected`` holds the bare JSON.
 A message that failed before (see "Retries and the failed store") has the
 header ``\\xffa<attempts>,<first_failed_at>\\n`` in front of that entry, as
-in ``\\xffa2,1733500000.25\\n\\xffp5\\n<json>``.
+in ``\\xffa2,1733500000.25\\n\\xffp5\\n<json>``. A message whose result is
+to be kept (``schedule(..., result_ttl=)``, see "Results") has the header
+``\\xffr<ttl ms>\\n`` outermost, in front of all that, as in
+``\\xffr86400000\\n\\xffa2,1733500000.25\\n\\xffp5\\n<json>`` (the ms written
+exactly: ``result_ttl(m)`` gives back the seconds passed).
 (A raw message of an external producer starting with those bytes would be
-read as prioritised, or as failed before.) A ``scheduled`` member is a 16-digit counter followed by
-the entry: members are unique, and those due at the same ms go in the order
-of the calls.
+read as prioritised, as failed before, or as asking for its result.) A
+``scheduled`` member is a 16-digit counter followed by the entry: members are
+unique, and those due at the same ms go in the order of the calls.
 
 The wake token is the 5 bytes ``\\xffwake`` (never JSON): pushed into
 ``waiting`` to wake consumers blocked in ``BLMOVE`` there, or to make one
@@ -171,6 +181,35 @@ ago (up to 1000 of each per call). ``failed``, ``failed_count`` and
 so 1000 at a time, the oldest failure first. The store is one per queue
 name: every engine sharing the queue shares it.
 
+Results
+-------
+``schedule(m, ..., result_ttl=T)`` stores *T* with the message, as the
+``\\xffr`` header of its entry (see "Keys"): like the attempts header it
+travels in the entry's bytes, so ``requeue``, recovery after a lease and
+the ``deliveries`` count keep it, and ``retry`` stores it again in front of
+the new attempts header. The failed store's message entry has none:
+``retry_failed`` and ``retry_failed_all`` store the message again without
+it (its result is no longer kept). ``enqueue``, ``fire`` and external
+producers store none. ``result_ttl(m)`` reads it from the entry the dequeue
+brought back (no round trip). Every script strips the header where it reads
+a priority or a message's JSON; the enqueue, dequeue and ack paths of the
+messages without one do no more than before.
+
+``store_result(task_id, record, ttl=T)`` runs one script: ``SET result:<id>
+<json> PX <ttl ms>`` (``expires_at`` added: the server's clock + *T*), then
+``DEL result-wake:<id>``, ``RPUSH result-wake:<id> 1`` and ``PEXPIRE`` it
+the same ttl. ``result(task_id, timeout)`` does ``GET result:<id>``; if it
+is missing, ``BLMOVE result-wake:<id> result-wake:<id> RIGHT LEFT`` (slices
+of at most 5 s, inside the socket timeout), then ``GET`` again, until the
+deadline. Moving the element onto the same list hands it to every blocked
+waiter in turn, so one store wakes them all, in every process; one that
+looked (``GET``) just before the store finds the element there when it
+blocks, so no wake-up is lost. A waiting ``result`` holds a connection of
+the pool for the wait (not the dequeue's nor the acks' own). Redis drops an
+expired record (and its wake list) itself: no record past its
+``expires_at`` is returned, and nothing needs cleaning up. Results are one
+per queue name, like the failed store.
+
 Where a message can be lost or run twice
 ----------------------------------------
 Nothing is lost while Redis keeps its data; every case below errs towards
@@ -229,6 +268,14 @@ running a message twice.
   it is remembered: *keep* seconds at least). A due message moves from
   ``scheduled`` to its ready list inside a script, never through a client,
   so no engine's death loses it; from then on it travels as any other.
+* A result is stored (``store_result``) before its message is settled: a
+  crash between the two leaves the message leased, and it runs again and
+  stores its result again, replacing the first (at-least-once: a waiter may
+  see the first record, then ``result`` returns the second). A result is
+  never lost where its message is not. A message that goes through the
+  failed store and ``retry_failed`` no longer asks for its result: the
+  record of its last failed attempt stays until it expires, and the run
+  after ``retry_failed`` stores none.
 * Redis itself must keep what it acknowledged: with ``appendonly yes`` and
   ``appendfsync always`` a crash of Redis loses nothing; with ``everysec``, up
   to a second of writes: enqueues are lost, and messages moved or acked in that
@@ -238,6 +285,7 @@ running a message twice.
 from __future__ import annotations
 
 import collections
+import decimal
 import json
 import logging
 import math
@@ -304,6 +352,9 @@ instead of blocking: BLMOVE's timeout is only as precise as the server's ``hz``.
 _POLL = 0.01
 """Seconds between two polls in that last stretch (an enqueue waits that long at most)."""
 
+_STALE_WAKE = 0.01
+"""Seconds a ``result`` waiter pauses after a wake that found no record (see result)."""
+
 _CONNECTION_ERRORS: tuple[type[Exception], ...] = ()
 if not _DRIVER_MISSING:
     _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
@@ -323,6 +374,12 @@ _MARK = b"\xffp"
 _FAILED_MARK = b"\xffa"
 """The start of a stored entry that failed before: ``\\xffa<attempts>,<first>\\n<entry>``."""
 
+_RESULT_MARK = b"\xffr"
+"""The start of a stored entry whose result is kept: ``\\xffr<ttl ms>\\n<entry>``,
+outermost (before the failed-attempts header)."""
+
+_MARKS = (_MARK, _FAILED_MARK, _RESULT_MARK)
+
 _RECORD_FIELDS = ("task_id", "task", "args", "attempts", "error_type", "error", "traceback",
                   "last_failed_at")
 """What the engine's record for ``fail`` holds; the queue adds the rest of FAILED_FIELDS."""
@@ -340,7 +397,13 @@ local function clock()  -- {lease clock (whole ms), schedule clock (ms, to the u
     local ms = tonumber(time[1]) * 1000
     return ms + math.floor(tonumber(time[2]) / 1000), ms + tonumber(time[2]) / 1000
 end
-local function unheaded(entry)  -- *entry* without its failed-attempts header
+local function unheaded(entry)  -- *entry* without its result and failed-attempts headers
+    if string.sub(entry, 1, 2) == '\\255r' then  -- outermost
+        local newline = string.find(entry, '\\n', 3, true)
+        if newline then
+            entry = string.sub(entry, newline + 1)
+        end
+    end
     if string.sub(entry, 1, 2) == '\\255a' then
         local newline = string.find(entry, '\\n', 3, true)
         if newline then
@@ -645,7 +708,13 @@ for _, entry in ipairs(ARGV) do
     local found = redis.call('LREM', KEYS[1], 1, entry) == 1
     if not found then
         local list, head = KEYS[2], entry
-        if string.sub(head, 1, 2) == '\\255a' then  -- a failed-attempts header first
+        if string.sub(head, 1, 2) == '\\255r' then  -- a result header first
+            local newline = string.find(head, '\\n', 3, true)
+            if newline then
+                head = string.sub(head, newline + 1)
+            end
+        end
+        if string.sub(head, 1, 2) == '\\255a' then  -- then a failed-attempts header
             local newline = string.find(head, '\\n', 3, true)
             if newline then
                 head = string.sub(head, newline + 1)
@@ -850,6 +919,23 @@ forget(gone)
 return {moved, #ids}
 """
 
+_STORE_RESULT = """\
+-- KEYS: result:<id>, result-wake:<id>
+-- ARGV: the record's JSON without its closing brace, ',' (or '' for an empty
+--       record), ttl (seconds), ttl (whole ms, at least 1)
+-- Stores the record with expires_at (the server's clock + ttl) and wakes
+-- every waiter: one element in the wake list, which each waiter's BLMOVE
+-- rotates onto the same list for the next. No shared prelude: nothing else.
+local time = redis.call('TIME')
+local expires_at = tonumber(time[1]) + tonumber(time[2]) / 1000000 + tonumber(ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. ARGV[2] .. '"expires_at":'
+    .. string.format('%.17g', expires_at) .. '}', 'PX', ARGV[4])
+redis.call('DEL', KEYS[2])
+redis.call('RPUSH', KEYS[2], '1')
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
 _DELETE_FAILED = _COMMON + _FAILED + """\
 -- KEYS: failed, failed:by_time, failed:expires    ARGV: prefix, task id ('': all)
 -- Returns how many entries (not expired) it forgot.
@@ -917,6 +1003,13 @@ class RedisQueue:
         ``retry_failed_all()``, ``delete_failed()`` and ``purge_failed()`` (see
         :mod:`tempest.queues.protocol`): the attempt count travels in the
         stored message, each step is one script, times are the server's.
+    Results
+        ``schedule(m, result_ttl=)``, ``result_ttl()``, ``store_result()`` and
+        ``result()`` (see :mod:`tempest.queues.protocol`): the ttl travels in
+        the stored message as the attempt count does, ``store_result`` is one
+        script, and a waiting ``result`` blocks in ``BLMOVE`` on the task's
+        wake list, woken the moment the record is stored (see "Results" in the
+        module docstring).
     Batches
         ``dequeue_many(n, timeout=...)`` takes up to *n* messages in one round
         trip (the engine asks for one per free worker): the first as
@@ -994,6 +1087,8 @@ class RedisQueue:
         socket_timeout = kwargs.get("socket_timeout")
         self._max_wait = min(_MAX_WAIT, self.lease / 2,
                              socket_timeout / 2 if socket_timeout else math.inf)
+        self._result_wait = min(_MAX_WAIT, socket_timeout / 2 if socket_timeout else math.inf)
+        """Longest single BLMOVE of a ``result`` wait: well inside the socket timeout."""
         self._client = client
         self._waiting = self.prefix + "waiting"
         self._consumers = self.prefix + "consumers"
@@ -1020,6 +1115,7 @@ class RedisQueue:
         self._find_failed_script = client.register_script(_FIND_FAILED)
         self._retry_failed_script = client.register_script(_RETRY_FAILED)
         self._delete_failed_script = client.register_script(_DELETE_FAILED)
+        self._store_result_script = client.register_script(_STORE_RESULT)
         self._new_identity()
 
     def _new_identity(self) -> None:
@@ -1081,20 +1177,27 @@ class RedisQueue:
         self._store(message, "now", 0, 0)
 
     def schedule(self, message: Any, *, delay: float | None = None,
-                 at: float | None = None, priority: int = 0) -> None:
+                 at: float | None = None, priority: int = 0,
+                 result_ttl: float | None = None) -> None:
         """Store *message* to become ready after *delay* seconds or at POSIX time *at*.
 
         Times are the Redis server's clock; a time that has come already means
         now. Among ready messages, higher *priority* first. One script, atomic:
         stored when this returns. Wakes a waiting dequeue when the message is
         ready with a priority, or due earlier than any other delayed one.
+
+        *result_ttl* (seconds > 0): the message asks for its result, to be kept
+        that long; stored with it as the ``\\xffr`` header (see "Results" in
+        the module docstring) and read back by ``result_ttl(m)``. Always the
+        script, never enqueue's bare ``LPUSH``.
         """
+        head = b"" if result_ttl is None else _result_head(result_ttl)
         if delay is not None:
-            self._store(message, "delay", delay * 1000, priority)
+            self._store(message, "delay", delay * 1000, priority, head)
         elif at is not None:
-            self._store(message, "at", at * 1000, priority)
+            self._store(message, "at", at * 1000, priority, head)
         else:
-            self._store(message, "now", 0, priority)
+            self._store(message, "now", 0, priority, head)
 
     def scheduled_count(self) -> int:
         """Messages waiting for their time (on the server's clock)."""
@@ -1190,9 +1293,12 @@ class RedisQueue:
         *failed_at* unless it had one. A connection error defers it, as for
         ``ack``: the message stays leased until a heartbeat or dequeue retries.
         """
-        attempts, first, priority, _ = _header(self._peek(message, "retry"))
-        again = _entry(message, priority, attempts + 1,
-                       float(failed_at) if first is None else first)
+        entry = self._peek(message, "retry")
+        attempts, first, priority, _ = _header(entry)
+        # The result header (if any) is kept byte for byte, outermost: the retried
+        # attempt stores the result the first one would have.
+        again = _result_part(entry) + _entry(message, priority, attempts + 1,
+                                             float(failed_at) if first is None else first)
         self._plain_until = -math.inf  # enqueues look again: it is scheduled or ranked
         self._settle(message, "retry", again, repr(float(delay) * 1000))
 
@@ -1204,7 +1310,9 @@ class RedisQueue:
         ``first_failed_at``, ``priority`` and ``expires_at`` added, then the
         entries expired on the server's clock and, beyond *keep*, those that
         failed longest ago are dropped (1000 at most per call). A connection
-        error defers it, as for ``ack``, and counts 0 dropped.
+        error defers it, as for ``ack``, and counts 0 dropped. The message
+        entry kept for ``retry_failed`` has no result header: the message,
+        stored again, no longer asks for its result.
         """
         _, first, priority, _ = _header(self._peek(message, "fail"))
         missing = [key for key in _RECORD_FIELDS if key not in record]
@@ -1291,6 +1399,85 @@ class RedisQueue:
         """Forget every entry of the failed store; return how many there were."""
         return int(self._delete_failed_script(keys=self._failed_keys, args=[self.prefix, ""]))
 
+    # -- results --------------------------------------------------------------------
+
+    def result_ttl(self, message: Any) -> float | None:
+        """Seconds to keep *message*'s result, as ``schedule`` stored it; None: none asked.
+
+        *message* is one this queue object handed out and has not settled.
+        Read from the in-flight entry the dequeue brought back (its ``\\xffr``
+        header): no round trip. ValueError if *message* is not held here.
+        """
+        return _split_result(self._peek(message, "result_ttl"))[0]
+
+    def store_result(self, task_id: str, record: dict[str, Any], *, ttl: float) -> None:
+        """Store (replace) the result *record* of *task_id*, kept *ttl* seconds; wake waiters.
+
+        One script, atomic: the record's JSON, ``expires_at`` (the server's
+        clock + *ttl*, POSIX seconds) added, is ``SET`` with ``PX`` *ttl*, and
+        the wake list of *task_id* is pushed, waking every ``result`` waiting
+        for it, in every process. *record* must be a JSON-serializable dict
+        (TypeError or ValueError otherwise, storing nothing); an
+        ``expires_at`` in it is replaced. A connection error propagates: the
+        caller has not settled the message yet, so nothing is lost (see "Where
+        a message can be lost or run twice").
+        """
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError(f"RedisQueue.store_result: task_id must be a non-empty str, "
+                             f"not {task_id!r}")
+        if not isinstance(record, dict):
+            raise TypeError(f"RedisQueue.store_result: record must be a dict, not "
+                            f"{type(record).__name__}")
+        seconds = _ttl_seconds("store_result", "ttl", ttl)
+        fields = {key: value for key, value in record.items() if key != "expires_at"}
+        body = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+        self._check_fork()
+        self._store_result_script(
+            keys=self._result_keys(task_id),
+            args=[body[:-1], "," if fields else "", repr(seconds),
+                  max(1, math.floor(seconds * 1000))])
+
+    def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
+        """The result record of *task_id* once stored and not expired; None if none came.
+
+        Waits up to *timeout* seconds (None: no limit; 0 or less: looks once).
+        ``GET``, then ``BLMOVE`` on the task's wake list in slices of at most
+        5 s, ``GET`` again: woken the moment ``store_result`` runs, anywhere;
+        never a poll. Many threads may wait at once, each on a connection of
+        the pool. The record is returned as JSON gives it back, ``expires_at``
+        included. A connection error propagates.
+        """
+        if not isinstance(task_id, str) or not task_id:
+            return None
+        key, wake = self._result_keys(task_id)
+        deadline = None if timeout is None else time.monotonic() + max(float(timeout), 0.0)
+        client = self._client  # the pool: a wait holds a connection of its own
+        stale = False
+        while True:
+            value = client.get(key)
+            if value is not None:
+                found: dict[str, Any] = json.loads(value)
+                return found
+            wait = self._result_wait
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                wait = min(wait, remaining)
+            if stale:
+                # Woken, yet no record: a wake list that outlived its record (they
+                # expire together, to the ms; or someone deleted the record). Each
+                # BLMOVE would return at once: pause instead of spinning.
+                time.sleep(min(wait, _STALE_WAKE))
+            # A store between the GET above and this BLMOVE left the element in
+            # the list: BLMOVE returns at once, and the GET finds the record.
+            woken = client.blmove(wake, wake, max(wait, _MIN_WAIT), "RIGHT", "LEFT")
+            stale = woken is not None
+
+    def _result_keys(self, task_id: str) -> list[str]:
+        """The record's key and the wake list's key of *task_id*."""
+        return [f"{self.prefix}result:{task_id}", f"{self.prefix}result-wake:{task_id}"]
+
     def _retry_failed_keys(self) -> list[str]:
         return [self._waiting, self._scheduled, self._priorities, self._sequence,
                 *self._failed_keys]
@@ -1342,13 +1529,15 @@ class RedisQueue:
             keys=[self._waiting, self._scheduled, self._priorities], args=[self.prefix])
         return [int(value) for value in reply]
 
-    def _store(self, message: Any, kind: str, value: float, priority: int) -> None:
+    def _store(self, message: Any, kind: str, value: float, priority: int,
+               head: bytes = b"") -> None:
+        """Store *message* by the store script; *head*: its result header, if any."""
         self._check_fork()
         self._plain_until = -math.inf  # a thread's enqueue meanwhile runs the script too
         sent = time.monotonic()
         only_waiting = self._store_script(
             keys=[self._waiting, self._scheduled, self._priorities, self._sequence],
-            args=[self.prefix, _entry(message, priority), kind, repr(float(value)),
+            args=[self.prefix, head + _entry(message, priority), kind, repr(float(value)),
                   _PROMOTE_LIMIT])
         if only_waiting == 1:
             self._plain_until = sent + _RECHECK
@@ -1790,10 +1979,58 @@ def _entry(message: Any, priority: int, attempts: int = 0,
     return entry
 
 
+def _ttl_seconds(action: str, argument: str, value: object) -> float:
+    """*value* as a number of seconds > 0 (finite); ValueError naming *action*, *argument*."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < math.inf:
+        raise ValueError(f"RedisQueue.{action}: {argument} must be a number of seconds > 0, "
+                         f"not {value!r}")
+    return float(value)
+
+
+def _result_head(result_ttl: object) -> bytes:
+    """The result header ``\\xffr<ttl ms>\\n`` for *result_ttl* seconds.
+
+    The ms are the exact decimal shift of the seconds' ``repr`` (``0.3`` ->
+    ``300``, ``1e-05`` -> ``0.01``), so reading them back gives the same float.
+    """
+    seconds = _ttl_seconds("schedule", "result_ttl", result_ttl)
+    ms = format(decimal.Decimal(repr(seconds)).scaleb(3), "f")
+    return b"%s%s\n" % (_RESULT_MARK, ms.encode("ascii"))
+
+
+def _result_part(entry: bytes) -> bytes:
+    """The result header at the start of *entry* (newline included), or b"" if none."""
+    if entry.startswith(_RESULT_MARK):
+        newline = entry.find(b"\n", 2)
+        if newline >= 0:
+            return entry[:newline + 1]
+    return b""
+
+
+def _split_result(entry: bytes) -> tuple[float | None, bytes]:
+    """(the result ttl in seconds, or None, and the rest) of a stored *entry*.
+
+    A result header that does not parse counts as none (and is skipped, as
+    the scripts skip it).
+    """
+    head = _result_part(entry)
+    if not head:
+        return None, entry
+    try:
+        seconds = float(decimal.Decimal(head[2:-1].decode("ascii")).scaleb(-3))
+    except (ArithmeticError, ValueError):  # decimal.InvalidOperation, UnicodeDecodeError
+        return None, entry[len(head):]
+    return (seconds if 0 < seconds < math.inf else None), entry[len(head):]
+
+
 def _header(entry: bytes) -> tuple[int, float | None, int, bytes]:
     """(failed attempts, first failure time, priority, the message's JSON or raw bytes)
-    of a stored *entry*. A header that does not parse counts as none."""
+    of a stored *entry*, past its result header if any. A header that does not parse
+    counts as none."""
     attempts, first, priority = 0, None, 0
+    if entry.startswith(_RESULT_MARK):
+        entry = _split_result(entry)[1]
     if entry.startswith(_FAILED_MARK):
         newline = entry.find(b"\n", 2)
         if newline >= 0:
@@ -1816,7 +2053,7 @@ def _header(entry: bytes) -> tuple[int, float | None, int, bytes]:
 
 def _body(entry: bytes) -> bytes:
     """The message's JSON (or raw bytes) in a stored *entry*."""
-    if entry.startswith(_MARK) or entry.startswith(_FAILED_MARK):
+    if entry.startswith(_MARKS):
         return _header(entry)[3]
     return entry
 

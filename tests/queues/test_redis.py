@@ -931,3 +931,402 @@ def drain_one(queue: RedisQueue) -> Any:
     assert message is not None
     queue.ack(message)
     return message[0]
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def named(url: str, tag: str) -> str:
+    """*url* with the client name *tag*: CLIENT LIST shows that queue's connections."""
+    return f"{url}{'&' if '?' in url else '?'}client_name={tag}"
+
+
+def blocked(client: Any, tag: str) -> int:
+    """Connections named *tag* blocked in a command (a waiting BLMOVE) right now."""
+    return sum(1 for each in client.client_list()
+               if each.get("name") == tag and "b" in each.get("flags", ""))
+
+
+def server_time(client: Any) -> float:
+    """The Redis server's clock, POSIX seconds."""
+    seconds, micros = client.time()
+    return float(seconds + micros / 1_000_000)
+
+
+def record_of(task_id: str, value: Any = 42) -> dict[str, Any]:
+    """A result record as the engine makes it."""
+    return {"task_id": task_id, "task": "Task", "state": "succeeded", "value": value,
+            "error_type": None, "error": None, "traceback": None, "attempts": 1,
+            "finished_at": time.time()}
+
+
+class Waiter:
+    """``queue.result(task_id, timeout)`` in a thread of its own: what and when it returned."""
+
+    def __init__(self, queue: RedisQueue, task_id: str, timeout: float | None = 10) -> None:
+        self.value: Any = None
+        self.woke_at = math.nan
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(queue, task_id, timeout),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, queue: RedisQueue, task_id: str, timeout: float | None) -> None:
+        try:
+            self.value = queue.result(task_id, timeout)
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+        self.woke_at = time.monotonic()
+
+    def join(self, timeout: float = 15) -> Any:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "result() did not return"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def test_result_ttl_travels_with_a_scheduled_message(queues, client):
+    """schedule(result_ttl=) stores the \\xffr header outermost; dequeue brings it back;
+    enqueue stores none; priority and delay work as ever."""
+    queue = queues()
+    queue.schedule(["id-r", "Task", 1], result_ttl=2.5)
+    queue.enqueue(["id-plain", "Task"])
+    queue.schedule(["id-ranked", "Task"], priority=3, result_ttl=0.3)
+    queue.schedule(["id-later", "Task"], delay=0.05, result_ttl=86400.0)
+    assert client.lrange(f"{queue.prefix}waiting:3", 0, -1) == [
+        b'\xffr300\n\xffp3\n["id-ranked","Task"]']
+    assert b'\xffr2500\n["id-r","Task",1]' in client.lrange(f"{queue.prefix}waiting", 0, -1)
+    ranked, first, plain = queue.dequeue(), queue.dequeue(), queue.dequeue()
+    assert (ranked, first, plain) == (["id-ranked", "Task"], ["id-r", "Task", 1],
+                                      ["id-plain", "Task"])
+    assert queue.result_ttl(ranked) == 0.3 and queue.attempts(ranked) == 0
+    assert queue.result_ttl(first) == 2.5
+    assert queue.result_ttl(plain) is None
+    later = queue.dequeue(timeout=10)
+    assert later == ["id-later", "Task"] and queue.result_ttl(later) == 86400.0
+    for message in (ranked, first, plain, later):
+        queue.ack(message)
+    assert in_flight(client, queue.name) == 0 and len(queue) == 0
+
+
+def test_result_ttl_of_a_message_not_held_is_an_error(queues):
+    """As attempts(): ValueError for a message this object does not hold (or settled)."""
+    queue = queues()
+    queue.schedule(["id-r", "Task"], result_ttl=5)
+    message = queue.dequeue()
+    assert queue.result_ttl(message) == 5.0
+    with pytest.raises(ValueError, match="result_ttl"):
+        queue.result_ttl(["id-r", "Task"])  # equal, but not the object handed out
+    queue.ack(message)
+    with pytest.raises(ValueError, match="result_ttl"):
+        queue.result_ttl(message)
+
+
+@pytest.mark.parametrize("ttl", [0, -1, math.inf, math.nan, "5", True])
+def test_a_bad_result_ttl_is_refused(queues, ttl):
+    """schedule(result_ttl=) and store_result(ttl=) take seconds > 0; nothing is stored."""
+    queue = queues()
+    with pytest.raises(ValueError, match="seconds > 0"):
+        queue.schedule(["id-r", "Task"], result_ttl=ttl)
+    with pytest.raises(ValueError, match="seconds > 0"):
+        queue.store_result("id-r", record_of("id-r"), ttl=ttl)
+    assert len(queue) == 0 and queue.result("id-r", timeout=0) is None
+
+
+def test_requeue_keeps_the_result_ttl(queues):
+    queue = queues()
+    queue.schedule(["id-r", "Task"], priority=-2, result_ttl=7.25)
+    for _ in range(3):
+        message = queue.dequeue()
+        assert message == ["id-r", "Task"] and queue.result_ttl(message) == 7.25
+        queue.requeue(message)
+    message = queue.dequeue()
+    assert queue.result_ttl(message) == 7.25 and queue.attempts(message) == 0
+    queue.ack(message)
+    assert len(queue) == 0
+
+
+def test_recovery_keeps_the_result_ttl(queues, client, name):
+    """A dead consumer's result message returns to its own priority's list, header kept;
+    another queue object takes it with its ttl, its delivery counted."""
+    dead, other = queues(lease=0.3), queues(lease=0.3)
+    dead.schedule(["id-high", "Task"], priority=5, result_ttl=1.5)
+    dead.schedule(["id-plain", "Task"], result_ttl=2)
+    assert [dead.dequeue()[0] for _ in range(2)] == ["id-high", "id-plain"]  # then dies
+    wait_for(lambda: swept(other) == 2, 10)
+    assert client.lrange(f"tempest:{{{name}}}:waiting:5", 0, -1) == [
+        b'\xffr1500\n\xffp5\n["id-high","Task"]']
+    assert client.hlen(f"tempest:{{{name}}}:deliveries") == 2
+    high, plain = other.dequeue(), other.dequeue()
+    assert high == ["id-high", "Task"] and other.result_ttl(high) == 1.5
+    assert plain == ["id-plain", "Task"] and other.result_ttl(plain) == 2.0
+    other.ack(high)
+    other.ack(plain)
+    assert not client.exists(f"tempest:{{{name}}}:deliveries")
+    assert in_flight(client, name) == 0 and len(other) == 0
+
+
+def test_retry_keeps_the_result_ttl_and_counts_the_attempt(queues, client):
+    """The retried message keeps the header outermost, before the new attempts header."""
+    queue = queues()
+    queue.schedule(["id-r", "Task", 1], priority=4, result_ttl=0.25)
+    message = queue.dequeue()
+    queue.retry(message, delay=0, failed_at=1_700_000_000.5)
+    assert client.lrange(f"{queue.prefix}waiting:4", 0, -1) == [
+        b'\xffr250\n\xffa1,1700000000.5\n\xffp4\n["id-r","Task",1]']
+    again = queue.dequeue()
+    assert again == ["id-r", "Task", 1]
+    assert queue.result_ttl(again) == 0.25 and queue.attempts(again) == 1
+    queue.retry(again, delay=0.05, failed_at=1_700_000_001.0)
+    third = queue.dequeue(timeout=10)
+    assert queue.result_ttl(third) == 0.25 and queue.attempts(third) == 2
+    queue.ack(third)
+    assert in_flight(client, queue.name) == 0 and len(queue) == 0
+
+
+def fail_record(message: list[Any], attempts: int) -> dict[str, Any]:
+    return {"task_id": message[0], "task": message[1], "args": message[2:],
+            "attempts": attempts, "error_type": "ValueError", "error": "boom",
+            "traceback": "Traceback ...", "last_failed_at": time.time()}
+
+
+def test_the_failed_store_and_retry_failed_drop_the_result_ttl(queues, client):
+    """fail() of a result message: its entry is whole (priority, first failure); the
+    message retry_failed (and retry_failed_all) store again asks for no result."""
+    queue = queues()
+    queue.schedule(["id-a", "Task", 1], priority=2, result_ttl=9)
+    queue.schedule(["id-b", "Task", 2], result_ttl=9)
+    first = queue.dequeue()
+    queue.retry(first, delay=0, failed_at=1_700_000_000.25)
+    a, b = queue.dequeue(), queue.dequeue()
+    assert (a[0], b[0]) == ("id-a", "id-b") and queue.attempts(a) == 1
+    queue.fail(a, fail_record(a, 2), keep=100, ttl=3600)
+    queue.fail(b, fail_record(b, 1), keep=100, ttl=3600)
+    entry = queue.find_failed("id-a")
+    assert entry is not None
+    assert (entry["task"], entry["args"], entry["priority"], entry["first_failed_at"]) == (
+        "Task", [1], 2, 1_700_000_000.25)
+    assert queue.failed_count() == 2 and queue.find_failed("id-b")["priority"] == 0
+    assert b"\xffr" not in client.hget(f"{queue.prefix}failed", "id-a")
+    assert queue.retry_failed("id-a") is True
+    message = queue.dequeue()
+    assert message == ["id-a", "Task", 1]
+    assert queue.result_ttl(message) is None and queue.attempts(message) == 0
+    queue.ack(message)
+    assert queue.retry_failed_all() == 1
+    message = queue.dequeue()
+    assert message == ["id-b", "Task", 2] and queue.result_ttl(message) is None
+    queue.ack(message)
+    assert len(queue) == 0 and queue.failed_count() == 0
+
+
+def test_late_settles_and_poison_of_result_messages(queues, client, name):
+    """The scripts that read the priority or the JSON skip the header: a late ack finds
+    the recovered entry in its priority's list; rejected() and poison hold bare JSON."""
+    dead, other = queues(lease=0.3, max_deliveries=2), queues(lease=0.3, max_deliveries=2)
+    dead.schedule(["id-late", "Task"], priority=5, result_ttl=4)
+    message = dead.dequeue()
+    wait_for(lambda: swept(other) == 1, 10)
+    dead.ack(message)  # late: no one took it yet
+    assert len(other) == 0 and not client.exists(f"tempest:{{{name}}}:waiting:5")
+    other.schedule(["id-bad", "Task"], priority=-1, result_ttl=4)
+    other.reject(other.dequeue(), "UnknownTask")
+    assert other.rejected() == [(["id-bad", "Task"], "UnknownTask")]
+    other.schedule(["id-poison", "Task"], result_ttl=4)
+    assert queues(lease=0.3).dequeue() == ["id-poison", "Task"]  # and its consumer dies
+    wait_for(lambda: swept(other) == 1, 10)  # given back, its header kept
+    assert queues(lease=0.3).dequeue() == ["id-poison", "Task"]  # and dies too
+    wait_for(lambda: swept(other) == 0 and len(other.rejected()) == 2, 10)
+    assert other.rejected()[-1] == (["id-poison", "Task"], POISON_REASON)
+    assert client.lrange(f"tempest:{{{name}}}:rejected", 0, -1)[-1] == (
+        POISON_REASON.encode() + b'\n["id-poison","Task"]')
+
+
+def test_schedule_with_a_result_ttl_runs_the_store_script(queues, client, monkeypatch):
+    """Never enqueue's bare LPUSH: the header goes through the store script."""
+    monkeypatch.setattr(redis_module, "_RECHECK", 30.0)
+    queue = queues()
+    queue.enqueue(["id-0", "Task"])  # the script: bare LPUSHes from now on
+    counter = CommandCounter(monkeypatch)
+    queue.schedule(["id-r", "Task"], result_ttl=3)
+    queue.enqueue(["id-1", "Task"])
+    assert counter.sent == ["EVALSHA", "LPUSH"]
+    assert client.lrange(f"{queue.prefix}waiting", 0, -1) == [
+        b'["id-1","Task"]', b'\xffr3000\n["id-r","Task"]', b'["id-0","Task"]']
+    assert drain(queue) == ["id-0", "id-r", "id-1"]
+
+
+def test_store_result_then_result(queues, client):
+    """The record comes back as stored, expires_at added (server's clock + ttl); a second
+    store replaces it; the keys expire with the ttl."""
+    queue = queues()
+    record = record_of("id-r", {"nested": [1, 2.5, "x"]})
+    before = server_time(client)
+    queue.store_result("id-r", {**record, "expires_at": 1.0}, ttl=60)
+    after = server_time(client)
+    got = queue.result("id-r", timeout=0)
+    assert got is not None
+    assert {key: value for key, value in got.items() if key != "expires_at"} == record
+    assert before + 60 <= got["expires_at"] <= after + 60
+    key, wake = f"{queue.prefix}result:id-r", f"{queue.prefix}result-wake:id-r"
+    assert 0 < client.pttl(key) <= 60_000 and 0 < client.pttl(wake) <= 60_000
+    assert client.lrange(wake, 0, -1) == [b"1"]
+    queue.store_result("id-r", {**record, "value": "second", "state": "failed"}, ttl=120)
+    again = queues().result("id-r", timeout=0)  # any queue object of this name
+    assert again["value"] == "second" and again["state"] == "failed"
+    assert again["expires_at"] >= before + 120
+    assert client.lrange(wake, 0, -1) == [b"1"]  # one element, however many stores
+    assert 60_000 < client.pttl(key) <= 120_000
+
+
+def test_store_result_refuses_what_it_cannot_store(queues):
+    queue = queues()
+    with pytest.raises(ValueError, match="task_id"):
+        queue.store_result("", record_of(""), ttl=5)
+    with pytest.raises(TypeError):
+        queue.store_result("id-r", ["not", "a", "dict"], ttl=5)
+    with pytest.raises(TypeError):
+        queue.store_result("id-r", {"value": object()}, ttl=5)
+    with pytest.raises(ValueError):
+        queue.store_result("id-r", {"value": math.nan}, ttl=5)
+    assert queue.result("id-r", timeout=0) is None
+    queue.store_result("id-empty", {}, ttl=5)
+    assert set(queue.result("id-empty", timeout=0)) == {"expires_at"}
+
+
+def test_result_of_an_unknown_id(queues):
+    """timeout=0: None at once; timeout=0.2: None after about 0.2 s."""
+    queue = queues()
+    started = time.monotonic()
+    assert queue.result("id-none", timeout=0) is None
+    assert queue.result("", timeout=0) is None
+    assert time.monotonic() - started < 0.1
+    started = time.monotonic()
+    assert queue.result("id-none", timeout=0.2) is None
+    assert 0.19 <= time.monotonic() - started < 1.5
+
+
+def test_a_waiting_result_wakes_promptly_when_another_queue_stores_it(redis_url, queues,
+                                                                      client):
+    """Blocked in BLMOVE, woken by another queue object's store: well under a second
+    every time (median of five), so never a poll once a second."""
+    tag = f"waiter-{uuid.uuid4().hex[:8]}"
+    queue, producer = queues(named(redis_url, tag)), queues()
+    lags = []
+    for i in range(5):
+        waiter = Waiter(queue, f"id-{i}")
+        wait_for(lambda: blocked(client, tag) == 1, 10)
+        stored = time.monotonic()
+        producer.store_result(f"id-{i}", record_of(f"id-{i}", i), ttl=60)
+        assert waiter.join()["value"] == i
+        lags.append(waiter.woke_at - stored)
+    assert max(lags) < 2 and sorted(lags)[2] < 0.2, lags
+
+
+def test_several_waiters_on_one_id_all_wake_and_others_only_for_theirs(redis_url, queues,
+                                                                        client):
+    tag = f"waiter-{uuid.uuid4().hex[:8]}"
+    queue, producer = queues(named(redis_url, tag)), queues()
+    on_a = [Waiter(queue, "id-a") for _ in range(4)]
+    on_b = [Waiter(queues(named(redis_url, tag)), "id-b") for _ in range(2)]
+    wait_for(lambda: blocked(client, tag) == 6, 10)
+    stored = time.monotonic()
+    producer.store_result("id-a", record_of("id-a", "a"), ttl=60)
+    assert [waiter.join()["value"] for waiter in on_a] == ["a"] * 4
+    assert max(waiter.woke_at for waiter in on_a) - stored < 2
+    wait_for(lambda: blocked(client, tag) == 2, 10)  # those on id-b wait on
+    assert all(waiter.thread.is_alive() for waiter in on_b)
+    producer.store_result("id-b", record_of("id-b", "b"), ttl=60)
+    assert [waiter.join()["value"] for waiter in on_b] == ["b"] * 2
+
+
+def test_waiting_results_leave_dequeues_and_acks_alone(redis_url, queues, client):
+    """Waiters hold pool connections of their own: the same queue object goes on working."""
+    tag = f"waiter-{uuid.uuid4().hex[:8]}"
+    queue = queues(named(redis_url, tag))
+    waiters = [Waiter(queue, f"id-{i}") for i in range(8)]
+    wait_for(lambda: blocked(client, tag) == 8, 10)
+    started = time.monotonic()
+    for i in range(20):
+        queue.schedule([f"m-{i}", "Task"], result_ttl=60)
+    for _ in range(20):
+        message = queue.dequeue(timeout=5)
+        queue.store_result(message[0], record_of(message[0]), ttl=60)
+        queue.ack(message)
+    assert time.monotonic() - started < 5
+    for i, waiter in enumerate(waiters):
+        queue.store_result(f"id-{i}", record_of(f"id-{i}", i), ttl=60)
+        assert waiter.join()["value"] == i
+    assert in_flight(client, queue.name) == 0
+
+
+def test_an_expired_result_is_not_returned(queues, client):
+    """Past its expires_at (the server's clock) a record is gone, and its wake list too:
+    neither a look nor a bounded wait returns it."""
+    queue = queues()
+    queue.store_result("id-short", record_of("id-short"), ttl=0.3)
+    first = queue.result("id-short", timeout=0)
+    assert first is not None and first["expires_at"] > server_time(client)
+    while (before := server_time(client)) < first["expires_at"] + 1:
+        got = queue.result("id-short", timeout=0)
+        if got is None:
+            break
+        assert got["expires_at"] > before - 0.002  # never past it (to the ms Redis keeps)
+        threading.Event().wait(0.01)
+    assert server_time(client) >= first["expires_at"] - 0.002
+    started = time.monotonic()
+    assert queue.result("id-short", timeout=0.2) is None
+    assert time.monotonic() - started >= 0.19
+    queue.store_result("id-other", record_of("id-other"), ttl=60)
+    assert not client.exists(f"{queue.prefix}result:id-short",
+                             f"{queue.prefix}result-wake:id-short")
+    assert {key.decode() for key in client.scan_iter(match=f"{queue.prefix}result*")} == {
+        f"{queue.prefix}result:id-other", f"{queue.prefix}result-wake:id-other"}
+
+
+def test_a_wake_without_its_record_is_no_busy_loop(queues, client, monkeypatch):
+    """A wake list left without its record (deleted by hand): the waiter pauses between
+    looks instead of spinning on a BLMOVE that returns at once."""
+    queue = queues()
+    queue.store_result("id-gone", record_of("id-gone"), ttl=60)
+    client.delete(f"{queue.prefix}result:id-gone")
+    counter = CommandCounter(monkeypatch)
+    assert queue.result("id-gone", timeout=0.3) is None
+    assert 1 <= counter.sent.count("BLMOVE") <= 40, counter.sent.count("BLMOVE")
+
+
+def test_named_queues_keep_their_results_apart(redis_url, queues, name):
+    other_name = f"{name}-other"
+    other = RedisQueue(redis_url, other_name)
+    try:
+        queue = queues()
+        queue.store_result("id-r", record_of("id-r", "mine"), ttl=60)
+        assert other.result("id-r", timeout=0) is None
+        other.store_result("id-r", record_of("id-r", "theirs"), ttl=60)
+        assert queue.result("id-r", timeout=0)["value"] == "mine"
+        theirs = other.result("id-r", timeout=0)
+        assert theirs is not None and theirs["value"] == "theirs"
+    finally:
+        other.close()
+        delete_queue(redis_url, other_name)
+
+
+def test_a_result_stored_by_another_process_wakes_a_waiter_here(redis_url, queues, client,
+                                                                 name):
+    tag = f"waiter-{uuid.uuid4().hex[:8]}"
+    queue = queues(named(redis_url, tag))
+    waiter = Waiter(queue, "id-x", timeout=30)
+    wait_for(lambda: blocked(client, tag) == 1, 10)
+    code = (
+        "import sys, time\n"
+        "from tempest.queues.redis import RedisQueue\n"
+        "queue = RedisQueue(sys.argv[1], sys.argv[2])\n"
+        "record = {'task_id': 'id-x', 'state': 'succeeded', 'value': 'from afar'}\n"
+        "queue.store_result('id-x', record, ttl=60)\n"
+        "print(time.monotonic())\n")
+    done = subprocess.run([sys.executable, "-c", code, redis_url, name], cwd=REPO,
+                          capture_output=True, text=True, timeout=30, check=True)
+    stored = float(done.stdout.split()[-1])  # CLOCK_MONOTONIC: shared by processes here
+    assert waiter.join()["value"] == "from afar"
+    assert waiter.woke_at - stored < 1.0
