@@ -20,7 +20,7 @@ from tempest.queues import MemoryQueue
 
 from .conftest import main_log, wait_for
 
-KINDS = ["memory"]  # the durable queues join once their result stores land
+KINDS = ["memory", "sqlite", "redis"]  # postgres joins once its result store lands
 SCRIPTS = Path(__file__).parent / "scripts"
 
 

@@ -20,7 +20,8 @@ table ``tempest_messages`` they are::
         leased_by TEXT,
         lease_until REAL,
         attempts INTEGER NOT NULL DEFAULT 0,
-        first_failed_at REAL
+        first_failed_at REAL,
+        result_ttl REAL
     );
     CREATE INDEX IF NOT EXISTS "tempest_messages_ready"
         ON "tempest_messages" (queue, priority DESC, available_at, id);
@@ -38,7 +39,8 @@ table ``tempest_messages`` they are::
         priority INTEGER NOT NULL,
         available_at REAL NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
-        first_failed_at REAL
+        first_failed_at REAL,
+        result_ttl REAL
     );
     CREATE INDEX IF NOT EXISTS "tempest_messages_scheduled_due"
         ON "tempest_messages_scheduled" (queue, available_at);
@@ -66,14 +68,27 @@ table ``tempest_messages`` they are::
     );
     CREATE INDEX IF NOT EXISTS "tempest_messages_failed_latest"
         ON "tempest_messages_failed" (queue, last_failed_at);
+    CREATE TABLE IF NOT EXISTS "tempest_messages_results" (
+        queue TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        record TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (queue, task_id)
+    );
+    CREATE INDEX IF NOT EXISTS "tempest_messages_results_expiry"
+        ON "tempest_messages_results" (queue, expires_at);
 
 Delayed messages wait in ``<table>_scheduled`` until their time; the slots
 that periodic tasks fired are remembered in ``<table>_fired``; messages that
 failed for good are kept in ``<table>_failed``, one entry per queue and task
-id. ``attempts`` and ``first_failed_at`` are a message's failed attempts and
-the time of its first failure. A database made by an earlier version gains
-these tables, the two columns (of the table and ``<table>_scheduled``) and
-the ``_ready`` index on first use (its ``_dequeue`` index is dropped).
+id; task results in ``<table>_results``, one record per queue and task id
+(see "Results"). ``attempts`` and ``first_failed_at`` are a message's failed
+attempts and the time of its first failure; ``result_ttl`` the seconds its
+result is to be kept (NULL: it asks for none). A database made by an earlier
+version gains these tables and indexes, the three columns (of the table and
+``<table>_scheduled``, with ``ALTER TABLE ... ADD COLUMN``: no row rewritten,
+existing messages ask for no result) and the ``_ready`` index on first use
+(its ``_dequeue`` index is dropped).
 
 Times are Unix seconds from the machine's clock. ``body`` is the message as
 JSON text; a body that is not (a BLOB, text that is not UTF-8 or not a JSON
@@ -124,6 +139,15 @@ whatever instant the process dies at.
   while this consumer holds the lease: if it ran out and another consumer took
   the message, that one runs it and nothing is stored. ``retry_failed`` deletes
   the entry and inserts the message in one transaction.
+- ``store_result`` replaces the record in one transaction (with the sweep of
+  expired ones): a reader sees the old record or the new one, never half of
+  one. The worker stores a result before it settles the message (``ack`` or
+  ``fail``): a crash in between leaves the message leased, it runs again and
+  stores its result again, replacing the first -- a waiter may get the first
+  record and a later ``result()`` the second (seen twice), but a result is
+  never lost where its message is not. A power loss may undo a stored result
+  as it undoes an ack (see ``enqueue``): the message it belonged to then runs
+  again too, unless its ack was committed before the last checkpoint.
 - Otherwise a message is dropped only by ``ack``, never by a failure; a
   failed-store entry only by ``delete_failed``, ``purge_failed``, or the
   bounds of ``fail`` (*keep* entries, *ttl* seconds).
@@ -143,11 +167,38 @@ when this machine's clock reaches its time: a clock stepped back delays it.
 Leases expire by the wall clock: if it steps back, leases last longer (a dead
 engine's messages wait that much longer); a step forward can end a live
 lease early. Messages enqueued to run at once are not delayed by a step back.
+
+Results
+-------
+``schedule(m, ..., result_ttl=T)`` stores *T* in the row's ``result_ttl``
+column, as ``attempts`` is stored: the claim reads it with the row and keeps
+it with the lease, so ``result_ttl(m)`` costs no query; ``requeue`` and a
+lease that ran out leave the row as it is, a delayed message's promotion
+copies it, ``retry`` stores it again with the new row. The failed store keeps
+none: ``retry_failed`` and ``retry_failed_all`` store the message again
+without it (the run after that stores no result), and ``enqueue``, ``fire``
+and external producers store NULL. Messages that ask for nothing cost
+nothing more: the same statements, one more (NULL) column read by the claim.
+
+``store_result(task_id, record, ttl=T)`` is one transaction: it deletes up to
+``_RESULT_SWEEP`` (100) expired records of this queue, the oldest first (the
+``_results_expiry`` index), then ``INSERT OR REPLACE`` the record as JSON
+with ``expires_at`` (this machine's clock + *T*). Only result-storing tasks
+pay the sweep; a record past its ``expires_at`` is never returned, even
+before it is deleted. After the commit it wakes, at once, every ``result()``
+waiting for that id in this process (a bell per file, table and name, by task
+id). ``result(task_id, timeout)`` listens to that bell, then reads the record
+(one primary-key read, on a connection of the queue object's own so that
+waits never hold the claims' lock), then waits for the bell or its next look
+of the file: a record stored by another process is seen 5 ms after the wait
+began at first, then every ``_RESULT_POLL_MAX`` (50 ms) at most. Results are
+one per queue name: two names sharing a table keep theirs apart.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import operator
 import os
@@ -164,10 +215,14 @@ from typing import Any, TypeVar
 
 from tempest.exceptions import ConfigurationError
 from tempest.queues import protocol
+from tempest.results import check_timeout
 
 __all__ = ["SQLiteQueue"]
 
 _T = TypeVar("_T")
+
+_Key = tuple[int, int, float | None]
+"""What a lease remembers of its row: (row id, failed attempts, result ttl or None)."""
 
 _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")
 # The rule PostgresQueue follows, so one name works in both.
@@ -213,7 +268,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     leased_by TEXT,
     lease_until REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    first_failed_at REAL
+    first_failed_at REAL,
+    result_ttl REAL
 );
 CREATE INDEX IF NOT EXISTS {ready_index}
     ON {table} (queue, priority DESC, available_at, id);
@@ -231,7 +287,8 @@ CREATE TABLE IF NOT EXISTS {scheduled} (
     priority INTEGER NOT NULL,
     available_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    first_failed_at REAL
+    first_failed_at REAL,
+    result_ttl REAL
 );
 CREATE INDEX IF NOT EXISTS {scheduled_index}
     ON {scheduled} (queue, available_at);
@@ -258,7 +315,16 @@ CREATE TABLE IF NOT EXISTS {failed} (
     PRIMARY KEY (queue, task_id)
 );
 CREATE INDEX IF NOT EXISTS {failed_index}
-    ON {failed} (queue, last_failed_at);"""
+    ON {failed} (queue, last_failed_at);
+CREATE TABLE IF NOT EXISTS {results} (
+    queue TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    record TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (queue, task_id)
+);
+CREATE INDEX IF NOT EXISTS {results_index}
+    ON {results} (queue, expires_at);"""
 # The index the claims read in order: by priority, then by the time each row
 # became ready (available_at: its enqueue, or the time a delayed message was
 # due), then by id.
@@ -267,9 +333,11 @@ _MIGRATE = "DROP INDEX IF EXISTS {old_index}"
 # Databases made before scheduling have the index <table>_dequeue on (queue,
 # priority DESC, id) instead: it goes, since every write would keep both up to date.
 
-_ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "first_failed_at": "REAL"}
-"""Columns of the table and <table>_scheduled that databases made before retries lack:
-added on first use (ALTER TABLE ... ADD COLUMN with a constant default rewrites no rows)."""
+_ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "first_failed_at": "REAL",
+                  "result_ttl": "REAL"}
+"""Columns of the table and <table>_scheduled that databases made before retries (the
+first two) or before results (``result_ttl``) lack: added on first use, in this order
+(ALTER TABLE ... ADD COLUMN with a constant default rewrites no rows)."""
 
 # A row is available when its time has come and it is not leased, or its lease
 # ran out. "available_at <= enqueued_at" makes a message enqueued to run at
@@ -278,6 +346,15 @@ added on first use (ALTER TABLE ... ADD COLUMN with a constant default rewrites 
 _AVAILABLE = """\
 queue = :queue AND (available_at <= :now OR available_at <= enqueued_at)
 AND (lease_until IS NULL OR lease_until < :now)"""
+
+_RESULT_SWEEP = 100
+"""Expired results deleted per store_result at most (the oldest first), so the write lock
+is held briefly; stores come as often as results expire, so the backlog drains."""
+
+_RESULT_POLL_MIN, _RESULT_POLL_MAX = 0.005, 0.05
+"""Seconds between looks at the file while ``result()`` waits (for a record another
+process may store): 5 ms, doubling up to 50 ms for the rest of that call. A store in this
+process wakes its waiters at once instead (see _ResultBell)."""
 
 _PROMOTE_BATCH = 500
 """Delayed messages made ready per claim at most, so the write lock is held briefly."""
@@ -288,9 +365,9 @@ _DUE = ("SELECT id FROM {scheduled} WHERE queue = :queue AND available_at <= :no
 # into the table and "promoted" deletes them, in one write transaction: both
 # statements see the same rows (nothing else writes in between).
 
-_RETRIED = ("attempts + 1, coalesce(first_failed_at, :failed_at) FROM {table} "
+_RETRIED = ("attempts + 1, coalesce(first_failed_at, :failed_at), result_ttl FROM {table} "
             "WHERE id = :id AND leased_by = :consumer")
-# The leased row, one attempt up, its first failure time kept if it has one:
+# The leased row, one attempt up, its first failure time and result ttl kept:
 # "retry_ready" and "retry_later" read it before "settle" deletes it, in one
 # transaction. Only while this consumer holds the lease (as for acks).
 
@@ -299,21 +376,23 @@ _FAILED_COLUMNS = ("task_id, body, task, attempts, error_type, error, traceback,
 
 _SQL = {
     "peek": "SELECT 1 FROM {table} WHERE " + _AVAILABLE + " LIMIT 1",
-    "candidate": "SELECT id, deliveries, attempts, CAST(body AS BLOB) FROM {table} WHERE "
+    "candidate": "SELECT id, deliveries, attempts, result_ttl, CAST(body AS BLOB) "
+                 "FROM {table} WHERE "
                  + _AVAILABLE + " ORDER BY priority DESC, available_at, id LIMIT :limit",
     "lease": "UPDATE {table} SET leased_by = :consumer, lease_until = :until, "
              "deliveries = deliveries + 1 WHERE id = :id",
     "enqueue": "INSERT INTO {table} (queue, body, available_at, enqueued_at) "
                "VALUES (:queue, :body, :now, :now)",
-    "ready": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at) "
-             "VALUES (:queue, :body, :priority, :now, :now)",
-    "later": "INSERT INTO {scheduled} (queue, body, priority, available_at) "
-             "VALUES (:queue, :body, :priority, :due)",
+    "ready": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at, "
+             "result_ttl) VALUES (:queue, :body, :priority, :now, :now, :result_ttl)",
+    "later": "INSERT INTO {scheduled} (queue, body, priority, available_at, result_ttl) "
+             "VALUES (:queue, :body, :priority, :due, :result_ttl)",
     "next_due": "SELECT min(available_at) FROM {scheduled} WHERE queue = :queue",
     "promote": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at, "
-               "attempts, first_failed_at) "
-               "SELECT queue, body, priority, available_at, :now, attempts, first_failed_at "
-               "FROM {scheduled} WHERE id IN (" + _DUE + ") ORDER BY available_at, id",
+               "attempts, first_failed_at, result_ttl) "
+               "SELECT queue, body, priority, available_at, :now, attempts, first_failed_at, "
+               "result_ttl FROM {scheduled} WHERE id IN (" + _DUE + ") "
+               "ORDER BY available_at, id",
     "promoted": "DELETE FROM {scheduled} WHERE id IN (" + _DUE + ")",
     "due": "SELECT count(*) FROM {scheduled} WHERE queue = :queue AND available_at <= :now",
     "scheduled": "SELECT count(*) FROM {scheduled} WHERE queue = :queue AND available_at > :now",
@@ -332,10 +411,11 @@ _SQL = {
                 "WHERE queue = :queue ORDER BY id",
     # retry(), fail() and the failed store (see "Retries and the failed store")
     "retry_ready": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at, "
-                   "attempts, first_failed_at) SELECT queue, :body, priority, :now, :now, "
-                   + _RETRIED,
+                   "attempts, first_failed_at, result_ttl) "
+                   "SELECT queue, :body, priority, :now, :now, " + _RETRIED,
     "retry_later": "INSERT INTO {scheduled} (queue, body, priority, available_at, "
-                   "attempts, first_failed_at) SELECT queue, :body, priority, :due, " + _RETRIED,
+                   "attempts, first_failed_at, result_ttl) "
+                   "SELECT queue, :body, priority, :due, " + _RETRIED,
     "settle": "DELETE FROM {table} WHERE id = :id AND leased_by = :consumer",
     "fail": "INSERT OR REPLACE INTO {failed} (queue, task_id, body, task, attempts, "
             "error_type, error, traceback, first_failed_at, last_failed_at, priority, "
@@ -351,6 +431,7 @@ _SQL = {
     "find_failed": "SELECT " + _FAILED_COLUMNS + " FROM {failed} WHERE queue = :queue "
                    "AND task_id = :task_id AND expires_at > :now",
     "failed_count": "SELECT count(*) FROM {failed} WHERE queue = :queue AND expires_at > :now",
+    # The failed store keeps no result ttl: the message goes back without one.
     "retry_failed": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at) "
                     "SELECT queue, body, priority, :now, :now FROM {failed} "
                     "WHERE queue = :queue AND task_id = :task_id AND expires_at > :now",
@@ -367,6 +448,14 @@ _SQL = {
                    "AND task_id = :task_id AND expires_at > :now",
     "live_failed_all": "SELECT count(*) FROM {failed} WHERE queue = :queue "
                        "AND expires_at > :now",
+    # results (see "Results")
+    "sweep_results": "DELETE FROM {results} WHERE rowid IN (SELECT rowid FROM {results} "
+                     "WHERE queue = :queue AND expires_at <= :now ORDER BY expires_at "
+                     f"LIMIT {_RESULT_SWEEP})",
+    "store_result": "INSERT OR REPLACE INTO {results} (queue, task_id, record, expires_at) "
+                    "VALUES (:queue, :task_id, :record, :expires_at)",
+    "result": "SELECT record FROM {results} WHERE queue = :queue AND task_id = :task_id "
+              "AND expires_at > :now",
 }
 # Bodies are read CAST AS BLOB: sqlite3 raises on TEXT that is not UTF-8, and
 # one such row would otherwise fail every claim for ever. _stored() decodes.
@@ -376,7 +465,8 @@ def _names(table: str) -> dict[str, str]:
     return {"table": table, "rejected": f"{table}_rejected", "ready_index": f"{table}_ready",
             "scheduled": f"{table}_scheduled", "scheduled_index": f"{table}_scheduled_due",
             "fired": f"{table}_fired", "failed": f"{table}_failed",
-            "failed_index": f"{table}_failed_latest"}
+            "failed_index": f"{table}_failed_latest", "results": f"{table}_results",
+            "results_index": f"{table}_results_expiry"}
 
 
 class _Raw(str):
@@ -480,9 +570,50 @@ class _Doorbell:
                 self.condition.wait(timeout)
 
 
+class _ResultBell:
+    """Wakes the ``result()`` calls waiting in this process on one queue (file, table,
+    name), each for its task id: a store rings the waiters of its id only, at once.
+
+    A waiter listens *before* it looks at the file, and a store rings *after* its
+    commit: a store that the look missed rings the event, and one that rang before
+    the listen had committed before the look, which sees it. No wake-up is lost.
+    Another process's store rings no bell here: waiters also look at the file
+    every ``_RESULT_POLL_MAX`` seconds at most.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiters: dict[str, list[threading.Event]] = {}
+
+    def listen(self, task_id: str) -> threading.Event:
+        """An event that the next ring for *task_id* sets."""
+        event = threading.Event()
+        with self.lock:
+            self.waiters.setdefault(task_id, []).append(event)
+        return event
+
+    def forget(self, task_id: str, event: threading.Event) -> None:
+        """Stop listening with *event* (rung or not)."""
+        with self.lock:
+            waiting = self.waiters.get(task_id)
+            if waiting is not None and event in waiting:
+                waiting.remove(event)
+                if not waiting:
+                    del self.waiters[task_id]
+
+    def ring(self, task_id: str) -> None:
+        """Wake every waiter listening for *task_id*."""
+        with self.lock:
+            waiting = self.waiters.pop(task_id, ())
+        for event in waiting:
+            event.set()
+
+
 _doorbells: weakref.WeakValueDictionary[tuple[str, str, str], _Doorbell] = (
     weakref.WeakValueDictionary())
 _doorbells_lock = threading.Lock()
+_result_bells: weakref.WeakValueDictionary[tuple[str, str, str], _ResultBell] = (
+    weakref.WeakValueDictionary())
 _forked_away: list[sqlite3.Connection] = []
 """Connections a forked child inherited: SQLite forbids using (or closing) them there,
 and dropping the last reference would close them."""
@@ -496,10 +627,19 @@ def _doorbell(key: tuple[str, str, str]) -> _Doorbell:
         return bell
 
 
+def _result_bell(key: tuple[str, str, str]) -> _ResultBell:
+    with _doorbells_lock:
+        bell = _result_bells.get(key)
+        if bell is None:
+            bell = _result_bells[key] = _ResultBell()
+        return bell
+
+
 def _after_fork_in_child() -> None:
     # Another thread may have held the lock (or a bell's) at the fork: start afresh.
-    global _doorbells, _doorbells_lock
+    global _doorbells, _doorbells_lock, _result_bells
     _doorbells = weakref.WeakValueDictionary()
+    _result_bells = weakref.WeakValueDictionary()
     _doorbells_lock = threading.Lock()
 
 
@@ -557,6 +697,12 @@ class SQLiteQueue:
         seconds: each one transaction, so a crash leaves the leased message or
         the new one, never neither, never both. ``retry_failed()`` moves an
         entry back, ready now, attempts 0, in one transaction too.
+    Results
+        ``schedule(..., result_ttl=)`` stores the ttl in the row (read with the
+        lease: ``result_ttl()`` costs no query); ``store_result()`` keeps the
+        record in ``<table>_results`` and wakes the ``result()`` calls waiting
+        in this process at once; those in other processes look at the file
+        every 5 to 50 ms while they wait (see "Results" in the module docstring).
 
     Each queue object opens one connection (lazily), shared by its threads under
     a lock: SQLite admits one writer at a time anyway, so threads queueing on
@@ -645,9 +791,16 @@ class SQLiteQueue:
         self._forks = protocol.forks()
         self._lock = threading.Lock()  # guards _conn: one statement or transaction at a time
         self._conn: sqlite3.Connection | None = None
-        self._doorbell = _doorbell((os.path.realpath(self.path), self.table, self.name))
+        key = (os.path.realpath(self.path), self.table, self.name)
+        self._doorbell = _doorbell(key)
+        self._result_bell = _result_bell(key)
+        # The connection result() reads with, under its own lock: waiting results never
+        # hold _lock, which claims and acks need.
+        self._reader_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._leases = protocol.Leases()  # message -> (row id, failed attempts)
+        # message -> (row id, failed attempts, result ttl or None)
+        self._leases = protocol.Leases()
         # Group commit of acks (see _flush): all four under _acks.
         self._acks = threading.Lock()
         self._pending: list[_Ack] = []
@@ -670,18 +823,22 @@ class SQLiteQueue:
         self._doorbell.ring()
 
     def schedule(self, message: Any, *, delay: float | None = None, at: float | None = None,
-                 priority: int = 0) -> None:
+                 priority: int = 0, result_ttl: float | None = None) -> None:
         """Store *message* to become ready after *delay* seconds or at POSIX time *at*.
 
         Among ready messages, higher *priority* first. Times are this
-        machine's clock; a time that has come already means now. Committed
-        before this returns; wakes local waiters.
+        machine's clock; a time that has come already means now. With
+        *result_ttl* (seconds > 0) the message asks for its result, kept that
+        long: stored in its row's ``result_ttl`` column and read back by
+        ``result_ttl(m)`` (see "Results"). Committed before this returns;
+        wakes local waiters.
         """
         body = protocol.encode(message)
+        ttl = None if result_ttl is None else _ttl_seconds("schedule", "result_ttl", result_ttl)
         now = time.time()
         due = now + delay if delay is not None else at if at is not None else now
         params = {"queue": self.name, "body": body, "priority": priority, "now": now,
-                  "due": due}
+                  "due": due, "result_ttl": ttl}
         with self._connection() as conn:
             conn.execute(self._sql["ready" if due <= now else "later"], params)
         self._doorbell.ring()
@@ -702,7 +859,8 @@ class SQLiteQueue:
         body = protocol.encode(message)
         now = time.time()
         params = {"queue": self.name, "schedule": schedule, "slot": slot, "now": now,
-                  "before": now - keep, "body": body, "priority": priority, "due": slot}
+                  "before": now - keep, "body": body, "priority": priority, "due": slot,
+                  "result_ttl": None}  # a periodic run asks for no result
         with self._connection() as conn, self._transaction(conn):
             conn.execute(self._sql["forget"], params)
             if conn.execute(self._sql["record"], params).rowcount != 1:
@@ -815,7 +973,7 @@ class SQLiteQueue:
         Leases that dead consumers held need no recovery step: they simply run
         out and the next dequeue takes the message.
         """
-        held = [row for row, _ in self._leases]
+        held = [key[0] for key in self._leases]
         with self._acks:  # their rows are ours until the delete commits
             held.extend(ticket.row for ticket in self._pending)
         if not held:
@@ -839,7 +997,7 @@ class SQLiteQueue:
         ValueError if the queue object does not hold *message*.
         """
         self._check_fork()
-        _, attempts = self._leases.get(message, "SQLiteQueue.attempts")
+        attempts: int = self._leases.get(message, "SQLiteQueue.attempts")[1]
         return int(attempts)
 
     def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
@@ -955,6 +1113,105 @@ class SQLiteQueue:
             conn.execute(self._sql[forget], params)
         return count
 
+    # -- results ------------------------------------------------------------------------
+
+    def result_ttl(self, message: Any) -> float | None:
+        """Seconds to keep *message*'s result, as ``schedule`` stored it; None: none asked.
+
+        Read from the lease (the claim read the row's ``result_ttl`` with it): no
+        query. ValueError if the queue object does not hold *message*.
+        """
+        self._check_fork()
+        ttl: float | None = self._leases.get(message, "SQLiteQueue.result_ttl")[2]
+        return None if ttl is None else float(ttl)
+
+    def store_result(self, task_id: str, record: dict[str, Any], *, ttl: float) -> None:
+        """Keep *record* as *task_id*'s result for *ttl* seconds; wake its waiters.
+
+        One transaction deletes up to ``_RESULT_SWEEP`` expired results of this
+        queue and stores *record* as JSON, ``expires_at`` (this machine's clock +
+        *ttl*) added, replacing any record of *task_id*: a reader sees the old
+        record or the new one, never part of one. Once it is committed, the
+        waiters in this process are woken at once; those in other processes see
+        it at their next look (within ``_RESULT_POLL_MAX``).
+        """
+        self._check_fork()
+        seconds = _ttl_seconds("store_result", "ttl", ttl)
+        now = time.time()
+        expires_at = now + seconds
+        # Encoded before the transaction: a record that is not JSON stores nothing.
+        text = json.dumps({**record, "expires_at": expires_at}, separators=(",", ":"),
+                          allow_nan=False)
+        params = {"queue": self.name, "task_id": task_id, "record": text,
+                  "expires_at": expires_at, "now": now}
+        with self._connection() as conn, self._transaction(conn):
+            conn.execute(self._sql["sweep_results"], params)
+            conn.execute(self._sql["store_result"], params)
+        # After the commit, never before: a waiter woken finds the record. A crash
+        # here (committed, nobody rung) leaves only this process's waiters unwoken,
+        # and they die with it; other processes' waiters find it by looking.
+        self._result_bell.ring(task_id)
+
+    def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
+        """*task_id*'s result record, waiting up to *timeout* seconds; None if none came.
+
+        *timeout* None waits without limit, 0 looks once. A record past its
+        ``expires_at`` is never returned. A store in this process (any
+        SQLiteQueue object on the same file, table and name) wakes the wait at
+        once; one in another process is seen by looking at the file, every
+        5 ms at first, backing off to every ``_RESULT_POLL_MAX`` (50 ms) during
+        the call. Many threads may wait at once: each look is one indexed read
+        on a connection of its own (shared by the object's waiters), never
+        holding the lock that claims and acks take.
+        """
+        self._check_fork()
+        limit = check_timeout(timeout)
+        if limit == 0:
+            return self._look_result(task_id)
+        deadline = None if limit is None else time.monotonic() + limit
+        bell = self._result_bell
+        pause = _RESULT_POLL_MIN
+        # Listening before each look: a store committed after the look rings this
+        # event (see _ResultBell), so none is missed between the look and the wait.
+        event = bell.listen(task_id)
+        try:
+            while True:
+                record = self._look_result(task_id)
+                if record is not None:
+                    return record
+                wait = pause
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = min(wait, left)
+                if event.wait(wait):
+                    event = bell.listen(task_id)  # rung (and forgotten): listen again
+                else:
+                    pause = min(pause * 2, _RESULT_POLL_MAX)
+        finally:
+            bell.forget(task_id, event)
+
+    def _look_result(self, task_id: str) -> dict[str, Any] | None:
+        """One read of *task_id*'s record, unless it is missing or expired."""
+        params = {"queue": self.name, "task_id": task_id, "now": time.time()}
+        with self._reader_lock:
+            conn = self._reader
+            if conn is None:
+                conn = self._reader = self._connect()
+            try:
+                # fetchall: the statement is done, no read transaction stays open
+                # (one would hold back checkpoints).
+                rows = conn.execute(self._sql["result"], params).fetchall()
+            except sqlite3.Error:
+                self._reader = None
+                conn.close()
+                raise
+        if not rows:
+            return None
+        record: dict[str, Any] = json.loads(rows[0][0])
+        return record
+
     def rejected(self) -> list[tuple[Any, str]]:
         """The rejected messages of this queue, oldest first, as (message or raw, reason)."""
         with self._connection() as conn:
@@ -988,6 +1245,10 @@ class SQLiteQueue:
             conn.close()
         with self._checkpointing:
             conn, self._checkpointer = self._checkpointer, None
+        if conn is not None:
+            conn.close()
+        with self._reader_lock:
+            conn, self._reader = self._reader, None
         if conn is not None:
             conn.close()
 
@@ -1033,7 +1294,7 @@ class SQLiteQueue:
         acks pending when it is about to commit (see "Group commit").
         """
         params: dict[str, Any] = {"queue": self.name, "consumer": self.consumer}
-        found: list[tuple[tuple[int, int], bytes]] = []  # ((row id, attempts), body)
+        found: list[tuple[_Key, bytes]] = []  # ((row id, attempts, result ttl), body)
         peek = self._peek_first  # read once: another thread's claim may change it
         # Announced before waiting for the connection, so that acks arriving
         # meanwhile wait for this transaction instead of making one of their own;
@@ -1095,7 +1356,8 @@ class SQLiteQueue:
         if count > 1:  # for _claims_expected (unlocked: a hint, read without guarantees)
             self._batch_claimed_at = time.monotonic()
         add = self._leases.add
-        return [add(_stored(body), key) for key, body in found]  # attempts(m): no query
+        # attempts(m), result_ttl(m): no query
+        return [add(_stored(body), key) for key, body in found]
 
     def _promote(self, conn: sqlite3.Connection, params: dict[str, Any]) -> None:
         """Within a claim's transaction: make the delayed messages whose time has come ready.
@@ -1112,7 +1374,7 @@ class SQLiteQueue:
         self._next_due = due
 
     def _lease_next(self, conn: sqlite3.Connection, count: int, params: dict[str, Any],
-                    found: list[tuple[tuple[int, int], bytes]]) -> int:
+                    found: list[tuple[_Key, bytes]]) -> int:
         """Within a claim's transaction: lease available rows, in order, until *found*
         holds *count*; set aside the poison met on the way (``_POISON_BATCH`` at most).
 
@@ -1125,7 +1387,7 @@ class SQLiteQueue:
             params["limit"] = wanted
             rows = conn.execute(self._sql["candidate"], params).fetchall()
             leased: list[int] = []
-            for key, deliveries, attempts, body in rows:
+            for key, deliveries, attempts, result_ttl, body in rows:
                 if deliveries >= self.max_deliveries:
                     self._move(conn, key, protocol.POISON_REASON)
                     poisoned += 1
@@ -1133,7 +1395,7 @@ class SQLiteQueue:
                         break  # the rows after it stay as they are
                     continue
                 leased.append(key)
-                found.append(((key, attempts), body))
+                found.append(((key, attempts, result_ttl), body))
             if leased:
                 conn.executemany(self._sql["lease"], [
                     {"consumer": self.consumer, "until": until, "id": key} for key in leased])
@@ -1346,7 +1608,8 @@ class SQLiteQueue:
             # forbids it), nor its leases, nor locks another thread may have
             # held at the fork: keep the connection unclosed and become a
             # consumer of its own.
-            _forked_away.extend(c for c in (self._conn, self._checkpointer) if c is not None)
+            _forked_away.extend(c for c in (self._conn, self._checkpointer, self._reader)
+                                if c is not None)
             self._new_identity()
 
     @contextmanager
@@ -1433,6 +1696,15 @@ class SQLiteQueue:
             missing.extend((table, column) for column in _ADDED_COLUMNS
                            if column not in columns)
         return missing
+
+
+def _ttl_seconds(action: str, argument: str, value: object) -> float:
+    """*value* as a number of seconds > 0 (finite); ValueError naming *action*, *argument*."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < math.inf:
+        raise ValueError(f"SQLiteQueue.{action}: {argument} must be a number of seconds > 0, "
+                         f"not {value!r}")
+    return float(value)
 
 
 def _until_unlocked(step: Callable[[], _T], deadline: float) -> _T:

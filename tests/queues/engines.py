@@ -13,12 +13,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tempest import Engine
 
 from ..conftest import wait_for
 
@@ -282,6 +286,42 @@ def check_kill_9_between_attempts_keeps_the_count(engines: EngineProcesses, queu
     print(f"reruns after kill -9: {reruns}")
 
 
+def check_calls_survive_kill_9(engines: EngineProcesses, queue: Any) -> None:
+    """Eight call()s from threads here, answered by an engine process killed with
+    SIGKILL while it runs them: each call still returns its own value, once a new
+    engine has run the dead one's messages after their lease. (Here no engine runs:
+    the calls only submit and wait.)"""
+    caller = type(f"Caller{uuid.uuid4().hex[:8]}", (Engine,), {"configure": type(
+        "configure", (), {"queue": queue, "log_dir": str(engines.tmp_path),
+                          "report_every": None})})
+    victim, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(victim, out)
+    answers: dict[int, Any] = {}
+
+    def ask(value: int) -> None:
+        try:
+            answers[value] = caller.call("QueueEcho", value, 0.4, timeout=60)
+        except BaseException as exc:  # reported by the assertion below
+            answers[value] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(engines.done()) >= 2, 30, interval=0.01)  # some are running
+    victim.kill()
+    victim.wait(10)
+    second, out = engines.start(threads=4, lease=1)
+    engines.wait_ready(second, out)
+    for thread in threads:
+        thread.join(60)
+    engines.stop_all()
+    assert answers == {i: i * 2 for i in range(8)}
+    runs = collections.Counter(task_id for task_id, _ in engines.done())
+    assert len(runs) == 8 and max(runs.values()) <= 2
+    assert any(pid == second.pid for _, pid in engines.done())
+    print(f"runs per call after kill -9: {sorted(runs.values())}")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 class EngineProcessChecks:
     """kill -9 and shared work, for the queue of the module's fixtures."""
@@ -313,6 +353,13 @@ class EngineProcessChecks:
         if not callable(getattr(queue, "retry", None)):
             pytest.skip("the queue has no retry() yet")
         check_kill_9_between_attempts_keeps_the_count(engines, queue, queue.failed_count)
+
+    def test_calls_survive_kill_9(self, engines: EngineProcesses, queues: Any) -> None:
+        """call()s answered after the engine running them is killed with SIGKILL."""
+        queue = queues()
+        if not callable(getattr(queue, "store_result", None)):
+            pytest.skip("the queue has no store_result() yet")
+        check_calls_survive_kill_9(engines, queue)
 
     def test_periodic_fires_each_slot_once(self, engines: EngineProcesses,
                                            queues: Any) -> None:

@@ -942,7 +942,7 @@ def test_a_file_made_before_retries_gains_its_columns_and_table(tmp_path):
         first = queue.dequeue()  # the due one is promoted: its priority is higher
         assert list(first) == ["id-due", "T"] and queue.attempts(first) == 0
         for table in ("tempest_messages", "tempest_messages_scheduled"):
-            assert columns(path, table)[-2:] == ["attempts", "first_failed_at"]
+            assert columns(path, table)[-3:] == ["attempts", "first_failed_at", "result_ttl"]
         assert columns(path, "tempest_messages_failed") == [
             "queue", "task_id", "body", "task", "attempts", "error_type", "error",
             "traceback", "first_failed_at", "last_failed_at", "priority", "expires_at"]
@@ -1289,3 +1289,366 @@ def test_failed_pages_read_the_latest_index(path, queues):
             "queue": "q", "now": 0, "limit": 10, "offset": 0}).fetchall()
     text = " ".join(str(row[-1]) for row in plan)
     assert "tempest_messages_failed_latest" in text, text
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+SCHEMA_BEFORE_RESULTS = """\
+CREATE TABLE tempest_messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL,
+    body TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, available_at REAL NOT NULL,
+    enqueued_at REAL NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0, leased_by TEXT,
+    lease_until REAL, attempts INTEGER NOT NULL DEFAULT 0, first_failed_at REAL);
+CREATE INDEX tempest_messages_ready ON tempest_messages (queue, priority DESC, available_at, id);
+CREATE TABLE tempest_messages_rejected (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
+    body TEXT NOT NULL, reason TEXT NOT NULL, rejected_at REAL NOT NULL);
+CREATE TABLE tempest_messages_scheduled (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
+    body TEXT NOT NULL, priority INTEGER NOT NULL, available_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, first_failed_at REAL);
+CREATE INDEX tempest_messages_scheduled_due ON tempest_messages_scheduled (queue, available_at);
+CREATE TABLE tempest_messages_fired (queue TEXT NOT NULL, schedule TEXT NOT NULL,
+    slot REAL NOT NULL, recorded_at REAL NOT NULL, PRIMARY KEY (queue, schedule, slot));
+CREATE TABLE tempest_messages_failed (queue TEXT NOT NULL, task_id TEXT NOT NULL,
+    body TEXT NOT NULL, task TEXT NOT NULL, attempts INTEGER NOT NULL,
+    error_type TEXT NOT NULL, error TEXT NOT NULL, traceback TEXT NOT NULL,
+    first_failed_at REAL NOT NULL, last_failed_at REAL NOT NULL, priority INTEGER NOT NULL,
+    expires_at REAL NOT NULL, PRIMARY KEY (queue, task_id));
+CREATE INDEX tempest_messages_failed_latest ON tempest_messages_failed (queue, last_failed_at);"""
+
+
+def done(task_id: str, value: Any) -> dict[str, Any]:
+    """A success record as the engine makes it (the queue adds expires_at)."""
+    return {"task_id": task_id, "task": "Task", "state": "succeeded", "value": value,
+            "error_type": None, "error": None, "traceback": None, "attempts": 1,
+            "finished_at": 1733500000.5}
+
+
+def result_rows(path: Path | str, name: str | None = None) -> int:
+    """How many records (live or expired) the results table holds, for one queue or all."""
+    if name is None:
+        return int(sql(path, "SELECT count(*) FROM tempest_messages_results")[0][0])
+    return int(sql(path, "SELECT count(*) FROM tempest_messages_results WHERE queue = ?",
+                   name)[0][0])
+
+
+class Waiter:
+    """result(task_id, timeout) in a thread: what it returned, and when (monotonic)."""
+
+    def __init__(self, queue: SQLiteQueue, task_id: str, timeout: float) -> None:
+        self.queue, self.task_id = queue, task_id
+        self.record: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.returned_at: float | None = None
+        self.thread = threading.Thread(target=self._run, args=(timeout,), daemon=True)
+        self.thread.start()
+
+    def _run(self, timeout: float) -> None:
+        try:
+            self.record = self.queue.result(self.task_id, timeout)
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+        self.returned_at = time.monotonic()
+
+    def blocked(self, count: int = 1) -> None:
+        """Wait (bounded) until *count* waiters listen for this id on the process's bell."""
+        bell = self.queue._result_bell
+        wait_for(lambda: len(bell.waiters.get(self.task_id, ())) >= count, 10)
+
+    def join(self) -> dict[str, Any] | None:
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "result() did not return"
+        if self.error is not None:
+            raise self.error
+        return self.record
+
+
+def test_result_ttl_is_read_from_the_lease_without_a_query(path, queues):
+    """schedule(result_ttl=) -> dequeue -> result_ttl(m), no statement; None for enqueue,
+    for fire and for a schedule without it; a delayed message's promotion keeps it."""
+    queue = queues()
+    queue.schedule(["id-r", "T"], result_ttl=90.5)
+    queue.enqueue(["id-e", "T"])
+    queue.schedule(["id-s", "T"])
+    assert queue.fire("every", 1.0, ["id-f", "T"], keep=60)
+    queue.schedule(["id-d", "T"], delay=0.05, result_ttl=7)
+    held = [queue.dequeue() for _ in range(4)]
+    assert sorted(m[0] for m in held) == ["id-e", "id-f", "id-r", "id-s"]
+    statements: list[str] = []
+    assert queue._conn is not None
+    queue._conn.set_trace_callback(statements.append)
+    try:
+        ttls = {m[0]: queue.result_ttl(m) for m in held}
+    finally:
+        queue._conn.set_trace_callback(None)
+    assert statements == []
+    assert ttls == {"id-f": None, "id-r": 90.5, "id-e": None, "id-s": None}
+    delayed = queue.dequeue(timeout=5)
+    assert delayed is not None and delayed[0] == "id-d"
+    assert queue.result_ttl(delayed) == 7.0 and isinstance(queue.result_ttl(delayed), float)
+    for message in [*held, delayed]:
+        queue.ack(message)
+    with pytest.raises(ValueError, match=r"SQLiteQueue\.result_ttl"):
+        queue.result_ttl(delayed)  # settled: no longer held
+
+
+def test_requeue_redelivery_and_retry_keep_the_result_ttl(path, queues):
+    """requeue, a lease that ran out (another object takes the row), retry now and retry
+    later (via the scheduled table): the ttl stays; retry counts one attempt more."""
+    first = queues(lease=0.3)
+    first.schedule(["id-r", "T"], result_ttl=30.0)
+    message = first.dequeue()
+    first.requeue(message)
+    message = first.dequeue()
+    assert first.result_ttl(message) == 30.0
+    second = queues(lease=30)
+    recovered = wait_for(second.dequeue, 10)  # once first's lease ran out
+    assert list(recovered) == ["id-r", "T"] and second.result_ttl(recovered) == 30.0
+    second.retry(recovered, delay=0, failed_at=100.0)
+    again = second.dequeue()
+    assert (second.result_ttl(again), second.attempts(again)) == (30.0, 1)
+    second.retry(again, delay=0.05, failed_at=200.0)
+    assert sql(path, "SELECT result_ttl, attempts FROM tempest_messages_scheduled") == [
+        (30.0, 2)]
+    later = second.dequeue(timeout=5)
+    assert later is not None
+    assert (second.result_ttl(later), second.attempts(later)) == (30.0, 2)
+    second.ack(later)
+    # first still holds its (expired) lease locally; its ack touches nothing
+    first.ack(message)
+    assert sql(path, "SELECT count(*) FROM tempest_messages")[0][0] == 0
+
+
+def test_retry_failed_stores_the_message_without_its_result_ttl(queues):
+    """The failed store keeps no ttl: retry_failed and retry_failed_all ask for no result."""
+    queue = queues()
+    for task_id in ("id-1", "id-2"):
+        queue.schedule([task_id, "Task", 1], result_ttl=60)
+        message = queue.dequeue()
+        assert queue.result_ttl(message) == 60.0
+        queue.fail(message, record(task_id, time.time(), 1), keep=10, ttl=60)
+    assert queue.retry_failed("id-1") is True
+    assert queue.retry_failed_all() == 1
+    back = [queue.dequeue(), queue.dequeue()]
+    assert sorted(m[0] for m in back) == ["id-1", "id-2"]
+    assert [queue.result_ttl(m) for m in back] == [None, None]
+    for message in back:
+        queue.ack(message)
+
+
+def test_a_stored_result_is_read_back_with_expires_at_and_replaced(path, queues):
+    """store_result then result(timeout=0), from another object: the record with
+    expires_at (this clock + ttl); a second store replaces it (one row)."""
+    queue, other = queues(), queues()
+    before = time.time()
+    queue.store_result("id-1", done("id-1", {"a": [1, 2.5, None]}), ttl=60)
+    got = other.result("id-1", 0)
+    assert got is not None
+    assert {k: v for k, v in got.items() if k != "expires_at"} == done(
+        "id-1", {"a": [1, 2.5, None]})
+    assert before + 60 <= got["expires_at"] <= time.time() + 60
+    queue.store_result("id-1", done("id-1", "again"), ttl=60)
+    assert other.result("id-1", 0)["value"] == "again"
+    assert result_rows(path) == 1
+
+
+def test_the_result_of_an_unknown_id_is_none_after_its_timeout(queues):
+    """timeout=0: None at once; timeout=0.2: None after about 0.2 s."""
+    queue = queues()
+    began = time.monotonic()
+    assert queue.result("id-none", 0) is None
+    assert time.monotonic() - began < 0.5
+    began = time.monotonic()
+    assert queue.result("id-none", 0.2) is None
+    assert 0.19 <= time.monotonic() - began < 2.0
+    with pytest.raises(ValueError):
+        queue.result("id-none", -1)
+
+
+def test_a_waiting_result_wakes_at_once_when_another_object_stores_it(queues):
+    """A result(timeout=10) blocked in a thread wakes promptly when another queue object
+    of this process stores its record: the median of five wakes is far below a poll."""
+    waiting, storing = queues(), queues()
+    lags = []
+    for i in range(5):
+        waiter = Waiter(waiting, f"id-{i}", 10)
+        waiter.blocked()
+        stored = time.monotonic()
+        storing.store_result(f"id-{i}", done(f"id-{i}", i), ttl=60)
+        got = waiter.join()
+        assert got is not None and got["value"] == i
+        assert waiter.returned_at is not None
+        lags.append(waiter.returned_at - stored)
+    assert max(lags) < 2.0
+    assert sorted(lags)[2] < 0.1, lags  # no once-a-second poll; not even the 50 ms one
+
+
+def test_every_waiter_on_an_id_wakes_and_only_theirs(queues):
+    """Three waiters on one id all wake at its store; one on another id waits on, and
+    wakes at its own store."""
+    queue, producer = queues(), queues()
+    mine = [Waiter(queue, "id-a", 20) for _ in range(3)]
+    other = Waiter(queue, "id-b", 20)
+    mine[0].blocked(3)
+    other.blocked()
+    producer.store_result("id-a", done("id-a", "A"), ttl=60)
+    assert [w.join()["value"] for w in mine] == ["A", "A", "A"]  # type: ignore[index]
+    assert other.thread.is_alive() and other.returned_at is None
+    producer.store_result("id-b", done("id-b", "B"), ttl=60)
+    assert other.join()["value"] == "B"  # type: ignore[index]
+    assert queue._result_bell.waiters == {}  # every waiter stopped listening
+
+
+def test_an_expired_result_is_not_returned_and_a_later_store_deletes_it(path, queues):
+    """A record past its expires_at is not returned (nor waited into), and the next
+    store_result deletes it."""
+    queue = queues()
+    queue.store_result("id-short", done("id-short", 1), ttl=0.3)
+    assert queue.result("id-short", 0) is not None
+    wait_for(lambda: queue.result("id-short", 0) is None, 10)  # bounded, until it expired
+    assert queue.result("id-short", 0.05) is None
+    assert result_rows(path) == 1  # still there, never returned
+    queue.store_result("id-long", done("id-long", 2), ttl=60)
+    assert sql(path, "SELECT task_id FROM tempest_messages_results") == [("id-long",)]
+
+
+def test_a_store_deletes_at_most_100_expired_results_of_its_queue(path, queues):
+    """The sweep is bounded (oldest first) and reads the expiry index: a backlog of
+    expired records drains over several stores; other queues' records are left alone."""
+    queue = queues()
+    len(queue)
+    rows = [("tempest", f"id-{i}", "{}", 1000.0 + i) for i in range(150)]
+    rows += [("other", f"id-{i}", "{}", 1.0) for i in range(5)]
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.executemany("INSERT INTO tempest_messages_results VALUES (?, ?, ?, ?)", rows)
+    queue.store_result("id-new", done("id-new", 0), ttl=60)
+    assert result_rows(path, "tempest") == 51 and result_rows(path, "other") == 5
+    left = sql(path, "SELECT min(expires_at) FROM tempest_messages_results "
+                     "WHERE queue = 'tempest' AND task_id <> 'id-new'")
+    assert left == [(1100.0,)]  # the oldest went first
+    queue.store_result("id-new2", done("id-new2", 0), ttl=60)
+    assert result_rows(path, "tempest") == 2
+    with closing(sqlite3.connect(path)) as conn:
+        plan = conn.execute("EXPLAIN QUERY PLAN " + queue._sql["sweep_results"],
+                            {"queue": "q", "now": 0}).fetchall()
+    text = " ".join(str(row[-1]) for row in plan)
+    assert "tempest_messages_results_expiry" in text, text
+
+
+def test_named_queues_keep_their_results_apart(path, queues):
+    """One table, two names: the same task id holds two records; a store under one name
+    wakes no waiter of the other."""
+    mail, video = queues(name="mail"), queues(name="video")
+    mail.store_result("id-same", done("id-same", "mail"), ttl=60)
+    assert video.result("id-same", 0) is None
+    waiter = Waiter(video, "id-same", 20)
+    waiter.blocked()
+    mail.store_result("id-same", done("id-same", "mail, again"), ttl=60)
+    assert waiter.thread.is_alive() and waiter.returned_at is None
+    video.store_result("id-same", done("id-same", "video"), ttl=60)
+    assert waiter.join()["value"] == "video"  # type: ignore[index]
+    assert mail.result("id-same", 0)["value"] == "mail, again"  # type: ignore[index]
+    assert (result_rows(path, "mail"), result_rows(path, "video")) == (1, 1)
+
+
+def test_result_looks_use_a_connection_of_their_own(queues):
+    """A waiting result() reads on the object's reader connection, never on the one (and
+    under the lock) that claims and acks use."""
+    queue = queues()
+    queue.enqueue(["id-1", "T"])
+    message = queue.dequeue()
+    statements: list[str] = []
+    assert queue._conn is not None
+    queue._conn.set_trace_callback(statements.append)
+    try:
+        waiter = Waiter(queue, "id-x", 20)
+        waiter.blocked()
+        with queue._lock:  # a claim in progress does not hold up the waiter's looks
+            queue.store_result  # noqa: B018 - nothing: just holding the lock a moment
+        queue.ack(message)  # acks go on while it waits
+    finally:
+        queue._conn.set_trace_callback(None)
+    assert not any("_results" in s for s in statements), statements
+    queue.store_result("id-x", done("id-x", 1), ttl=60)
+    assert waiter.join() is not None
+    assert queue._reader is not None and queue._reader is not queue._conn
+
+
+def test_bad_ttls_and_records_store_nothing(path, queues):
+    """A ttl that is not seconds > 0, or a record that is not JSON: ValueError or
+    TypeError, and nothing is stored."""
+    queue = queues()
+    len(queue)  # the tables exist: result_rows below reads them
+    for bad in (0, -1, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ValueError, match="seconds > 0"):
+            queue.store_result("id-1", done("id-1", 1), ttl=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="result_ttl"):
+            queue.schedule(["id-1", "T"], result_ttl=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        queue.store_result("id-1", done("id-1", object()), ttl=60)
+    assert result_rows(path) == 0 and len(queue) == 0
+
+
+def test_a_file_made_before_results_gains_the_column_and_table(tmp_path):
+    """The tables of the version before results gain result_ttl (old rows ask for none)
+    and <table>_results with its index; a second opening changes nothing."""
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_BEFORE_RESULTS)
+        conn.execute("INSERT INTO tempest_messages (queue, body, available_at, enqueued_at) "
+                     "VALUES ('tempest', '[\"id-old\",\"T\"]', 0, 0)")
+        conn.execute("INSERT INTO tempest_messages_scheduled (queue, body, priority, "
+                     "available_at) VALUES ('tempest', '[\"id-due\",\"T\"]', 2, 1)")
+        conn.commit()
+    queue = SQLiteQueue(path)
+    try:
+        due = queue.dequeue()  # promoted from the old scheduled table
+        assert list(due) == ["id-due", "T"] and queue.result_ttl(due) is None
+        old = queue.dequeue()
+        assert list(old) == ["id-old", "T"] and queue.result_ttl(old) is None
+        for table in ("tempest_messages", "tempest_messages_scheduled"):
+            assert columns(path, table)[-1] == "result_ttl"
+        assert columns(path, "tempest_messages_results") == [
+            "queue", "task_id", "record", "expires_at"]
+        names = {name for (name,) in sql(path, "SELECT name FROM sqlite_master")}
+        assert "tempest_messages_results_expiry" in names
+        queue.schedule(["id-new", "T"], result_ttl=5)
+        new = queue.dequeue()
+        assert queue.result_ttl(new) == 5.0
+        queue.store_result("id-new", done("id-new", 3), ttl=5)
+        for message in (due, old, new):
+            queue.ack(message)
+    finally:
+        queue.close()
+    schema = sql(path, "SELECT sql FROM sqlite_master ORDER BY name")
+    reopened = SQLiteQueue(path)
+    try:
+        assert reopened.result("id-new", 0)["value"] == 3  # type: ignore[index]
+    finally:
+        reopened.close()
+    assert sql(path, "SELECT sql FROM sqlite_master ORDER BY name") == schema
+
+
+def test_a_result_stored_by_another_process_wakes_a_waiter_here(path, queues):
+    """A subprocess stores the record: the waiter here, blocked in result(timeout=20),
+    sees it within the documented poll (_RESULT_POLL_MAX, 50 ms; asserted generously)."""
+    queue = queues()
+    waiter = Waiter(queue, "id-far", 20)
+    waiter.blocked()
+    code = textwrap.dedent(f"""
+        import time
+        from tempest.queues.sqlite import SQLiteQueue
+        queue = SQLiteQueue({str(path)!r})
+        len(queue)  # the connection is opened first: it is not what is measured
+        queue.store_result("id-far", {done("id-far", 42)!r}, ttl=60)
+        print(time.time(), flush=True)
+        queue.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    stored_at = float(out.stdout.split()[-1])
+    got = waiter.join()
+    woke_at = time.time() - (time.monotonic() - waiter.returned_at)  # type: ignore[operator]
+    assert got is not None and got["value"] == 42
+    assert sqlite_module._RESULT_POLL_MAX == 0.05
+    assert woke_at - stored_at < 0.5, woke_at - stored_at

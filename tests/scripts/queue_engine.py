@@ -7,7 +7,8 @@ name) or ``postgres`` (the DSN and the table). Runs (not in burst mode) until
 SIGTERM, or until it is killed. Each ``QueueRecord`` task appends
 ``<task_id> <pid> <time.time() at its start>`` to RESULTS, then sleeps for the
 seconds its message says; ``QueueFlaky`` (3 retries) appends
-``<task_id>#<attempt> ...`` and fails until the attempt its message names.
+``<task_id>#<attempt> ...`` and fails until the attempt its message names;
+``QueueEcho`` records its run like ``QueueRecord`` and returns its value doubled.
 ``ready`` is printed once the engine is starting its workers. The queues' own
 warnings (a Redis ack kept for later, say) go to stderr. With
 ``TEMPEST_TEST_PERIODIC=SECONDS`` in the environment the engine declares
@@ -90,6 +91,15 @@ class QueueFlaky(Task):
         time.sleep(pause)
         if self.attempt < succeed_on:
             raise ValueError(f"attempt {self.attempt} of {succeed_on}")
+
+
+class QueueEcho(Task):
+    """Records its run, sleeps *pause* seconds, returns *value* doubled (for call())."""
+
+    def process(self, value: int, pause: float) -> int:
+        record(self.task_id)
+        time.sleep(pause)
+        return value * 2
 
 
 if os.environ.get("TEMPEST_TEST_CLOCK_SKEW"):
