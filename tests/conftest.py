@@ -115,6 +115,7 @@ def make_engine(tmp_path: Path) -> Iterator[Callable[..., type[Engine]]]:
         made.append(engine)
         return engine
 
+    factory.made = made  # type: ignore[attr-defined]  # for fixtures that stop them early
     yield factory
     for engine in made:
         try:

@@ -4,6 +4,7 @@ on all four built-in queues."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from tempest.queues import MemoryQueue
 
 from .conftest import main_log, wait_for
 
-KINDS = ["memory", "sqlite", "redis"]  # postgres joins once its result store lands
+KINDS = ["memory", "sqlite", "redis", "postgres"]
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
@@ -34,7 +35,18 @@ class Where:
 @pytest.fixture(params=KINDS)
 def queue_and_where(request: pytest.FixtureRequest, tmp_path: Path
                     ) -> Iterator[tuple[Any, Where]]:
-    """A fresh queue of each built-in kind, and where it lives; removed afterwards."""
+    """A fresh queue of each built-in kind, and where it lives; removed afterwards,
+    once the engines made on it have stopped (not while they still use it)."""
+    made = request.getfixturevalue("make_engine").made
+    for queue, where in _queue_and_where(request, tmp_path):
+        yield queue, where
+        for engine in made:
+            with contextlib.suppress(Exception):  # its own test reports what went wrong
+                engine.stop(timeout=10)
+
+
+def _queue_and_where(request: pytest.FixtureRequest, tmp_path: Path
+                     ) -> Iterator[tuple[Any, Where]]:
     kind = request.param
     name = f"results_{uuid.uuid4().hex[:10]}"
     if kind == "memory":

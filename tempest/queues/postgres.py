@@ -26,11 +26,13 @@ which, for the default table ``tempest_messages``, is::
         leased_by text,
         lease_until timestamptz,
         attempts integer NOT NULL DEFAULT 0,
-        first_failed_at timestamptz
+        first_failed_at timestamptz,
+        result_ttl double precision
     );
     ALTER TABLE "tempest_messages"
         ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0,
-        ADD COLUMN IF NOT EXISTS first_failed_at timestamptz;
+        ADD COLUMN IF NOT EXISTS first_failed_at timestamptz,
+        ADD COLUMN IF NOT EXISTS result_ttl double precision;
     CREATE INDEX IF NOT EXISTS "tempest_messages_ready"
         ON "tempest_messages" (queue, priority DESC, available_at, id);
     DROP INDEX IF EXISTS "tempest_messages_dequeue";
@@ -50,11 +52,13 @@ which, for the default table ``tempest_messages``, is::
         priority integer NOT NULL,
         available_at timestamptz NOT NULL,
         attempts integer NOT NULL DEFAULT 0,
-        first_failed_at timestamptz
+        first_failed_at timestamptz,
+        result_ttl double precision
     );
     ALTER TABLE "tempest_messages_scheduled"
         ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0,
-        ADD COLUMN IF NOT EXISTS first_failed_at timestamptz;
+        ADD COLUMN IF NOT EXISTS first_failed_at timestamptz,
+        ADD COLUMN IF NOT EXISTS result_ttl double precision;
     CREATE INDEX IF NOT EXISTS "tempest_messages_scheduled_due"
         ON "tempest_messages_scheduled" (queue, available_at, id);
     CREATE TABLE IF NOT EXISTS "tempest_messages_fired" (
@@ -81,11 +85,23 @@ which, for the default table ``tempest_messages``, is::
     );
     CREATE INDEX IF NOT EXISTS "tempest_messages_failed_latest"
         ON "tempest_messages_failed" (queue, last_failed_at);
+    CREATE TABLE IF NOT EXISTS "tempest_messages_results" (
+        queue text NOT NULL,
+        task_id text NOT NULL,
+        record json NOT NULL,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (queue, task_id)
+    );
+    CREATE INDEX IF NOT EXISTS "tempest_messages_results_expiry"
+        ON "tempest_messages_results" (queue, expires_at);
 
 ``body`` is the message as JSON text (not ``jsonb``: a body that is not valid
 JSON can be stored, and comes back raw for the engine to reject). One table
 holds any number of named queues (the ``queue`` column). A table made by an
 earlier version gains the new tables, columns and indexes on first use.
+``<table>_results`` keeps task results (see "Results"); its ``record`` is
+``json`` (kept as written, unlike ``jsonb``), for a DBA's ``record->>'state'``.
+A ttl is ``double precision`` (``real`` would give back 0.3 as 0.30000001).
 
 Delayed messages and periodic slots
 -----------------------------------
@@ -122,11 +138,66 @@ an earlier one) in one transaction, then drops expired entries and those
 beyond *keep*; an advisory lock per queue makes engines failing at once take
 turns, so the bound holds. Entry times are the engine's clock (the record's
 ``last_failed_at``); what has expired is decided by the database's.
+
+Results
+-------
+A message that asks for its result (``schedule(m, ..., result_ttl=T)``) has
+*T* in its row's ``result_ttl`` column, NULL for every other message (those
+of ``enqueue``, ``fire`` and other producers): it travels as ``attempts``
+does -- promotion, ``requeue``, a lease that ran out and ``retry`` keep it,
+and the claim returns it with the row, so ``result_ttl(m)`` sends no query.
+``retry_failed`` and ``retry_failed_all`` store the message again without it
+(a failed entry does not keep it): the run they start stores no result.
+Messages that ask for none cost nothing more: the same statements, one
+NULL column more.
+
+``store_result(task_id, record, ttl=T)`` is one statement: it upserts the
+row (queue, task_id) of ``<table>_results`` -- the record as JSON, with
+``expires_at`` (the database's ``now()`` + *T*) in the JSON and in its column
+-- and sends ``pg_notify`` on the queue's result channel (``<table>/results:
+<name>``, or a digest of it when longer than 63 bytes) with the task id as
+payload, delivered at the commit. The same statement deletes up to 100
+expired results of the queue, oldest first, down the (queue, expires_at)
+index, skipping rows that another store holds: only tasks that store results
+pay for the cleanup, and it never waits. An expired row is never returned,
+deleted yet or not.
+
+A waiting ``result(task_id, timeout)`` registers its id with the queue
+object's result listener -- one connection LISTENing on that channel, shared
+by every waiting thread of the queue object, read by a thread of its own
+that wakes the waiters of each id notified -- and only then SELECTs: a store
+committed before the SELECT is found by it, one committed after is announced
+to the listener, so no wake-up is lost. It looks again every 5 s (a safety
+net for a listener cut off without its thread knowing, not a poll). The
+listener opens with the first wait (a connection beside the four of the
+statements) and closes 5 s after the last, at ``close()``, or when its
+connection fails; then its waiters look again, on a new one.
+
+Where a result can be lost or seen twice
+----------------------------------------
+* The worker stores the result before it settles the message (``ack`` or
+  ``fail``): a crash between the two leaves the message leased; it runs
+  again after its lease and stores its result again, replacing the first
+  (one upsert: a reader sees the old record or the new one, never half). So
+  a result is never lost where its message is not, and a waiter may see the
+  first run's record while ``result`` later returns the second's.
+* ``store_result`` that fails (a connection error) raises before the message
+  is settled: the message returns after its lease, and its next run stores
+  the result. A store whose reply was lost may have committed: the rerun
+  replaces it.
+* A record is kept for its *ttl* on the database's clock; past it, no call
+  returns it. A message through the failed store and ``retry_failed`` asks
+  for no result any more: the record of its last failed attempt stays until
+  it expires.
+* A notification is lost only with the listening connection; its waiters
+  then look again at once, listening anew, so a stored result is still found.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import operator
 import os
 import re
@@ -191,6 +262,22 @@ connection listening unread, which would hold back the server's notification
 queue. A thread of the queue object's (see ``_reap``) or ``close()`` closes it.
 """
 
+_RESULT_RECHECK = 5.0
+"""Seconds a waiting ``result()`` goes at most without looking at the table again.
+
+It is woken by the notification of ``store_result``, not by this: the look
+again is a safety net for a notification that can never come (the listening
+connection silently cut by the network, which the listener's thread does not
+notice at once). A record stored meanwhile is found then, not lost.
+"""
+
+_RESULT_SWEEP = 100
+"""Expired results a ``store_result`` deletes at most (the oldest first)."""
+
+_RESULT_TTL_MAX = 1e11
+"""The longest a result is kept, in seconds (about 3,000 years): PostgreSQL's
+timestamps end in the year 294276, so a longer *ttl* is kept this long."""
+
 _SCHEMA = """\
 CREATE TABLE IF NOT EXISTS {table} (
     id bigserial PRIMARY KEY,
@@ -203,11 +290,13 @@ CREATE TABLE IF NOT EXISTS {table} (
     leased_by text,
     lease_until timestamptz,
     attempts integer NOT NULL DEFAULT 0,
-    first_failed_at timestamptz
+    first_failed_at timestamptz,
+    result_ttl double precision
 );
 ALTER TABLE {table}
     ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS first_failed_at timestamptz;
+    ADD COLUMN IF NOT EXISTS first_failed_at timestamptz,
+    ADD COLUMN IF NOT EXISTS result_ttl double precision;
 CREATE INDEX IF NOT EXISTS {ready_index}
     ON {table} (queue, priority DESC, available_at, id);
 DROP INDEX IF EXISTS {old_index};
@@ -227,11 +316,13 @@ CREATE TABLE IF NOT EXISTS {scheduled} (
     priority integer NOT NULL,
     available_at timestamptz NOT NULL,
     attempts integer NOT NULL DEFAULT 0,
-    first_failed_at timestamptz
+    first_failed_at timestamptz,
+    result_ttl double precision
 );
 ALTER TABLE {scheduled}
     ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS first_failed_at timestamptz;
+    ADD COLUMN IF NOT EXISTS first_failed_at timestamptz,
+    ADD COLUMN IF NOT EXISTS result_ttl double precision;
 CREATE INDEX IF NOT EXISTS {scheduled_index}
     ON {scheduled} (queue, available_at, id);
 CREATE TABLE IF NOT EXISTS {fired} (
@@ -257,7 +348,16 @@ CREATE TABLE IF NOT EXISTS {failed} (
     PRIMARY KEY (queue, task_id)
 );
 CREATE INDEX IF NOT EXISTS {failed_index}
-    ON {failed} (queue, last_failed_at);"""
+    ON {failed} (queue, last_failed_at);
+CREATE TABLE IF NOT EXISTS {results} (
+    queue text NOT NULL,
+    task_id text NOT NULL,
+    record json NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (queue, task_id)
+);
+CREATE INDEX IF NOT EXISTS {results_index}
+    ON {results} (queue, expires_at);"""
 # Claims read <table>_ready in order: by priority, then by the time each row
 # became ready (available_at: its enqueue, or the time a delayed message was
 # due), then by id. Tables made before scheduling have <table>_dequeue on
@@ -283,7 +383,7 @@ WITH due AS MATERIALIZED (
     SET leased_by = %(consumer)s, lease_until = now() + make_interval(secs => %(lease)s),
         deliveries = deliveries + 1
     WHERE id = ANY(ARRAY(SELECT id FROM candidate WHERE deliveries < %(max_deliveries)s))
-    RETURNING id, body, priority, available_at, attempts
+    RETURNING id, body, priority, available_at, attempts, result_ttl
 ), poison AS (
     DELETE FROM {table}
     WHERE id = ANY(ARRAY(SELECT id FROM candidate WHERE deliveries >= %(max_deliveries)s))
@@ -292,11 +392,12 @@ WITH due AS MATERIALIZED (
     INSERT INTO {rejected} (id, queue, body, reason)
     SELECT id, queue, body, %(poison)s FROM poison
 )
-SELECT id, body, 0 AS kind, priority, available_at, NULL::float8, attempts FROM claimed
+SELECT id, body, 0 AS kind, priority, available_at, NULL::float8, attempts, result_ttl
+FROM claimed
 UNION ALL
-SELECT id, NULL, 1, 0, NULL, NULL, 0 FROM poison
+SELECT id, NULL, 1, 0, NULL, NULL, 0, NULL FROM poison
 UNION ALL
-SELECT NULL, NULL, 2, 0, NULL, extract(epoch FROM at - now())::float8, 0 FROM due
+SELECT NULL, NULL, 2, 0, NULL, extract(epoch FROM at - now())::float8, 0, NULL FROM due
 WHERE at IS NOT NULL
 ORDER BY 3, 4 DESC, 5, 1"""
 # One statement, so one round trip and one transaction: the oldest *count*
@@ -325,17 +426,20 @@ WITH moved AS (
     WHERE id = ANY(ARRAY(
         SELECT id FROM {scheduled} WHERE queue = %(queue)s AND available_at <= now()
         ORDER BY available_at, id FOR UPDATE SKIP LOCKED LIMIT 500))
-    RETURNING queue, body, priority, available_at, id, attempts, first_failed_at
+    RETURNING queue, body, priority, available_at, id, attempts, first_failed_at, result_ttl
 ), stored AS (
-    INSERT INTO {table} (queue, body, priority, available_at, attempts, first_failed_at)
-    SELECT queue, body, priority, available_at, attempts, first_failed_at FROM moved
+    INSERT INTO {table} (queue, body, priority, available_at, attempts, first_failed_at,
+                         result_ttl)
+    SELECT queue, body, priority, available_at, attempts, first_failed_at, result_ttl
+    FROM moved
     ORDER BY available_at, id
     RETURNING 1
 )
 SELECT count(*) FROM stored"""
 # One statement, so one transaction: a delayed message is in one table or the
 # other, never both, never neither, whenever the process or the server dies.
-# It keeps its due time as available_at, and its failed attempts. SKIP LOCKED:
+# It keeps its due time as available_at, its failed attempts and its result ttl.
+# SKIP LOCKED:
 # engines promoting at the same moment share the rows instead of waiting for
 # each other.
 
@@ -345,11 +449,12 @@ WITH due AS (
         to_timestamp(%(at)s::float8),
         now() + make_interval(secs => coalesce(%(delay)s::float8, 0)))) AS at
 ), ready AS (
-    INSERT INTO {table} (queue, body, priority)
-    SELECT %(queue)s, %(body)s, %(priority)s FROM due WHERE at <= now()
+    INSERT INTO {table} (queue, body, priority, result_ttl)
+    SELECT %(queue)s, %(body)s, %(priority)s, %(result_ttl)s::float8 FROM due WHERE at <= now()
 ), later AS (
-    INSERT INTO {scheduled} (queue, body, priority, available_at)
-    SELECT %(queue)s, %(body)s, %(priority)s, at FROM due WHERE at > now()
+    INSERT INTO {scheduled} (queue, body, priority, available_at, result_ttl)
+    SELECT %(queue)s, %(body)s, %(priority)s, at, %(result_ttl)s::float8 FROM due
+    WHERE at > now()
 )
 SELECT pg_notify(%(channel)s, '')"""
 # The notification wakes waiting dequeues for a ready message, and makes them
@@ -421,25 +526,29 @@ SELECT to_regclass(%(table)s) IS NOT NULL AND to_regclass(%(rejected)s) IS NOT N
    AND to_regclass(%(scheduled)s) IS NOT NULL AND to_regclass(%(scheduled_index)s) IS NOT NULL
    AND to_regclass(%(fired)s) IS NOT NULL AND to_regclass(%(old_index)s) IS NULL
    AND to_regclass(%(failed)s) IS NOT NULL AND to_regclass(%(failed_index)s) IS NOT NULL
-   AND (SELECT count(*) = 4 FROM pg_attribute
+   AND to_regclass(%(results)s) IS NOT NULL AND to_regclass(%(results_index)s) IS NOT NULL
+   AND (SELECT count(*) = 6 FROM pg_attribute
         WHERE attrelid IN (to_regclass(%(table)s), to_regclass(%(scheduled)s))
-          AND attname IN ('attempts', 'first_failed_at') AND NOT attisdropped)"""
-# Tables made before retries lack the two columns of the message tables: the
-# schema's ALTER TABLE ... ADD COLUMN IF NOT EXISTS adds them (instantly: a
-# constant default rewrites no rows).
+          AND attname IN ('attempts', 'first_failed_at', 'result_ttl') AND NOT attisdropped)"""
+# Tables made before retries lack two columns of the message tables, and those
+# made before results a third (result_ttl) and <table>_results: the schema's
+# ALTER TABLE ... ADD COLUMN IF NOT EXISTS adds them (instantly: a constant
+# default, or none, rewrites no rows).
 
 _RETRY = """\
 WITH settled AS (
     DELETE FROM {table} WHERE id = %(id)s AND leased_by = %(consumer)s
     RETURNING queue, priority, attempts + 1 AS attempts,
               coalesce(first_failed_at, to_timestamp(%(failed_at)s::float8)) AS first_failed_at,
-              now() + make_interval(secs => %(delay)s::float8) AS at
+              now() + make_interval(secs => %(delay)s::float8) AS at, result_ttl
 ), ready AS (
-    INSERT INTO {table} (queue, body, priority, attempts, first_failed_at)
-    SELECT queue, %(body)s, priority, attempts, first_failed_at FROM settled WHERE at <= now()
+    INSERT INTO {table} (queue, body, priority, attempts, first_failed_at, result_ttl)
+    SELECT queue, %(body)s, priority, attempts, first_failed_at, result_ttl FROM settled
+    WHERE at <= now()
 ), later AS (
-    INSERT INTO {scheduled} (queue, body, priority, available_at, attempts, first_failed_at)
-    SELECT queue, %(body)s, priority, at, attempts, first_failed_at FROM settled
+    INSERT INTO {scheduled} (queue, body, priority, available_at, attempts, first_failed_at,
+                             result_ttl)
+    SELECT queue, %(body)s, priority, at, attempts, first_failed_at, result_ttl FROM settled
     WHERE at > now()
 )
 SELECT pg_notify(%(channel)s, '') FROM settled"""
@@ -524,13 +633,63 @@ SELECT count(*) FILTER (WHERE live) FROM gone"""
 _ONE = "task_id = %(task_id)s"
 _EVERY = "true"
 
+_STORE_RESULT = """\
+WITH kept AS MATERIALIZED (
+    SELECT now() + make_interval(secs => %(ttl)s::float8) AS expires_at
+), swept AS (
+    DELETE FROM {results}
+    WHERE queue = %(queue)s AND task_id = ANY(ARRAY(
+        SELECT task_id FROM {results}
+        WHERE queue = %(queue)s AND expires_at <= now() AND task_id <> %(task_id)s
+        ORDER BY expires_at FOR UPDATE SKIP LOCKED LIMIT %(sweep)s))
+), stored AS (
+    INSERT INTO {results} (queue, task_id, record, expires_at)
+    SELECT %(queue)s, %(task_id)s,
+           (%(head)s || round(extract(epoch FROM expires_at)::numeric, 6)::text || '}}')::json,
+           expires_at
+    FROM kept
+    ON CONFLICT (queue, task_id) DO UPDATE SET
+        record = excluded.record, expires_at = excluded.expires_at
+    RETURNING 1
+)
+SELECT pg_notify(%(channel)s, %(task_id)s) FROM stored"""
+# One statement, so one transaction: the record (replacing an earlier one of
+# the id) and its notification commit together, and a reader sees the old
+# record or the new one, never half of either. The notification is sent at the
+# commit, when the record is there to be read: a waiter woken by it finds it.
+# expires_at is the database's clock, written into the JSON as text by the
+# same statement (*head* is the record's JSON without its closing brace, then
+# a comma when it has keys, then "expires_at": ; '}}' is one brace once the
+# statement is rendered), with six decimals, so it reads back as a float and equals the
+# column to the microsecond.
+#
+# The sweep: up to *sweep* expired rows of this queue go, oldest first, down
+# the (queue, expires_at) index; SKIP LOCKED, so it never waits for a row
+# another store holds. It leaves the row stored here alone: one statement
+# must not modify a row twice.
+
+_RESULT = """\
+SELECT record::text FROM {results}
+WHERE queue = %(queue)s AND task_id = %(task_id)s AND expires_at > now()"""
+# An expired row is never returned, swept or not: expiry is the database's clock.
+
 
 def _names(table: str) -> dict[str, str]:
     return {"table": table, "rejected": f"{table}_rejected",
             "ready_index": f"{table}_ready", "old_index": f"{table}_dequeue",
             "leased_index": f"{table}_leased", "scheduled": f"{table}_scheduled",
             "scheduled_index": f"{table}_scheduled_due", "fired": f"{table}_fired",
-            "failed": f"{table}_failed", "failed_index": f"{table}_failed_latest"}
+            "failed": f"{table}_failed", "failed_index": f"{table}_failed_latest",
+            "results": f"{table}_results", "results_index": f"{table}_results_expiry"}
+
+
+def _positive(action: str, argument: str, value: object) -> float:
+    """*value* as a number of seconds > 0 (finite); ValueError naming *action*, *argument*."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < math.inf:
+        raise ValueError(f"PostgresQueue.{action}: {argument} must be a number of seconds > 0, "
+                         f"not {value!r}")
+    return float(value)
 
 
 def _check_table(table: object) -> str:
@@ -544,8 +703,8 @@ def _check_table(table: object) -> str:
 def schema_sql(table: str = "tempest_messages") -> str:
     """The SQL that creates *table*, the tables beside it and their indexes (idempotent).
 
-    Beside it: ``_rejected``, ``_scheduled``, ``_fired`` and ``_failed``; tables
-    made by an older version gain the columns they lack. For a migration, or a
+    Beside it: ``_rejected``, ``_scheduled``, ``_fired``, ``_failed`` and
+    ``_results``; tables made by an older version gain the columns they lack. For a migration, or a
     DBA's ``psql``; PostgresQueue runs the same statements itself on first use
     when anything is missing.
     """
@@ -627,6 +786,102 @@ class _Kept:
         self.used_at = time.monotonic()
 
 
+class _ResultListener:
+    """A connection LISTENing for one queue object's results, read by a thread of its own.
+
+    Every waiting ``result()`` of the queue object registers an event under its
+    task id (``add``) before it looks at the table; the thread reads each
+    notification (its payload: the task id stored) and sets every event of
+    that id, so any number of threads wait on one connection. Once no call has
+    waited for ``_KEEP`` seconds, or at ``stop()`` (the queue's ``close()``),
+    or when the connection fails, the thread closes the connection and ends;
+    then ``alive`` is False and every event still registered is set, so its
+    waiter looks again and listens on a new listener: no wake-up is lost.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], name: str) -> None:
+        self.conn = conn
+        self.alive = True  # False once the thread ended or is ending: add() refuses
+        self.lock = threading.Lock()  # guards alive, waiters, idle_since, stopping
+        self.waiters: dict[str, set[threading.Event]] = {}
+        self.idle_since = time.monotonic()
+        self.stopping = False
+        self._bell, self._ringer = socket.socketpair()  # stop() wakes the thread's select
+        self._bell.setblocking(False)
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"tempest-postgres-results:{name}")
+
+    def add(self, task_id: str, event: threading.Event) -> bool:
+        """Set *event* on the next notification of *task_id*; False if this listener ended."""
+        with self.lock:
+            if not self.alive:
+                return False
+            self.waiters.setdefault(task_id, set()).add(event)
+            return True
+
+    def remove(self, task_id: str, event: threading.Event) -> None:
+        """Forget *event* (a wait that ends)."""
+        with self.lock:
+            events = self.waiters.get(task_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self.waiters[task_id]
+            if not self.waiters:
+                self.idle_since = time.monotonic()
+
+    def stop(self) -> None:
+        """End the thread, which closes the connection (no round trip: closing ends the LISTEN)."""
+        with self.lock:
+            self.stopping = True
+        try:
+            self._ringer.send(b"\0")
+        except OSError:  # the thread ended and closed it already
+            pass
+
+    def _run(self) -> None:
+        conn = self.conn
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(conn.fileno(), selectors.EVENT_READ)
+            selector.register(self._bell, selectors.EVENT_READ)
+            while True:
+                # What arrived (those read with the LISTEN's reply too), then sleep
+                # until more comes. A notification read here wakes its waiters, and
+                # one of a record stored before a waiter registered only makes it
+                # look again: never a wrong result, only a spare SELECT.
+                woken = [notice.payload for notice in conn.notifies(timeout=0)]
+                ring: list[threading.Event] = []
+                with self.lock:
+                    for task_id in woken:
+                        ring.extend(self.waiters.get(task_id, ()))
+                    idle = 0.0 if self.waiters else time.monotonic() - self.idle_since
+                    if self.stopping or idle >= _KEEP:
+                        self.alive = False  # under the lock: no add() after this succeeds
+                        return
+                for event in ring:
+                    event.set()
+                selector.select(_KEEP - idle)
+                try:
+                    while self._bell.recv(64):
+                        pass
+                except BlockingIOError:
+                    pass
+        except (psycopg.Error, OSError):
+            pass  # the connection is gone: the waiters look again and listen anew (finally)
+        finally:
+            with self.lock:
+                self.alive = False
+                left = [event for events in self.waiters.values() for event in events]
+                self.waiters = {}
+            for event in left:
+                event.set()
+            selector.close()
+            conn.close()
+            self._bell.close()
+            self._ringer.close()
+
+
 class PostgresQueue:
     """A durable queue in a PostgreSQL table, shared by many engines on many machines.
 
@@ -679,6 +934,12 @@ class PostgresQueue:
         ``retry_failed()`` moves an entry back, ready now, attempts 0, in one
         statement. A message whose lease ran out and that another engine took
         meanwhile is left to that engine: ``retry`` and ``fail`` store nothing.
+    Results
+        ``schedule(m, result_ttl=)`` stores the ttl in the message's row (and
+        ``result_ttl(m)`` reads it from the lease); ``store_result()`` upserts
+        ``<table>_results`` and notifies in one statement; ``result()`` waits
+        on a listener that every waiting thread of the queue object shares
+        (one connection, a thread reading it), woken by that notification.
 
     Connections are opened lazily and kept in a small pool that every method
     borrows from for one statement, so any number of threads may share the
@@ -687,7 +948,8 @@ class PostgresQueue:
     and leak those of threads that end; one connection behind a lock would
     make every ack wait behind a dequeue that waits for work.) At most four
     connections run statements at once, plus one per waiting ``dequeue``,
-    which LISTENs on a connection of its own. A connection error (a restart,
+    which LISTENs on a connection of its own, and one shared by every
+    waiting ``result()``. A connection error (a restart,
     a failover, a terminated backend) propagates as
     ``psycopg.OperationalError`` -- the engine logs it and retries with a
     backoff -- and the queue discards its pooled connections, so the next
@@ -765,8 +1027,19 @@ class PostgresQueue:
             ("retry_failed", _RETRY_FAILED.replace("{which}", _ONE)),
             ("retry_failed_all", _RETRY_FAILED.replace("{which}", _EVERY)),
             ("delete_failed", _DELETE_FAILED.replace("{which}", _ONE)),
-            ("purge_failed", _DELETE_FAILED.replace("{which}", _EVERY)))}
+            ("purge_failed", _DELETE_FAILED.replace("{which}", _EVERY)),
+            ("store_result", _STORE_RESULT), ("result", _RESULT))}
         self._sql["listen"] = sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_bytes(None)
+        # Results have a channel of their own, so that a store never wakes a waiting
+        # dequeue (a claim for nothing), nor an enqueue a waiting result(). "/" is in
+        # no table name, so it is no queue's dequeue channel.
+        result_channel = f"{table}/results:{name}"
+        if len(result_channel.encode()) > _MAX_IDENTIFIER:
+            result_channel = "tempest/results:" + hashlib.sha1(
+                f"{table}\0{name}".encode()).hexdigest()
+        self._result_channel = result_channel
+        self._sql["listen_results"] = sql.SQL("LISTEN {}").format(
+            sql.Identifier(result_channel)).as_bytes(None)
         self._sql["unlisten"] = sql.SQL("UNLISTEN {}").format(
             sql.Identifier(channel)).as_bytes(None)
         self._names = names
@@ -800,6 +1073,11 @@ class PostgresQueue:
         self._kept: _Kept | None = None
         self._reaper: threading.Thread | None = None
         self._reaper_stop = threading.Event()
+        # Waiting result() calls share one listener (see _ResultListener): the
+        # current one changes under _pool_lock; _result_connecting lets one thread
+        # at a time open a new one (the others wait for it, then use it).
+        self._result_listener: _ResultListener | None = None
+        self._result_connecting = threading.Lock()
 
     # -- the queue protocol ---------------------------------------------------------
 
@@ -811,18 +1089,22 @@ class PostgresQueue:
                                                 "channel": self._channel})
 
     def schedule(self, message: Any, *, delay: float | None = None, at: float | None = None,
-                 priority: int = 0) -> None:
+                 priority: int = 0, result_ttl: float | None = None) -> None:
         """Store *message* to become ready after *delay* seconds or at POSIX time *at*.
 
         Times are the database's clock (``now()``); a time that has come
         already means now. Among ready messages, higher *priority* first.
-        Wakes the engines waiting for a message.
+        Wakes the engines waiting for a message. *result_ttl* (seconds > 0)
+        asks for the message's result, kept that long: stored in the row's
+        ``result_ttl`` column by the same statement, read back by
+        ``result_ttl(m)``.
         """
         body = protocol.encode(message)
+        ttl = None if result_ttl is None else _positive("schedule", "result_ttl", result_ttl)
         with self._connection() as conn:
             conn.execute(self._sql["schedule"], {
                 "queue": self.name, "body": body, "priority": priority, "at": at,
-                "delay": delay, "channel": self._channel})
+                "delay": delay, "result_ttl": ttl, "channel": self._channel})
 
     def scheduled_count(self) -> int:
         """Messages waiting for their time."""
@@ -922,13 +1204,13 @@ class PostgresQueue:
 
     def reject(self, message: Any, reason: str) -> None:
         """Move the message (raw bodies too) to ``<table>_rejected`` with *reason*."""
-        row, _ = self._settle(message, "reject")
+        row = self._settle(message, "reject")[0]
         with self._connection() as conn:
             conn.execute(self._sql["move"], {"id": row, "reason": reason})
 
     def requeue(self, message: Any) -> None:
         """Give a leased message back now, unrun; this delivery does not count."""
-        row, _ = self._settle(message, "requeue")
+        row = self._settle(message, "requeue")[0]
         with self._connection() as conn:
             conn.execute(self._sql["requeue"], {"id": row, "consumer": self.consumer,
                                                 "channel": self._channel})
@@ -939,7 +1221,7 @@ class PostgresQueue:
         Leases that dead engines held need no recovery step: they simply run
         out and the next dequeue takes the message.
         """
-        held = [row for row, _ in self._leases]
+        held = [key[0] for key in self._leases]
         if not held:
             return
         with self._connection() as conn:
@@ -955,7 +1237,7 @@ class PostgresQueue:
         ValueError if the queue object does not hold *message*.
         """
         self._check_fork()
-        _, attempts = self._leases.get(message, "PostgresQueue.attempts")
+        _, attempts, _ = self._leases.get(message, "PostgresQueue.attempts")
         return int(attempts)
 
     def retry(self, message: Any, *, delay: float, failed_at: float) -> None:
@@ -968,7 +1250,7 @@ class PostgresQueue:
         ``now()`` + *delay*. Wakes the engines waiting for a message.
         """
         body = protocol.encode(message)  # before the lease goes: a bad message keeps it
-        row, _ = self._settle(message, "retry")
+        row = self._settle(message, "retry")[0]
         with self._connection() as conn:
             conn.execute(self._sql["retry"], {
                 "id": row, "consumer": self.consumer, "body": body, "delay": float(delay),
@@ -990,7 +1272,7 @@ class PostgresQueue:
             "error": record["error"], "traceback": record["traceback"],
             "last_failed_at": last, "expires_at": last + ttl, "keep": int(keep),
             "consumer": self.consumer}
-        params["id"], _ = self._settle(message, "fail")
+        params["id"] = self._settle(message, "fail")[0]
         with self._connection() as conn, conn.transaction():
             conn.execute(b"SELECT pg_advisory_xact_lock(%s)", (self._failed_lock_key,))
             conn.execute(self._sql["fail"], params)
@@ -1053,6 +1335,140 @@ class PostgresQueue:
                                {"queue": self.name, "task_id": task_id}).fetchone()
         return int(row[0]) if row else 0
 
+    # -- results ----------------------------------------------------------------------
+
+    def result_ttl(self, message: Any) -> float | None:
+        """Seconds to keep *message*'s result, as ``schedule`` stored it; None: none asked.
+
+        Read from the lease (the claim returned the row's ``result_ttl`` with
+        it): no query. ValueError if the queue object does not hold *message*.
+        """
+        self._check_fork()
+        _, _, ttl = self._leases.get(message, "PostgresQueue.result_ttl")
+        return None if ttl is None else float(ttl)
+
+    def store_result(self, task_id: str, record: dict[str, Any], *, ttl: float) -> None:
+        """Store (replace) *task_id*'s result *record*, kept *ttl* seconds; wake its waiters.
+
+        One statement, so one transaction: the record (JSON, ``expires_at``
+        added: the database's ``now()`` + *ttl*, POSIX seconds; an
+        ``expires_at`` in *record* is replaced) goes into ``<table>_results``,
+        replacing one of the same id, with a ``pg_notify`` that wakes every
+        ``result()`` waiting for it, in every process, at the commit. The
+        same statement deletes up to 100 expired results of the queue. A
+        *record* that is not JSON raises TypeError or ValueError, storing
+        nothing. A connection error propagates: the caller has not settled the
+        message yet, so the task runs again and stores its result then.
+        """
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError(f"PostgresQueue.store_result: task_id must be a non-empty str, "
+                             f"not {task_id!r}")
+        if not isinstance(record, dict):
+            raise TypeError(f"PostgresQueue.store_result: record must be a dict, not "
+                            f"{type(record).__name__}")
+        seconds = min(_positive("store_result", "ttl", ttl), _RESULT_TTL_MAX)
+        fields = {key: value for key, value in record.items() if key != "expires_at"}
+        text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+        with self._connection() as conn:
+            conn.execute(self._sql["store_result"], {
+                "queue": self.name, "task_id": task_id, "ttl": seconds,
+                "head": text[:-1] + ("," if fields else "") + '"expires_at":',
+                "sweep": _RESULT_SWEEP,
+                "channel": self._result_channel})
+
+    def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
+        """*task_id*'s result record once stored and not expired; None if none came in time.
+
+        Waits up to *timeout* seconds (None: no limit; 0 or less: looks once,
+        one SELECT). A wait registers with the queue object's result listener
+        (one connection LISTENing on the queue's result channel, shared by
+        every waiting thread, opened by the first), then looks, then sleeps
+        until the notification of its id comes: a store at any moment after
+        the look wakes it, within milliseconds. It looks again every 5 s
+        regardless (a safety net, not a poll). The record is returned as JSON
+        gives it back, ``expires_at`` included. A connection error propagates
+        as ``psycopg.OperationalError``.
+        """
+        if not isinstance(task_id, str) or not task_id:
+            return None
+        if timeout is not None:
+            timeout = float(timeout)
+            if not timeout > 0:  # 0, negative (or NaN): look once
+                return self._find_result(task_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._check_fork()
+        with self._pool_lock:
+            listener = self._result_listener
+        if listener is None or not listener.alive:
+            # No listener yet: a record stored already needs none (a call after
+            # the task finished, Engine.result's usual case), so look first.
+            found = self._find_result(task_id)
+            if found is not None:
+                return found
+        event = threading.Event()
+        listener = self._listen_for(task_id, event)
+        try:
+            while True:
+                # Cleared before the look: a notification from now on sets it, and
+                # one that came after the registration but before this look is
+                # harmless (the look below finds what it announced).
+                event.clear()
+                found = self._find_result(task_id)
+                if found is not None:
+                    return found
+                pause = _RESULT_RECHECK
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    pause = min(pause, remaining)
+                event.wait(pause)
+                if not listener.alive:
+                    # Closed or lost: a notification may have gone with it. Listen on
+                    # a new one before the next look, so none is missed from then on.
+                    listener.remove(task_id, event)
+                    listener = self._listen_for(task_id, event)
+        finally:
+            listener.remove(task_id, event)
+
+    def _find_result(self, task_id: str) -> dict[str, Any] | None:
+        """One SELECT: *task_id*'s record unless it expired, or None."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql["result"],
+                               {"queue": self.name, "task_id": task_id}).fetchone()
+        if row is None:
+            return None
+        found: dict[str, Any] = json.loads(row[0])
+        return found
+
+    def _listen_for(self, task_id: str, event: threading.Event) -> _ResultListener:
+        """Register *event* for *task_id*'s notification, with a listener that is LISTENing.
+
+        The LISTEN is committed before this returns: whatever is stored after
+        the caller's next look is announced to it.
+        """
+        while True:
+            with self._pool_lock:
+                listener = self._result_listener
+            if listener is not None and listener.add(task_id, event):
+                return listener
+            with self._result_connecting:  # one thread connects; the others wait, then add
+                with self._pool_lock:
+                    listener = self._result_listener
+                if listener is None or not listener.alive:
+                    conn = self._connect()  # takes no work slot, as a waiting dequeue's
+                    try:
+                        conn.execute(self._sql["listen_results"])
+                        listener = _ResultListener(conn, self.name)
+                    except BaseException:
+                        conn.close()
+                        raise
+                    with self._pool_lock:
+                        self._result_listener = listener
+                    listener.thread.start()
+            if listener.add(task_id, event):
+                return listener
+
     def rejected(self) -> list[tuple[Any, str]]:
         """The rejected messages of this queue, oldest first, as (message or raw, reason)."""
         with self._connection() as conn:
@@ -1069,7 +1485,8 @@ class PostgresQueue:
         """Close every connection (those in use, when they are given back).
 
         The queue stays usable: a later call opens new connections. A waiting
-        ``dequeue`` is not interrupted; it returns within its timeout.
+        ``dequeue`` is not interrupted; it returns within its timeout. Waiting
+        ``result()`` calls go on, on a listener of their own.
         """
         self._check_fork()  # a child closes nothing of its parent's
         with self._pool_lock:
@@ -1078,6 +1495,9 @@ class PostgresQueue:
             kept, self._kept = self._kept, None
             self._reaper_stop.set()
             self._reaper = None
+            listener, self._result_listener = self._result_listener, None
+        if listener is not None:
+            listener.stop()  # its waiters are woken, and listen on a new one
         if kept is not None:
             idle.append((kept.conn, kept.generation))
         for conn, _ in idle:
@@ -1112,14 +1532,14 @@ class PostgresQueue:
             self._next_due = None if due_in is None else looked + max(due_in, _BUSY_DUE)
             params["gate"] = True
             poisoned = 0
-            for key, body, kind, _, _, _, attempts in rows:
+            for key, body, kind, _, _, _, attempts, result_ttl in rows:
                 if kind:
                     poisoned += 1
                     continue
                 message = protocol.decode(body)
                 if message is body:
                     message = _Raw(body)
-                messages.append(self._leases.add(message, (key, attempts)))
+                messages.append(self._leases.add(message, (key, attempts, result_ttl)))
             if not poisoned or len(messages) >= count:
                 return messages
             # Poison took places in the batch: look for messages to fill them.
@@ -1278,10 +1698,11 @@ class PostgresQueue:
         else:
             self._acking = False
 
-    def _settle(self, message: Any, action: str) -> tuple[int, int]:
-        """The (row id, failed attempts) leased with *message*, forgotten."""
+    def _settle(self, message: Any, action: str) -> tuple[int, int, float | None]:
+        """The (row id, failed attempts, result ttl) leased with *message*, forgotten."""
         self._check_fork()  # a child must not settle its parent's messages
-        key: tuple[int, int] = self._leases.settle(message, f"PostgresQueue.{action}")
+        key: tuple[int, int, float | None] = self._leases.settle(
+            message, f"PostgresQueue.{action}")
         return key
 
     def _connect(self) -> psycopg.Connection[Any]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -32,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 def drop_tables(dsn: str, table: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_rejected, {table}_scheduled, "
-                     f"{table}_fired, {table}_failed")
+                     f"{table}_fired, {table}_failed, {table}_results")
 
 
 def rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -995,3 +998,397 @@ def test_retry_failed_all_moves_every_entry_in_one_statement(postgres_dsn, queue
     statements = count_statements(queue)
     assert queue.retry_failed_all() == 3 and statements == [1]
     assert [m[0] for m in queue.dequeue_many(3)] == ["id-1", "id-0", "id-2"]
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+RETRIES_SCHEMA = PREVIOUS_SCHEMA + """
+ALTER TABLE {t} ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+    ADD COLUMN first_failed_at timestamptz;
+ALTER TABLE {t}_scheduled ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+    ADD COLUMN first_failed_at timestamptz;
+CREATE TABLE {t}_failed (queue text NOT NULL, task_id text NOT NULL, body text NOT NULL,
+    task text NOT NULL, attempts integer NOT NULL, error_type text NOT NULL,
+    error text NOT NULL, traceback text NOT NULL, first_failed_at timestamptz NOT NULL,
+    last_failed_at timestamptz NOT NULL, priority integer NOT NULL,
+    expires_at timestamptz NOT NULL, PRIMARY KEY (queue, task_id));
+CREATE INDEX {t}_failed_latest ON {t}_failed (queue, last_failed_at);"""
+"""The tables of the version before results: retries, no result_ttl, no <table>_results."""
+
+
+def outcome(task_id: str, value: Any) -> dict[str, Any]:
+    """A success record as the engine passes it to store_result()."""
+    return {"task_id": task_id, "task": "T", "state": "succeeded", "value": value,
+            "error_type": None, "error": None, "traceback": None, "attempts": 1,
+            "finished_at": 1733500000.5}
+
+
+def server_now(dsn: str) -> float:
+    (now,), = rows(dsn, "SELECT extract(epoch FROM now())::float8")
+    return float(now)
+
+
+def waiting_on(queue: PostgresQueue, task_id: str, count: int = 1) -> bool:
+    """Whether *count* result() calls of *queue* are registered for *task_id*."""
+    listener = queue._result_listener
+    if listener is None or not listener.alive:
+        return False
+    with listener.lock:
+        return len(listener.waiters.get(task_id, ())) >= count
+
+
+def result_listeners(dsn: str, app: str) -> list[tuple[Any, ...]]:
+    """The backends of *app* LISTENing on a result channel (their last query)."""
+    return rows(dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                     "AND query LIKE 'LISTEN %%/results:%%'", app)
+
+
+class Waiter:
+    """``queue.result(task_id, timeout)`` in a thread: what it returned, and when."""
+
+    def __init__(self, queue: PostgresQueue, task_id: str, timeout: float | None) -> None:
+        self.record: dict[str, Any] | None = None
+        self.returned_at = math.nan
+        self.wall_at = math.nan
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(queue, task_id, timeout))
+        self.thread.start()
+
+    def _run(self, queue: PostgresQueue, task_id: str, timeout: float | None) -> None:
+        try:
+            self.record = queue.result(task_id, timeout)
+        except BaseException as exc:
+            self.errors.append(exc)
+        self.returned_at, self.wall_at = time.monotonic(), time.time()
+
+    def join(self, timeout: float = 20.0) -> dict[str, Any] | None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "result() did not return"
+        assert self.errors == []
+        return self.record
+
+
+def test_result_ttl_is_stored_with_the_message_and_read_without_a_query(postgres_dsn,
+                                                                        queues):
+    """schedule(result_ttl=) stores the ttl in the row, exactly (0.3 stays 0.3); the claim
+    brings it back, so result_ttl() sends nothing; enqueue and fire store none; a message
+    the queue object does not hold is refused."""
+    queue, other = queues(), queues()
+    queue.schedule(["id-t1", "T"], result_ttl=0.3)
+    queue.enqueue(["id-t2", "T"])
+    assert queue.fire("s", 1.0, ["s@1", "T"], keep=60)
+    assert sorted(rows(postgres_dsn, f"SELECT body, result_ttl FROM {queue.table}"),
+                  key=str) == [('["id-t1","T"]', 0.3), ('["id-t2","T"]', None),
+                               ('["s@1","T"]', None)]
+    taken = {m[0]: m for m in queue.dequeue_many(3)}
+    statements = count_statements(queue)
+    assert queue.result_ttl(taken["id-t1"]) == 0.3
+    assert queue.result_ttl(taken["id-t2"]) is None and queue.result_ttl(taken["s@1"]) is None
+    assert statements == [0]
+    with pytest.raises(ValueError, match="not a message this queue object dequeued"):
+        other.result_ttl(taken["id-t1"])
+    queue.ack(taken["id-t1"])
+    with pytest.raises(ValueError):
+        queue.result_ttl(taken["id-t1"])
+    for bad in (0, -1.0, math.inf, math.nan, "60", True):
+        with pytest.raises(ValueError, match="result_ttl"):
+            queue.schedule(["id-bad", "T"], result_ttl=bad)
+    assert len(queue) == 0  # the refused ones stored nothing (two left are leased)
+
+
+def test_result_ttl_survives_promotion_requeue_redelivery_and_retry(postgres_dsn, queues):
+    """The ttl travels as attempts do: through <table>_scheduled, requeue, retry (now or
+    later: attempts one up) and a lease that ran out, taken by another queue object."""
+    queue, other = queues(lease=0.5), queues(lease=30)
+    queue.schedule(["id-k", "T"], delay=0.2, result_ttl=7.5, priority=3)
+    assert rows(postgres_dsn, f"SELECT result_ttl FROM {queue.table}_scheduled") == [(7.5,)]
+    message = take(queue)  # promoted once due
+    assert queue.result_ttl(message) == 7.5
+    queue.requeue(message)
+    message = take(queue)
+    assert queue.result_ttl(message) == 7.5 and queue.attempts(message) == 0
+    queue.retry(message, delay=0, failed_at=time.time())
+    message = take(queue)
+    assert queue.result_ttl(message) == 7.5 and queue.attempts(message) == 1
+    queue.retry(message, delay=0.2, failed_at=time.time())
+    assert rows(postgres_dsn, f"SELECT result_ttl, attempts FROM {queue.table}_scheduled"
+                ) == [(7.5, 2)]
+    message = take(queue)
+    assert queue.result_ttl(message) == 7.5 and queue.attempts(message) == 2
+    # ...and its engine dies: once the lease runs out, the other queue object takes it.
+    again = take(other)
+    assert list(again) == ["id-k", "T"]
+    assert other.result_ttl(again) == 7.5 and other.attempts(again) == 2
+    other.ack(again)
+
+
+def test_retry_failed_stores_the_message_without_its_result_ttl(postgres_dsn, queues):
+    """A failed entry keeps no result ttl: retry_failed and retry_failed_all store the
+    message asking for no result."""
+    queue = queues()
+    for task_id in ("id-f1", "id-f2"):
+        queue.schedule([task_id, "T"], result_ttl=60.0)
+        queue.fail(take(queue), failure(task_id, time.time()), keep=10, ttl=60)
+    assert queue.retry_failed("id-f1") is True
+    message = take(queue)
+    assert queue.result_ttl(message) is None
+    queue.ack(message)
+    assert queue.retry_failed_all() == 1
+    message = take(queue)
+    assert list(message) == ["id-f2", "T"] and queue.result_ttl(message) is None
+    assert rows(postgres_dsn, f"SELECT result_ttl FROM {queue.table}") == [(None,)]
+
+
+def test_a_stored_result_is_read_back_with_expires_at_and_replaced(postgres_dsn, queues):
+    """store_result is one statement, result(timeout=0) one SELECT; the record comes back
+    as JSON gives it, with expires_at of the database's clock (also in its column); a
+    second store replaces it; an expires_at passed in is replaced too."""
+    queue, reader = queues(), queues()
+    statements = count_statements(queue)
+    before = server_now(postgres_dsn)
+    queue.store_result("id-r1", outcome("id-r1", (1, {"a": [2]})), ttl=60.0)
+    after = server_now(postgres_dsn)
+    assert statements == [1]
+    record = reader.result("id-r1", 0)
+    assert record is not None and set(record) == set(protocol.RESULT_FIELDS) - {"task"} | {
+        "task", "expires_at"}
+    assert {k: v for k, v in record.items() if k != "expires_at"} == outcome(
+        "id-r1", [1, {"a": [2]}])
+    assert isinstance(record["expires_at"], float)
+    assert before + 60 - 0.001 <= record["expires_at"] <= after + 60 + 0.001
+    (column,), = rows(postgres_dsn, f"SELECT extract(epoch FROM expires_at)::float8 "
+                                    f"FROM {queue.table}_results")
+    assert abs(column - record["expires_at"]) < 1e-5
+    queue.store_result("id-r1", {**outcome("id-r1", "again"), "expires_at": 1.0}, ttl=60.0)
+    again = reader.result("id-r1", 0)
+    assert again is not None and again["value"] == "again" and again["expires_at"] > 1e9
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}_results") == [(1,)]
+    queue.store_result("id-empty", {}, ttl=60.0)
+    assert set(reader.result("id-empty", 0) or {}) == {"expires_at"}
+    statements = count_statements(reader)
+    assert reader.result("id-r1", timeout=10)["value"] == "again"  # found: no listener
+    assert statements == [1] and reader._result_listener is None
+
+
+def test_store_result_refuses_what_it_cannot_store(queues):
+    """A record that is not a JSON dict, a bad id or a bad ttl raise, storing nothing."""
+    queue = queues()
+    for call in (lambda: queue.store_result("id-x", {"value": {1, 2}}, ttl=60),
+                 lambda: queue.store_result("id-x", {"value": math.nan}, ttl=60),
+                 lambda: queue.store_result("id-x", ["not", "a", "dict"], ttl=60),  # type: ignore[arg-type]
+                 lambda: queue.store_result("", {}, ttl=60),
+                 lambda: queue.store_result("id-x", {}, ttl=0),
+                 lambda: queue.store_result("id-x", {}, ttl=math.inf)):
+        with pytest.raises((TypeError, ValueError)):
+            call()
+    assert queue.result("id-x", 0) is None
+    queue.store_result("id-long", {"v": 1}, ttl=1e300)  # kept about 3,000 years
+    assert queue.result("id-long", 0)["expires_at"] > time.time() + 1e10
+
+
+def test_result_of_an_unknown_id_looks_once_or_waits_its_timeout(queues):
+    """timeout 0 (or less): one SELECT, None at once; timeout 0.2: None after about 0.2 s."""
+    queue = queues()
+    statements = count_statements(queue)
+    began = time.monotonic()
+    assert queue.result("id-none", 0) is None and queue.result("id-none", -1) is None
+    assert time.monotonic() - began < 1.0 and statements == [2]
+    began = time.monotonic()
+    assert queue.result("id-none", 0.2) is None
+    assert 0.19 <= time.monotonic() - began < 2.0
+
+
+def test_a_waiting_result_is_woken_by_the_notification_not_a_poll(queues, monkeypatch):
+    """A result(timeout=10) blocked in a thread returns within milliseconds of a store by
+    another queue object: the median of five is far below what a once-a-second poll
+    gives (half a second), and no look again helps (it is every 60 s here)."""
+    monkeypatch.setattr(postgres_module, "_RESULT_RECHECK", 60.0)
+    queue, producer = queues(), queues()
+    delays = []
+    for i in range(5):
+        task_id = f"id-w{i}"
+        waiter = Waiter(queue, task_id, 10)
+        wait_for(lambda task_id=task_id: waiting_on(queue, task_id), 5)
+        stored = time.monotonic()
+        producer.store_result(task_id, outcome(task_id, i), ttl=60.0)
+        record = waiter.join()
+        assert record is not None and record["value"] == i
+        delays.append(waiter.returned_at - stored)
+    assert max(delays) < 2.0
+    assert sorted(delays)[2] < 0.25, delays
+
+
+def test_waiters_share_one_listener_and_wake_only_for_their_id(postgres_dsn, queues,
+                                                              monkeypatch):
+    """Six threads waiting on one id and three on another use one listening connection;
+    a store wakes all six promptly and none of the three, whose own store wakes them."""
+    monkeypatch.setattr(postgres_module, "_RESULT_RECHECK", 60.0)
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue, producer = queues(with_app_name(postgres_dsn, app)), queues()
+    first = [Waiter(queue, "id-a", 10) for _ in range(6)]
+    second = [Waiter(queue, "id-b", 10) for _ in range(3)]
+    wait_for(lambda: waiting_on(queue, "id-a", 6) and waiting_on(queue, "id-b", 3), 5)
+    assert len(result_listeners(postgres_dsn, app)) == 1
+    stored = time.monotonic()
+    producer.store_result("id-a", outcome("id-a", "A"), ttl=60.0)
+    for waiter in first:
+        assert waiter.join()["value"] == "A"
+        assert waiter.returned_at - stored < 2.0
+    assert all(w.thread.is_alive() for w in second) and waiting_on(queue, "id-b", 3)
+    stored = time.monotonic()
+    producer.store_result("id-b", outcome("id-b", "B"), ttl=60.0)
+    for waiter in second:
+        assert waiter.join()["value"] == "B"
+        assert waiter.returned_at - stored < 2.0
+
+
+def test_a_lost_listener_or_close_loses_no_wake_up(postgres_dsn, queues, monkeypatch):
+    """The listening backend terminated, or close() during the waits: the waiters listen
+    on a new connection and the next store still wakes them promptly."""
+    monkeypatch.setattr(postgres_module, "_RESULT_RECHECK", 60.0)
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue, producer = queues(with_app_name(postgres_dsn, app)), queues()
+    waiter = Waiter(queue, "id-lost", 20)
+    wait_for(lambda: waiting_on(queue, "id-lost"), 5)
+    lost = queue._result_listener
+    assert lost is not None
+    (pid,), = result_listeners(postgres_dsn, app)
+    rows(postgres_dsn, "SELECT pg_terminate_backend(%s)", pid)
+    wait_for(lambda: not lost.alive and waiting_on(queue, "id-lost"), 5)
+    assert queue._result_listener is not lost
+    stored = time.monotonic()
+    producer.store_result("id-lost", outcome("id-lost", 1), ttl=60.0)
+    assert waiter.join()["value"] == 1 and waiter.returned_at - stored < 2.0
+
+    waiter = Waiter(queue, "id-closed", 20)
+    wait_for(lambda: waiting_on(queue, "id-closed"), 5)
+    closed = queue._result_listener
+    queue.close()
+    wait_for(lambda: not closed.thread.is_alive() and waiting_on(queue, "id-closed"), 5)
+    stored = time.monotonic()
+    producer.store_result("id-closed", outcome("id-closed", 2), ttl=60.0)
+    assert waiter.join()["value"] == 2 and waiter.returned_at - stored < 2.0
+
+
+def test_the_listener_closes_once_no_call_waits(postgres_dsn, queues, monkeypatch):
+    """The listener outlives a wait by _KEEP seconds (the next call uses it), then closes
+    its connection and its thread ends; a later wait opens a new one."""
+    monkeypatch.setattr(postgres_module, "_KEEP", 0.3)
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    assert queue.result("id-idle", 0.05) is None
+    listener = queue._result_listener
+    assert listener is not None and len(result_listeners(postgres_dsn, app)) == 1
+    wait_for(lambda: not listener.thread.is_alive(), 5)
+    assert not listener.alive and listener.conn.closed
+    wait_for(lambda: not result_listeners(postgres_dsn, app), 5)
+    assert queue.result("id-idle", 0.05) is None
+    assert queue._result_listener is not listener
+
+
+def test_expired_results_are_hidden_then_swept_a_hundred_at_a_time(postgres_dsn, queues):
+    """A record past its expires_at is never returned (waiting or not); each store deletes
+    up to 100 expired rows of its queue, and none of another queue's."""
+    queue, elsewhere = queues(), queues(name="elsewhere")
+    queue.store_result("id-e", outcome("id-e", 7), ttl=0.3)
+    assert queue.result("id-e", 0)["value"] == 7
+    wait_for(lambda: queue.result("id-e", 0) is None, 10)
+    assert queue.result("id-e", 0.2) is None
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}_results") == [(1,)]
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        for name, count in (("tempest", 249), ("elsewhere", 5)):
+            conn.execute(f"INSERT INTO {queue.table}_results (queue, task_id, record, "
+                         f"expires_at) SELECT %s, 'id-old-' || i, '{{}}', "
+                         f"now() - make_interval(secs => i) FROM generate_series(1, %s) i",
+                         (name, count))
+
+    def expired(name: str) -> int:
+        (count,), = rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}_results "
+                                       f"WHERE queue = %s AND expires_at <= now()", name)
+        return int(count)
+
+    assert expired("tempest") == 250
+    for left in (150, 50, 0):
+        queue.store_result("id-live", outcome("id-live", 8), ttl=60.0)
+        assert expired("tempest") == left
+    assert expired("elsewhere") == 5 and queue.result("id-live", 0)["value"] == 8
+    elsewhere.store_result("id-live", outcome("id-live", 9), ttl=60.0)
+    assert expired("elsewhere") == 0
+
+
+def test_named_queues_keep_their_results_apart(queues):
+    """Two queue names in one table: the same id has a record in each, and a store in one
+    wakes no waiter of the other."""
+    first, second = queues(name="first"), queues(name="second")
+    first.store_result("id-n", outcome("id-n", 1), ttl=60.0)
+    assert second.result("id-n", 0) is None
+    waiter = Waiter(second, "id-n", 0.5)
+    wait_for(lambda: waiting_on(second, "id-n"), 5)
+    first.store_result("id-n", outcome("id-n", 2), ttl=60.0)
+    assert waiter.join() is None
+    second.store_result("id-n", outcome("id-n", 3), ttl=60.0)
+    assert first.result("id-n", 0)["value"] == 2 and second.result("id-n", 0)["value"] == 3
+    assert first._result_channel != second._result_channel != first._channel
+
+
+def test_a_table_made_before_results_gains_its_column_and_table(postgres_dsn, table, queues):
+    """The tables of the version before results gain result_ttl (NULL for the rows there:
+    they ask for no result) and <table>_results with its index; then the schema is
+    current."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(RETRIES_SCHEMA.format(t=table))
+        conn.execute(f"INSERT INTO {table} (queue, body, attempts) "
+                     f"VALUES ('tempest', '[\"id-old\",\"T\"]', 1)")
+        conn.execute(f"INSERT INTO {table}_scheduled (queue, body, priority, available_at) "
+                     f"VALUES ('tempest', '[\"id-later\",\"T\"]', 0, now() + interval '1 hour')")
+        stale = conn.execute(postgres_module._EXISTING, postgres_module._names(table))
+        assert stale.fetchone() == (False,)
+    queue = queues()
+    message = queue.dequeue()
+    assert list(message) == ["id-old", "T"]
+    assert queue.attempts(message) == 1 and queue.result_ttl(message) is None
+    for name in (table, f"{table}_scheduled"):
+        assert "result_ttl" in columns(postgres_dsn, name)
+    assert rows(postgres_dsn, f"SELECT result_ttl FROM {table}_scheduled") == [(None,)]
+    queue.schedule(["id-new", "T"], result_ttl=30.0)
+    assert queue.result_ttl(queue.dequeue()) == 30.0
+    queue.store_result("id-new", outcome("id-new", 5), ttl=30.0)
+    assert queue.result("id-new", 0)["value"] == 5
+    names = {name for (name,) in rows(postgres_dsn, "SELECT relname FROM pg_class "
+                                                    "WHERE relname LIKE %s", f"{table}%")}
+    assert {f"{table}_results", f"{table}_results_expiry"} <= names
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        current = conn.execute(postgres_module._EXISTING, postgres_module._names(table))
+        assert current.fetchone() == (True,)
+        conn.execute(f"ALTER TABLE {table}_scheduled DROP COLUMN result_ttl")
+        stale = conn.execute(postgres_module._EXISTING, postgres_module._names(table))
+        assert stale.fetchone() == (False,)
+
+
+STORE_ELSEWHERE = """\
+import sys, time
+from tempest.queues import PostgresQueue
+queue = PostgresQueue(sys.argv[1], sys.argv[2])
+queue.store_result(sys.argv[3], {"task_id": sys.argv[3], "value": "from afar"}, ttl=60.0)
+print(repr(time.time()), flush=True)
+queue.close()
+"""
+
+
+def test_a_result_stored_by_another_process_wakes_a_waiter_promptly(postgres_dsn, table,
+                                                                     queues, monkeypatch):
+    """A store in a subprocess (its own queue object, its own connections) wakes a result()
+    waiting here within a fraction of a second of its commit."""
+    monkeypatch.setattr(postgres_module, "_RESULT_RECHECK", 60.0)
+    queue = queues()
+    waiter = Waiter(queue, "id-far", 30)
+    wait_for(lambda: waiting_on(queue, "id-far"), 5)
+    done = subprocess.run([sys.executable, "-c", STORE_ELSEWHERE, postgres_dsn, table,
+                           "id-far"], capture_output=True, text=True, timeout=30, cwd=REPO,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    stored_at = float(done.stdout.strip())
+    record = waiter.join()
+    assert record is not None and record["value"] == "from afar"
+    assert waiter.wall_at - stored_at < 1.0
