@@ -1776,5 +1776,13 @@ class PostgresQueue:
                     "big", signed=True)
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
-                    conn.execute(schema_sql(self.table).encode())
+                    # Look again under the lock: the engine that held it may have
+                    # just made everything. Running the DDL anyway would take
+                    # ACCESS EXCLUSIVE locks table by table (ALTER TABLE ... IF NOT
+                    # EXISTS takes it even when there is nothing to add), and a
+                    # claim holding one table while it waits for the other
+                    # deadlocks with it.
+                    exists = conn.execute(_EXISTING.encode(), self._names).fetchone()
+                    if not (exists and exists[0]):
+                        conn.execute(schema_sql(self.table).encode())
             self._schema_ready = True

@@ -516,6 +516,45 @@ def test_engines_starting_together_create_the_schema_once(postgres_dsn, queues):
     assert len(handles[0]) == 8
 
 
+def test_a_queue_that_waited_for_the_schema_lock_runs_no_ddl(postgres_dsn, table, queues,
+                                                             monkeypatch):
+    """A first use that finds the schema made once it holds the lock runs no DDL.
+
+    The race: a queue looks, finds the schema missing, and waits for the lock
+    while another engine makes it and starts claiming. Redoing the DDL would
+    take ACCESS EXCLUSIVE on each table in turn and deadlock with a claim
+    holding one of them (seen as DeadlockDetected). The look is made to miss
+    the schema until the lock is held, which is that race, every time.
+    """
+    queues().enqueue(["id-0", "Task"])  # the schema, made and committed
+    monkeypatch.setattr(postgres_module, "_EXISTING", (
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND pid = pg_backend_pid()) AND (" + postgres_module._EXISTING + ")"))
+    holder = psycopg.connect(postgres_dsn)
+    try:
+        # What a claim in another engine holds: DDL on the table would wait for it.
+        holder.execute(f'LOCK TABLE "{table}_scheduled" IN ROW EXCLUSIVE MODE')
+        queue = queues()
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def first_use() -> None:
+            try:
+                queue.enqueue(["id-1", "Task"])
+            except BaseException as exc:
+                errors.append(exc)
+            done.set()
+
+        thread = threading.Thread(target=first_use)
+        thread.start()
+        assert done.wait(10), "the first use is stuck behind a table lock"
+        thread.join(5)
+        assert errors == []
+        assert len(queue) == 2
+    finally:
+        holder.close()  # before a failed assert is reported: lets a stuck first use go on
+
+
 def test_schema_sql_is_the_documented_one():
     """The SQL printed for a DBA is the SQL in the module's docstring."""
     assert textwrap.indent(postgres_module.schema_sql(), "    ") in postgres_module.__doc__
