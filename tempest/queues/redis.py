@@ -42,12 +42,10 @@ key                                   type    holds
 ``tempest:{NAME}:failed:by_time``     zset    task id -> the entry's ``last_failed_at``
 ``tempest:{NAME}:failed:expires``     zset    task id -> the entry's ``expires_at``
                                               (POSIX seconds, compared with the server's)
-``tempest:{NAME}:result:<id>``        string  the result record of task ``<id>`` (its JSON,
-                                              ``expires_at`` included), expiring with it
-                                              (``PX``): see "Results"
-``tempest:{NAME}:result-wake:<id>``   list    one element ``1``, pushed by ``store_result``
-                                              to wake the waiters on ``<id>``; expires
-                                              with the record
+``tempest:{NAME}:result:<id>``        list    one element: the result record of task
+                                              ``<id>`` (its JSON, ``expires_at``
+                                              included); the list expires with it
+                                              (``PEXPIRE``): see "Results"
 ====================================  ======  ================================================
 
 A message is stored as its compact JSON (``["id","Task",1,2]``), so any client
@@ -97,9 +95,11 @@ one Lua script ``LMOVE``-s them one by one, oldest first, onto the in-flight
 list. While the lease is fresh, that script first checks on the server's clock
 that the lease still runs, and moves nothing otherwise; else (and whenever it
 finds nothing) the claim script above renews, recovers and moves up to *n*.
-When nothing waits, ``BLMOVE`` waits for the first message as in ``dequeue``,
-and the renewal that follows it takes up to *n* - 1 more in the same script:
-two round trips for a batch that had to be waited for. Each message of a batch
+When nothing waits, ``BLMOVE`` waits for the first message as in ``dequeue``
+and, while the lease is fresh, that one message is the batch: nothing lies
+between the move and the task, and the next dequeue takes what came after
+it. Once the lease is no longer fresh (a long wait), the renewal that
+follows ``BLMOVE`` takes up to *n* - 1 more in the same script. Each message of a batch
 is then an in-flight entry like any other: leased, recovered, counted and
 settled on its own.
 
@@ -113,7 +113,8 @@ into ``scheduled``. So a message stored after another one's time comes after
 it, whether or not anyone dequeued in between. The script also reports
 whether anything is scheduled or prioritised: while nothing was, less than
 50 ms before (and this object has stored nothing delayed, retried or fired
-since), ``enqueue`` is a bare ``LPUSH`` instead, at the cost of the script
+since), ``enqueue`` -- and a ``schedule`` ready now, of priority 0, asking
+only for its result -- is a bare ``LPUSH`` instead, at the cost of the script
 (about a third of the enqueue rate, see bench/README.md). Another client's
 delayed message falling due within those 50 ms may then come after such an
 enqueue, as after an external producer's. The claim and take scripts
@@ -195,20 +196,20 @@ brought back (no round trip). Every script strips the header where it reads
 a priority or a message's JSON; the enqueue, dequeue and ack paths of the
 messages without one do no more than before.
 
-``store_result(task_id, record, ttl=T)`` runs one script: ``SET result:<id>
-<json> PX <ttl ms>`` (``expires_at`` added: the server's clock + *T*), then
-``DEL result-wake:<id>``, ``RPUSH result-wake:<id> 1`` and ``PEXPIRE`` it
-the same ttl. ``result(task_id, timeout)`` does ``GET result:<id>``; if it
-is missing, ``BLMOVE result-wake:<id> result-wake:<id> RIGHT LEFT`` (slices
-of at most 5 s, inside the socket timeout), then ``GET`` again, until the
-deadline. Moving the element onto the same list hands it to every blocked
-waiter in turn, so one store wakes them all, in every process; one that
-looked (``GET``) just before the store finds the element there when it
-blocks, so no wake-up is lost. A waiting ``result`` holds a connection of
-the pool for the wait (not the dequeue's nor the acks' own). Redis drops an
-expired record (and its wake list) itself: no record past its
-``expires_at`` is returned, and nothing needs cleaning up. Results are one
-per queue name, like the failed store.
+``store_result(task_id, record, ttl=T)`` runs one script: ``DEL
+result:<id>``, ``RPUSH result:<id> <json>`` (``expires_at`` added: the
+server's clock + *T*) and ``PEXPIRE result:<id> <ttl ms>``. The record is
+its own wake-up: ``result(task_id, timeout)`` blocks in ``BLMOVE
+result:<id> result:<id> RIGHT LEFT`` (slices of at most 5 s, inside the
+socket timeout), which returns the record the moment it is there -- at
+once if it was stored before the wait began -- so a result costs its waiter
+one round trip, never a poll nor a second read. Moving the one element onto
+the same list leaves it in place and hands it to every blocked waiter in
+turn, so one store wakes them all, in every process. ``timeout=0`` looks
+once (``LINDEX``). A waiting ``result`` holds a connection of the pool for
+the wait (not the dequeue's nor the acks' own). Redis drops an expired
+record itself: none past its ``expires_at`` is returned, and nothing needs
+cleaning up. Results are one per queue name, like the failed store.
 
 Where a message can be lost or run twice
 ----------------------------------------
@@ -241,11 +242,15 @@ running a message twice.
   and they may run twice. Its late ``ack`` still removes a message from
   ``waiting`` if no one took it yet. A Redis outage longer than the lease does
   this to every engine at once: the server's clock moved on meanwhile.
-* Between ``BLMOVE`` handing a message over and the lease renewal that follows
-  it, a consumer whose lease had run out during the wait (a stall longer than
-  half a lease) is not registered: dying in those microseconds would strand
-  the message in an in-flight list no one recovers. (The rest of a batch is
-  moved after that renewal, in the same script: only the first is exposed.)
+* A ``BLMOVE`` returning while the lease is fresh hands its message out at
+  once: the lease, renewed under a quarter lease before, runs on for three
+  quarters of one at least (less a stall between that check and the move,
+  as below). Otherwise, between ``BLMOVE`` handing a message over and the
+  lease renewal that follows it, a consumer whose lease had run out during
+  the wait (a stall longer than half a lease) is not registered: dying in
+  those microseconds would strand the message in an in-flight list no one
+  recovers. (The rest of a batch is moved after that renewal, in the same
+  script: only the first is exposed.)
   ``dequeue``'s bare ``LMOVE`` has the same exposure after a stall of most of
   a lease between its freshness check and the move; ``dequeue_many``'s
   script checks the lease where it moves, so a batch never lands in the list
@@ -351,9 +356,6 @@ instead of blocking: BLMOVE's timeout is only as precise as the server's ``hz``.
 
 _POLL = 0.01
 """Seconds between two polls in that last stretch (an enqueue waits that long at most)."""
-
-_STALE_WAKE = 0.01
-"""Seconds a ``result`` waiter pauses after a wake that found no record (see result)."""
 
 _CONNECTION_ERRORS: tuple[type[Exception], ...] = ()
 if not _DRIVER_MISSING:
@@ -920,19 +922,18 @@ return {moved, #ids}
 """
 
 _STORE_RESULT = """\
--- KEYS: result:<id>, result-wake:<id>
+-- KEYS: result:<id>
 -- ARGV: the record's JSON without its closing brace, ',' (or '' for an empty
 --       record), ttl (seconds), ttl (whole ms, at least 1)
--- Stores the record with expires_at (the server's clock + ttl) and wakes
--- every waiter: one element in the wake list, which each waiter's BLMOVE
--- rotates onto the same list for the next. No shared prelude: nothing else.
+-- Replaces the record, expires_at added (the server's clock + ttl): the one
+-- element of the list, which each waiter's BLMOVE rotates onto the same list
+-- for the next. No shared prelude: nothing else.
 local time = redis.call('TIME')
 local expires_at = tonumber(time[1]) + tonumber(time[2]) / 1000000 + tonumber(ARGV[3])
-redis.call('SET', KEYS[1], ARGV[1] .. ARGV[2] .. '"expires_at":'
-    .. string.format('%.17g', expires_at) .. '}', 'PX', ARGV[4])
-redis.call('DEL', KEYS[2])
-redis.call('RPUSH', KEYS[2], '1')
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('DEL', KEYS[1])
+redis.call('RPUSH', KEYS[1], ARGV[1] .. ARGV[2] .. '"expires_at":'
+    .. string.format('%.17g', expires_at) .. '}')
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
@@ -1188,10 +1189,17 @@ class RedisQueue:
 
         *result_ttl* (seconds > 0): the message asks for its result, to be kept
         that long; stored with it as the ``\\xffr`` header (see "Results" in
-        the module docstring) and read back by ``result_ttl(m)``. Always the
-        script, never enqueue's bare ``LPUSH``.
+        the module docstring) and read back by ``result_ttl(m)``. Ready now
+        and of priority 0, it takes enqueue's bare ``LPUSH`` when enqueue would.
         """
         head = b"" if result_ttl is None else _result_head(result_ttl)
+        if (delay is None and at is None and priority == 0 and head
+                and time.monotonic() < self._plain_until):
+            # Only its result header differs from a plain enqueue: the same
+            # bare LPUSH (see enqueue) while nothing is scheduled or prioritised.
+            self._check_fork()
+            self._client.lpush(self._waiting, head + _entry(message, 0))
+            return
         if delay is not None:
             self._store(message, "delay", delay * 1000, priority, head)
         elif at is not None:
@@ -1414,13 +1422,14 @@ class RedisQueue:
         """Store (replace) the result *record* of *task_id*, kept *ttl* seconds; wake waiters.
 
         One script, atomic: the record's JSON, ``expires_at`` (the server's
-        clock + *ttl*, POSIX seconds) added, is ``SET`` with ``PX`` *ttl*, and
-        the wake list of *task_id* is pushed, waking every ``result`` waiting
-        for it, in every process. *record* must be a JSON-serializable dict
-        (TypeError or ValueError otherwise, storing nothing); an
-        ``expires_at`` in it is replaced. A connection error propagates: the
-        caller has not settled the message yet, so nothing is lost (see "Where
-        a message can be lost or run twice").
+        clock + *ttl*, POSIX seconds) added, replaces the one element of the
+        task's result list, which expires after *ttl* (``PEXPIRE``); and
+        that wakes every ``result`` waiting for it, in every process.
+        *record* must be a JSON-serializable dict (TypeError or ValueError
+        otherwise, storing nothing); an ``expires_at`` in it is replaced. A
+        connection error propagates: the caller has not settled the message
+        yet, so nothing is lost (see "Where a message can be lost or run
+        twice").
         """
         if not isinstance(task_id, str) or not task_id:
             raise ValueError(f"RedisQueue.store_result: task_id must be a non-empty str, "
@@ -1433,50 +1442,44 @@ class RedisQueue:
         body = json.dumps(fields, separators=(",", ":"), allow_nan=False)
         self._check_fork()
         self._store_result_script(
-            keys=self._result_keys(task_id),
+            keys=[self._result_key(task_id)],
             args=[body[:-1], "," if fields else "", repr(seconds),
                   max(1, math.floor(seconds * 1000))])
 
     def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
         """The result record of *task_id* once stored and not expired; None if none came.
 
-        Waits up to *timeout* seconds (None: no limit; 0 or less: looks once).
-        ``GET``, then ``BLMOVE`` on the task's wake list in slices of at most
-        5 s, ``GET`` again: woken the moment ``store_result`` runs, anywhere;
-        never a poll. Many threads may wait at once, each on a connection of
-        the pool. The record is returned as JSON gives it back, ``expires_at``
-        included. A connection error propagates.
+        Waits up to *timeout* seconds (None: no limit; 0 or less: looks once,
+        ``LINDEX``). A wait is ``BLMOVE`` of the task's result list onto
+        itself, in slices of at most 5 s: it returns the record as soon as it
+        is there, stored before the wait or during it, anywhere; one round
+        trip, never a poll. Many threads may wait at once, each on a
+        connection of the pool. The record is returned as JSON gives it back,
+        ``expires_at`` included. A connection error propagates.
         """
         if not isinstance(task_id, str) or not task_id:
             return None
-        key, wake = self._result_keys(task_id)
-        deadline = None if timeout is None else time.monotonic() + max(float(timeout), 0.0)
+        key = self._result_key(task_id)
         client = self._client  # the pool: a wait holds a connection of its own
-        stale = False
+        if timeout is not None and timeout <= 0:
+            value = client.lindex(key, 0)
+            return None if value is None else _result_record(value)
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
         while True:
-            value = client.get(key)
-            if value is not None:
-                found: dict[str, Any] = json.loads(value)
-                return found
             wait = self._result_wait
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
                 wait = min(wait, remaining)
-            if stale:
-                # Woken, yet no record: a wake list that outlived its record (they
-                # expire together, to the ms; or someone deleted the record). Each
-                # BLMOVE would return at once: pause instead of spinning.
-                time.sleep(min(wait, _STALE_WAKE))
-            # A store between the GET above and this BLMOVE left the element in
-            # the list: BLMOVE returns at once, and the GET finds the record.
-            woken = client.blmove(wake, wake, max(wait, _MIN_WAIT), "RIGHT", "LEFT")
-            stale = woken is not None
+            # The element stays in the list (moved onto itself), for every waiter.
+            value = client.blmove(key, key, max(wait, _MIN_WAIT), "RIGHT", "LEFT")
+            if value is not None:
+                return _result_record(value)
 
-    def _result_keys(self, task_id: str) -> list[str]:
-        """The record's key and the wake list's key of *task_id*."""
-        return [f"{self.prefix}result:{task_id}", f"{self.prefix}result-wake:{task_id}"]
+    def _result_key(self, task_id: str) -> str:
+        """The key of *task_id*'s result list."""
+        return f"{self.prefix}result:{task_id}"
 
     def _retry_failed_keys(self) -> list[str]:
         return [self._waiting, self._scheduled, self._priorities, self._sequence,
@@ -1726,6 +1729,12 @@ class RedisQueue:
                     return bodies
                 continue
             if body is not None:
+                if self._fresh():
+                    # Renewed under a quarter lease ago, the lease runs for three
+                    # quarters of one more: the consumer is registered and the
+                    # message recoverable, with no round trip between the move
+                    # and the task. The rest of a batch is the next dequeue's.
+                    return [body]
                 # Renew at once: had the lease run out anyway (a stall longer than
                 # half a lease), this registers the consumer again, so the
                 # message just moved cannot be stranded. The same script takes
@@ -2061,6 +2070,12 @@ def _body(entry: bytes) -> bytes:
 def _record(value: bytes) -> dict[str, Any]:
     """A failed-store entry from its stored value, ``<entry JSON>\\n<message entry>``."""
     record: dict[str, Any] = json.loads(value.partition(b"\n")[0])
+    return record
+
+
+def _result_record(value: bytes) -> dict[str, Any]:
+    """A result record from the element of its list."""
+    record: dict[str, Any] = json.loads(value)
     return record
 
 

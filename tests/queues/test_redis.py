@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -320,9 +321,12 @@ def test_a_batch_is_one_round_trip_into_the_in_flight_list(queues, client, monke
     assert client.llen(inflight) == 0
 
 
-def test_a_waited_for_batch_takes_the_rest_with_the_renewal(queues, client, monkeypatch):
-    """Empty queue: BLMOVE waits for the first; the renewal after it takes the others."""
-    queue = queues()
+def waited_for_batch(queue: RedisQueue, client: Any, monkeypatch: pytest.MonkeyPatch,
+                     *, stale: bool) -> tuple[list[Any], CommandCounter]:
+    """dequeue_many(3) of an empty queue, four messages pushed while it waits in BLMOVE.
+
+    *stale*: the lease is no longer fresh when BLMOVE returns (a long wait).
+    """
     assert queue.dequeue_many(3) == []
     counter = CommandCounter(monkeypatch)
     claim = queue._claim_script
@@ -332,14 +336,33 @@ def test_a_waited_for_batch_takes_the_rest_with_the_renewal(queues, client, monk
         if len(counter.sent) == 1:  # the claim that found nothing, before BLMOVE
             for i in range(4):  # an external producer's LPUSH
                 client.lpush(f"{queue.prefix}waiting", f'["id-{i}","Task",{i}]')
+            if stale:
+                monkeypatch.setattr(queue, "_fresh", lambda: False)
         return reply
 
     monkeypatch.setattr(queue, "_claim_script", claim_then_produce)
     queue._renewed_at = -math.inf
-    batch = queue.dequeue_many(3, timeout=5)
+    return queue.dequeue_many(3, timeout=5), counter
+
+
+def test_a_waited_for_batch_takes_the_rest_with_the_renewal(queues, client, monkeypatch):
+    """Empty queue, lease stale once BLMOVE returns: the renewal after it takes the others."""
+    queue = queues()
+    batch, counter = waited_for_batch(queue, client, monkeypatch, stale=True)
     assert [m[2] for m in batch] == [0, 1, 2]
     assert [c for c in counter.sent if c != "LPUSH"] == ["EVALSHA", "BLMOVE", "EVALSHA"]
     assert len(queue) == 1
+
+
+def test_a_wait_with_a_fresh_lease_hands_out_what_blmove_moved(queues, client, monkeypatch):
+    """Lease still fresh: no round trip between BLMOVE and the task; the next dequeue
+    takes the rest of the batch."""
+    queue = queues()
+    batch, counter = waited_for_batch(queue, client, monkeypatch, stale=False)
+    assert [m[2] for m in batch] == [0]
+    assert [c for c in counter.sent if c != "LPUSH"] == ["EVALSHA", "BLMOVE"]
+    assert [m[2] for m in queue.dequeue_many(3, timeout=5)] == [1, 2, 3]
+    assert len(queue) == 0
 
 
 def test_idle_waits_are_one_blmove_each_while_the_lease_is_fresh(queues, monkeypatch):
@@ -354,11 +377,11 @@ def test_idle_waits_are_one_blmove_each_while_the_lease_is_fresh(queues, monkeyp
     for i in range(4):
         producer.enqueue([f"id-{i}", "Task", i])
     counter.sent.clear()
-    batch = queue.dequeue_many(3, timeout=5)  # the first by BLMOVE, the rest with a renewal
-    assert [m[2] for m in batch] == [0, 1, 2]
-    assert counter.sent == ["BLMOVE", "EVALSHA"]
+    batch = queue.dequeue_many(3, timeout=5)  # what BLMOVE moved, nothing more
+    assert [m[2] for m in batch] == [0]
+    assert counter.sent == ["BLMOVE"]
     counter.sent.clear()
-    assert [m[2] for m in queue.dequeue_many(3, timeout=5)] == [3]  # not idle: the take script
+    assert [m[2] for m in queue.dequeue_many(3, timeout=5)] == [1, 2, 3]  # the take script
     assert counter.sent == ["EVALSHA"]
     queue._renewed_at = -math.inf  # no longer fresh: a wait claims (renews) first
     counter.sent.clear()
@@ -432,9 +455,10 @@ def test_a_lost_renewal_after_blmove_gives_the_whole_batch_back(queues, client, 
     def claim_once_then_break(**kwargs: Any) -> Any:
         calls.append(1)
         reply = claim(**kwargs)
-        if len(calls) == 1:  # found nothing: BLMOVE waits next
+        if len(calls) == 1:  # found nothing: BLMOVE waits next (long: the lease goes stale)
             for i in range(3):
                 producer.enqueue([f"id-{i}", "Task", i])
+            monkeypatch.setattr(queue, "_fresh", lambda: False)
             return reply
         raise redis.ConnectionError("the reply was lost")
 
@@ -444,6 +468,7 @@ def test_a_lost_renewal_after_blmove_gives_the_whole_batch_back(queues, client, 
     inflight = f"{queue.prefix}inflight:{queue.consumer}"
     assert client.llen(inflight) == 3 and len(queue) == 0
     monkeypatch.setattr(queue, "_claim_script", claim)
+    monkeypatch.undo()
     queue.heartbeat()
     assert client.llen(inflight) == 0 and len(queue) == 3
     assert [m[2] for m in queue.dequeue_many(3)] == [0, 1, 2]
@@ -1143,18 +1168,26 @@ def test_late_settles_and_poison_of_result_messages(queues, client, name):
         POISON_REASON.encode() + b'\n["id-poison","Task"]')
 
 
-def test_schedule_with_a_result_ttl_runs_the_store_script(queues, client, monkeypatch):
-    """Never enqueue's bare LPUSH: the header goes through the store script."""
+def test_schedule_asking_only_for_its_result_takes_the_bare_lpush(queues, client,
+                                                                     monkeypatch):
+    """Ready now, priority 0: enqueue's bare LPUSH with the header in front; delayed or
+    prioritised: the store script."""
     monkeypatch.setattr(redis_module, "_RECHECK", 30.0)
     queue = queues()
     queue.enqueue(["id-0", "Task"])  # the script: bare LPUSHes from now on
     counter = CommandCounter(monkeypatch)
     queue.schedule(["id-r", "Task"], result_ttl=3)
     queue.enqueue(["id-1", "Task"])
-    assert counter.sent == ["EVALSHA", "LPUSH"]
+    assert counter.sent == ["LPUSH", "LPUSH"]
     assert client.lrange(f"{queue.prefix}waiting", 0, -1) == [
         b'["id-1","Task"]', b'\xffr3000\n["id-r","Task"]', b'["id-0","Task"]']
     assert drain(queue) == ["id-0", "id-r", "id-1"]
+    queue.schedule(["id-p", "Task"], priority=1, result_ttl=3)
+    assert counter.sent[-1] == "EVALSHA"
+    queue.enqueue(["id-2", "Task"])  # the script saw a priority: no bare LPUSH
+    queue.schedule(["id-d", "Task"], delay=0, result_ttl=3)
+    assert counter.sent[-2:] == ["EVALSHA", "EVALSHA"]
+    assert drain(queue) == ["id-p", "id-2", "id-d"]
 
 
 def test_store_result_then_result(queues, client):
@@ -1169,14 +1202,14 @@ def test_store_result_then_result(queues, client):
     assert got is not None
     assert {key: value for key, value in got.items() if key != "expires_at"} == record
     assert before + 60 <= got["expires_at"] <= after + 60
-    key, wake = f"{queue.prefix}result:id-r", f"{queue.prefix}result-wake:id-r"
-    assert 0 < client.pttl(key) <= 60_000 and 0 < client.pttl(wake) <= 60_000
-    assert client.lrange(wake, 0, -1) == [b"1"]
+    key = f"{queue.prefix}result:id-r"
+    assert 0 < client.pttl(key) <= 60_000
+    assert [json.loads(value) for value in client.lrange(key, 0, -1)] == [got]
     queue.store_result("id-r", {**record, "value": "second", "state": "failed"}, ttl=120)
     again = queues().result("id-r", timeout=0)  # any queue object of this name
     assert again["value"] == "second" and again["state"] == "failed"
     assert again["expires_at"] >= before + 120
-    assert client.lrange(wake, 0, -1) == [b"1"]  # one element, however many stores
+    assert [json.loads(value) for value in client.lrange(key, 0, -1)] == [again]  # one
     assert 60_000 < client.pttl(key) <= 120_000
 
 
@@ -1279,21 +1312,25 @@ def test_an_expired_result_is_not_returned(queues, client):
     assert queue.result("id-short", timeout=0.2) is None
     assert time.monotonic() - started >= 0.19
     queue.store_result("id-other", record_of("id-other"), ttl=60)
-    assert not client.exists(f"{queue.prefix}result:id-short",
-                             f"{queue.prefix}result-wake:id-short")
+    assert not client.exists(f"{queue.prefix}result:id-short")
     assert {key.decode() for key in client.scan_iter(match=f"{queue.prefix}result*")} == {
-        f"{queue.prefix}result:id-other", f"{queue.prefix}result-wake:id-other"}
+        f"{queue.prefix}result:id-other"}
 
 
-def test_a_wake_without_its_record_is_no_busy_loop(queues, client, monkeypatch):
-    """A wake list left without its record (deleted by hand): the waiter pauses between
-    looks instead of spinning on a BLMOVE that returns at once."""
-    queue = queues()
-    queue.store_result("id-gone", record_of("id-gone"), ttl=60)
-    client.delete(f"{queue.prefix}result:id-gone")
+def test_a_result_costs_its_waiter_one_command(queues, monkeypatch):
+    """Stored before the wait or during it, the record comes back with the BLMOVE that
+    waited for it: no read before the wait, none after it."""
+    queue, producer = queues(), queues()
+    producer.store_result("id-before", record_of("id-before", 1), ttl=60)
     counter = CommandCounter(monkeypatch)
-    assert queue.result("id-gone", timeout=0.3) is None
-    assert 1 <= counter.sent.count("BLMOVE") <= 40, counter.sent.count("BLMOVE")
+    assert queue.result("id-before", timeout=5)["value"] == 1
+    assert counter.sent == ["BLMOVE"]
+    waiter = Waiter(queue, "id-during")
+    wait_for(lambda: counter.sent.count("BLMOVE") == 2, 10)
+    producer.store_result("id-during", record_of("id-during", 2), ttl=60)
+    assert waiter.join()["value"] == 2
+    assert [name for name in counter.sent
+            if not name.startswith(("EVALSHA", "SCRIPT"))] == ["BLMOVE", "BLMOVE"]
 
 
 def test_named_queues_keep_their_results_apart(redis_url, queues, name):
