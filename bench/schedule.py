@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, "-m", "bench.schedule", "--one", key,
                        "--tasks", str(args.tasks), "--pending", str(args.pending),
                        "--idle", str(args.idle), "--probes", str(args.probes)]
-            done = subprocess.run(command, cwd=common.ROOT, capture_output=True, text=True, check=False,
-                                  timeout=600 + args.pending / 100)
+            done = subprocess.run(command, cwd=common.ROOT, capture_output=True, text=True,
+                                  check=False, timeout=600 + args.pending / 100)
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if done.returncode or not line:
                 print(f"{key} round {round_ + 1} failed:\n{done.stderr[-3000:]}",
