@@ -2,7 +2,8 @@
 
 ::
 
-    tempest run MODULE:ENGINE [--threads N] [--burst] [--log-dir DIR] [--log-level LEVEL]
+    tempest run MODULE:ENGINE [--threads N] [--coroutines N] [--burst]
+                              [--log-dir DIR] [--log-level LEVEL]
     tempest failed list|show|retry|delete MODULE:ENGINE ...   (see tempest.cli_failed)
     python -m tempest run ...          # the same
 
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "e.g. myapp.tasks:MathTempest")
     run.add_argument("--threads", metavar="N", type=int,
                      help="worker threads (overrides configure.threads)")
+    run.add_argument("--coroutines", metavar="N", type=int,
+                     help="async def tasks running at once (overrides configure.coroutines)")
     run.add_argument("--burst", action="store_true",
                      help="stop once the queue is empty and no task runs")
     run.add_argument("--log-dir", metavar="DIR",
@@ -234,11 +237,13 @@ def _import(module_name: str) -> Any:
 def _overrides(engine: type[Engine], args: argparse.Namespace) -> dict[str, Any]:
     """The flags given, as configure options, each checked like its option."""
     overrides: dict[str, Any] = {}
-    if args.threads is not None:
-        try:
-            overrides["threads"] = engine._OPTIONS["threads"].validate(args.threads)
-        except ConfigurationError as exc:
-            raise _Failure(EXIT_CONFIG, f"--threads: {exc}") from None
+    for flag in ("threads", "coroutines"):
+        value = getattr(args, flag)
+        if value is not None:
+            try:
+                overrides[flag] = engine._OPTIONS[flag].validate(value)
+            except ConfigurationError as exc:
+                raise _Failure(EXIT_CONFIG, f"--{flag}: {exc}") from None
     if args.log_level is not None:
         if args.log_level.upper() not in LOG_LEVELS:
             raise _Failure(EXIT_CONFIG, f"--log-level: must be one of "

@@ -78,12 +78,13 @@ class Control:
     def cannot_wait(self) -> bool:
         """Whether the calling thread is one the stop it asks for waits on.
 
-        A worker (a task or callback calling stop()), the thread running the
+        A worker (a task or callback calling stop()), the event loop or a
+        settler thread of the coroutine tasks, the thread running the
         loop (a callback run during the drain), or the thread starting the
         engine (``after_initialize``): each would wait for itself forever.
         """
         current = threading.current_thread()
-        return (current in self.holding
+        return (current in self.holding or self.runtime.coroutines.owns(current)
                 or any(slot.thread is current for slot in list(self.runtime.slots)))
 
     def discard(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import threading
@@ -44,6 +45,8 @@ class Engine:
         for o in (
             config.Option("name", None, config.name, inherited=False),
             config.Option("threads", 10, config.positive_int),
+            config.Option("coroutines", 100, config.positive_int),
+            config.Option("loop_block_warning", 0.1, config.positive_seconds),
             config.Option("queue", None, config.queue),
             config.Option("timeout", None, config.seconds_or_none),
             config.Option("log_dir", ".", config.log_dir),
@@ -127,6 +130,17 @@ class Engine:
         """
         return cls._submit(task, args, task_id=task_id, delay=delay, at=at, priority=priority,
                            result_ttl=None)
+
+    @classmethod
+    async def asubmit(cls, task: type[Task] | str, *args: Any, task_id: str | None = None,
+                      delay: float | datetime.timedelta | None = None,
+                      at: float | datetime.datetime | None = None,
+                      priority: int | None = None) -> str:
+        """``submit()`` for a coroutine: the enqueue runs in a thread (of the pool
+        ``aresult`` uses), so a queue's round trip never blocks the event loop."""
+        return await results.in_thread(functools.partial(
+            cls._submit, task, args, task_id=task_id, delay=delay, at=at, priority=priority,
+            result_ttl=None))
 
     @classmethod
     def _submit(cls, task: type[Task] | str, args: tuple[Any, ...], *, task_id: str | None,
@@ -338,10 +352,13 @@ class Engine:
         Keys: ``processed`` (attempts that ended), ``succeeded``, ``failed`` and
         ``timed_out`` (final attempts), ``retried`` (attempts that failed or
         timed out with another one scheduled), ``rejected`` (bad input),
-        ``running`` (messages a worker has in hand: not those taken in a batch
-        for workers still on their way), ``threads``, ``abandoned``
-        (cumulative), ``failed_dropped`` (failed-store entries this run's
-        failures pushed out past ``failed_max`` or ``failed_ttl``), ``uptime``
+        ``running`` (messages a worker or a coroutine has in hand: not those
+        taken in a batch for workers still on their way), ``threads``,
+        ``abandoned`` (cumulative), ``coroutines`` (the option),
+        ``swallowed`` (coroutines that swallowed their timeout), ``loop_blocked``
+        (spells in which a coroutine blocked the event loop), ``failed_dropped``
+        (failed-store entries this run's failures pushed out past ``failed_max``
+        or ``failed_ttl``), ``uptime``
         (seconds); ``queued`` (ready messages) where the queue has ``__len__``,
         ``scheduled`` (messages waiting for their time) where it has
         ``scheduled_count``, ``failed_stored`` (failed-store entries) where it
@@ -353,7 +370,8 @@ class Engine:
             stats: dict[str, Any] = dict.fromkeys(
                 ("processed", "succeeded", "failed", "timed_out", "rejected", "running",
                  "abandoned", "retried", "failed_dropped"), 0)
-            stats.update(threads=cls._options["threads"], uptime=0.0)
+            stats.update(threads=cls._options["threads"], uptime=0.0,
+                         coroutines=cls._options["coroutines"], swallowed=0, loop_blocked=0)
             stats.update(queue_counts(cls._options["queue"]))
             return stats
         return runtime.stats()

@@ -22,6 +22,7 @@ Only records that pass their logger's level are created, hence captured.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
@@ -392,7 +393,11 @@ class Logs:
 
 # -- capturing the logging module -----------------------------------------------
 
-_local = threading.local()
+_scope: contextvars.ContextVar[tuple[Any, Any] | None] = contextvars.ContextVar(
+    "tempest_task_scope", default=None)
+"""The task the current context runs: a thread's (each thread has a context of its
+own) or a coroutine's (each asyncio task runs in a copy of the context), so records
+of interleaved coroutines on one loop each go to their own task."""
 _capture_lock = threading.Lock()
 _capture_users = 0
 _active_factory: Any = None
@@ -407,7 +412,7 @@ def _make_factory(previous: Callable[..., logging.LogRecord]) -> Any:
     def capturing_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         if _active_factory is capturing_factory:
-            scope = getattr(_local, "scope", None)
+            scope = _scope.get()
             if scope is not None:
                 scope[0].capture(record, scope[1])
         return record
@@ -441,13 +446,13 @@ def uninstall_capture() -> None:
 
 
 def task_scope(logs: Logs | None, task_id: str | None = None) -> None:
-    """Mark the calling thread as running *task_id* (None: running no task)."""
-    _local.scope = None if logs is None else (logs, task_id)
+    """Mark the calling thread, or coroutine, as running *task_id* (None: no task)."""
+    _scope.set(None if logs is None else (logs, task_id))
 
 
 def current_task() -> str | None:
-    """The id of the task the calling thread is running, if any."""
-    scope = getattr(_local, "scope", None)
+    """The id of the task the calling thread or coroutine is running, if any."""
+    scope = _scope.get()
     return None if scope is None else scope[1]
 
 

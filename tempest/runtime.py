@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tempest import config
+from tempest.aio import Coroutines, is_awaitable
 from tempest.exceptions import ConfigurationError, TaskTimeout, TooManyAbandoned
 from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
 from tempest.messages import BadMessage, new_task_id, parse
@@ -79,7 +80,7 @@ from tempest.queues.protocol import (
 )
 from tempest.results import failure, json_value, success
 from tempest.retries import Policy, failed_record, thread_stack
-from tempest.task import UNSET, Task, _registry
+from tempest.task import UNSET, Task, _registry, registered_kinds
 
 if TYPE_CHECKING:
     from tempest.engine import Engine
@@ -151,6 +152,8 @@ class Runtime:
         self.options = options
         self.name: str = options["name"]
         self.threads: int = options["threads"]
+        self.coroutines = Coroutines(self, options["coroutines"],
+                                     options["loop_block_warning"], ABANDON_GRACE)
         self.queue = options["queue"]
         self.default_timeout: float | None = options["timeout"]
         self.burst = burst
@@ -238,6 +241,7 @@ class Runtime:
         try:
             self.logs.always.info(
                 "starting", engine=self.name, pid=os.getpid(), threads=self.threads,
+                coroutines=self.coroutines.limit,
                 queue=type(self.queue).__name__, guarantee=self.guarantee,
                 timeout=self.default_timeout, burst=self.burst,
                 log_dir=str(Path(os.fspath(log_dir)).resolve()), log_level=level)
@@ -267,6 +271,8 @@ class Runtime:
                     missing=missing(self.queue, RESULT_METHODS),
                     effect="their return values are not kept on this engine")
         self.supervisor.start()
+        if registered_kinds()[1]:
+            self.coroutines.ensure_started()  # else at the first coroutine message
         if callable(self._heartbeat):
             self._heartbeat_thread = threading.Thread(
                 target=self._beat, daemon=True, name=f"tempest-heartbeat:{self.name}")
@@ -293,9 +299,12 @@ class Runtime:
         self.wake()
 
     def workers_done(self) -> bool:
-        """True once every worker thread (abandoned ones aside) has exited."""
+        """True once every worker thread (abandoned ones aside) has exited and no
+        coroutine message is left (running or settling)."""
         with self._lock:
-            return all(not s.thread.is_alive() for s in self.slots if s.thread is not None)
+            threads_done = all(not s.thread.is_alive() for s in self.slots
+                               if s.thread is not None)
+        return threads_done and self.coroutines.busy == 0
 
     def finish(self) -> None:
         """End of the drain: interrupt what still runs, write the last lines, close."""
@@ -307,6 +316,7 @@ class Runtime:
             taken = slot.interrupt()
             if taken is not None:
                 self._interrupted(*taken)
+        self.coroutines.close()
         self.supervisor.stop()
         if self._scheduler is not None:
             # Bounded like the heartbeat: a fire stuck on a dead server is let go.
@@ -381,7 +391,12 @@ class Runtime:
                 self.wake()
 
     def _next_message(self) -> Any:
-        """Dequeue as the leader; None once stopping (see the module docstring)."""
+        """Dequeue as the leader; None once stopping (see the module docstring).
+
+        Coroutine messages the leader dequeues go to the event loop at once
+        (see :mod:`tempest.aio`), and it dequeues on; it returns with the first
+        message for a thread, which it runs itself.
+        """
         if not self.stopping:
             # One taken for a free worker in a batch: no need to queue for the lock.
             message = self._pop_taken()
@@ -393,6 +408,10 @@ class Runtime:
                 if message is not None:
                     return message
                 self.last_progress = time.monotonic()
+                threads, coroutines = registered_kinds()
+                if coroutines and not self.coroutines.wait_free(DEQUEUE_WAIT):
+                    # Every coroutine slot is busy: what came now might not start.
+                    continue
                 idle = self.running == 0
                 try:
                     if self._blocking:
@@ -400,9 +419,10 @@ class Runtime:
                         # task does, so do not sleep through that in a long wait.
                         wait = (DEQUEUE_WAIT if not self.burst
                                 else 0 if idle else BURST_WAIT)
-                        message = self._take(wait)
+                        messages = self._take(wait, threads, coroutines)
                     else:
                         message = self._dequeue()
+                        messages = [] if message is None else [message]
                 except Exception as exc:  # noqa: BLE001 - any queue error is retried
                     self._errors += 1
                     delay = min(ERROR_MIN * 2 ** (self._errors - 1), ERROR_MAX)
@@ -416,7 +436,7 @@ class Runtime:
                 if self._errors:
                     self.logs.main.info("dequeue recovered", attempts=self._errors)
                     self._errors = 0
-                if message is None:
+                if not messages:
                     if self.burst and idle:
                         self.request_stop("drained")
                         return None
@@ -426,31 +446,70 @@ class Runtime:
                                          BURST_WAIT if self.burst else POLL_MAX)
                     continue
                 self._poll = POLL_MIN
-                with self._lock:
-                    self.running += 1
-                return message
+                if coroutines:
+                    with self._lock:  # before any of them can end
+                        self.running += len(messages)
+                    messages = self._start_coroutines(messages)
+                    if not messages:
+                        continue
+                    with self._lock:
+                        self._taken.extend(messages[1:])
+                else:
+                    with self._lock:  # stats() sees them counted and queued together
+                        self.running += len(messages)
+                        self._taken.extend(messages[1:])
+                return messages[0]
             self._give_back_taken()
         return None
 
-    def _take(self, wait: float) -> Any:
+    def _take(self, wait: float, threads: bool, coroutines: bool) -> list[Any]:
         """Dequeue for this worker and for the other free ones, in one call.
 
-        Only as many as there are workers not running a message right now: each
-        is waiting for the dispatcher lock or on its way to it, having just
-        finished a task, and pops its message from ``_taken`` at once. So
-        nothing is prefetched. The extra ones are counted as running at once.
+        Only as many as can start right now: one per worker not running a
+        message (each is waiting for the dispatcher lock or on its way to it,
+        having just finished a task, and pops its message from ``_taken`` at
+        once) where thread tasks are registered, one per free coroutine slot
+        where coroutine tasks are; where both are, the fewer of the two, as
+        the next message may be of either kind. So nothing is prefetched.
         """
-        free = self.threads - self.running  # this worker, and those waiting or on their way
+        free = self.threads - (self.running - self.coroutines.busy)
+        if coroutines:
+            free = min(free, self.coroutines.free()) if threads else self.coroutines.free()
         if self._dequeue_many is None or free < 2:
-            return self._dequeue(timeout=wait)
-        messages = self._dequeue_many(free, timeout=wait)
-        if not messages:
-            return None
-        if len(messages) > 1:
-            with self._lock:  # stats() sees them counted and queued together
-                self.running += len(messages) - 1
-                self._taken.extend(messages[1:])
-        return messages[0]
+            message = self._dequeue(timeout=wait)
+            return [] if message is None else [message]
+        taken: list[Any] = self._dequeue_many(free, timeout=wait)
+        return taken
+
+    def _start_coroutines(self, messages: list[Any]) -> list[Any]:
+        """Hand the coroutine tasks' messages of *messages* to the loop; the others.
+
+        What is not a well-formed message of a coroutine task stays for a
+        worker thread (which rejects it, if bad).
+        """
+        rest: list[Any] = []
+        items: list[tuple[Task, Any, float | None]] = []
+        for message in messages:
+            cls = None
+            if isinstance(message, list) and len(message) >= 2 and type(message[1]) is str:
+                cls = _registry.get(message[1])
+            if cls is None or not cls._is_async:
+                rest.append(message)
+                continue
+            try:
+                task_id, cls, args = parse(message)
+            except BadMessage:
+                rest.append(message)
+                continue
+            task = self._new_task(cls, task_id, args, message)
+            timeout = self.default_timeout if cls.timeout is UNSET else cls.timeout
+            items.append((task, message, timeout))
+        if items and not self.coroutines.start(items):
+            for _, message, _ in items:  # closing: like a message dequeued as it closed
+                self.logs.main.info("given back", message=repr(message),
+                                    how=self._give_back(message))
+                self._done()
+        return rest
 
     def _pop_taken(self) -> Any:
         """A message taken in a batch (counted as running already), or None.
@@ -477,14 +536,16 @@ class Runtime:
         except BadMessage as bad:
             self._reject(message, bad.reason, bad.detail)
             return WORKER
-        task = cls.__new__(cls)
-        task.task_id = task_id or new_task_id()
-        task.args = args
-        task.engine = self.engine
-        task._logs = self.logs
-        if self._attempts is not None:
-            task.attempt = self._attempts(message) + 1
+        task = self._new_task(cls, task_id, args, message)
         timeout = self.default_timeout if cls.timeout is UNSET else cls.timeout
+        if cls._is_async:
+            # A coroutine task's message that reached a worker (its class was
+            # registered after the dequeue looked): it still runs on the loop.
+            if not self.coroutines.start([(task, message, timeout)]):
+                self._give_back(message)
+                self._done()
+                return INTERRUPTED
+            return WORKER
         run = slot.begin(task, message, timeout, self)
         if run is None:  # the drain ended between dequeue and start
             self._give_back(message)
@@ -516,6 +577,18 @@ class Runtime:
             self._after_timeout(task, message)
         task_scope(None)
         return claim
+
+    def _new_task(self, cls: type[Task], task_id: str | None, args: tuple[Any, ...],
+                  message: Any) -> Task:
+        """A fresh *cls* for *message*, its attributes set (``__init__`` runs later)."""
+        task = cls.__new__(cls)
+        task.task_id = task_id or new_task_id()
+        task.args = args
+        task.engine = self.engine
+        task._logs = self.logs
+        if self._attempts is not None:
+            task.attempt = self._attempts(message) + 1
+        return task
 
     # -- outcomes ------------------------------------------------------------------------
 
@@ -658,14 +731,23 @@ class Runtime:
         """Supervisor thread, under the slot lock: log the timeout outcome."""
         task = slot.task
         limit = None if slot.deadline is None else round(slot.deadline - slot.started, 6)
-        duration = round(time.monotonic() - slot.started, 6)
         timeout = TaskTimeout(f"the task outran its timeout of {limit:g}s"
                               if limit is not None else "")
+        stack = None
+        if self._fail is not None:
+            stack = thread_stack(slot.ident)  # the failed store's "traceback"
+        self._timed_out(task, timeout, round(time.monotonic() - slot.started, 6), limit,
+                        stack)
+
+    def _timed_out(self, task: Task, timeout: TaskTimeout, duration: float,
+                   limit: float | None, stack: str | None) -> None:
+        """Decide (retry or not), count and log a timeout, for a thread or a coroutine;
+        ``_after_timeout`` settles it once the task's code has unwound."""
         delay = self._retry_in(task, timeout)
         task._timeout = timeout
         task._retry_delay = delay
-        if delay is None and self._fail is not None:
-            task._stack = thread_stack(slot.ident)  # the failed store's "traceback"
+        if delay is None:
+            task._stack = stack
         self._count("timed_out" if delay is None else "retried")
         retry = {} if delay is None else {"retry_in": round(delay, 3)}
         self.logs.main_line(WARNING, "task ended", task_id=task.task_id, task=task.task_name,
@@ -771,13 +853,17 @@ class Runtime:
         # Task's own no-op default is skipped: most tasks define no callbacks.
         if own is not None and getattr(type(task), which) is not getattr(Task, which):
             try:
-                own(*args)
+                value = own(*args)
+                if is_awaitable(value):  # async def: awaited on the engine's loop
+                    self.coroutines.await_on_loop(value, task)
             except BaseException as exc:  # noqa: BLE001 - a callback never stops the engine
                 self._callback_failed(task, f"{task.task_name}.{which}", exc)
         engine_cb = self.options[which]
         if engine_cb is not None:
             try:
-                engine_cb(task, *args)
+                value = engine_cb(task, *args)
+                if is_awaitable(value):
+                    self.coroutines.await_on_loop(value, task)
             except BaseException as exc:  # noqa: BLE001 - logged with its traceback
                 self._callback_failed(task, f"{self.engine.__name__}.configure.{which}", exc)
 
@@ -816,6 +902,7 @@ class Runtime:
                 "rejected": self.rejected, "running": self.running - len(self._taken),
                 "retried": self.retried, "failed_dropped": self.failed_dropped,
                 "threads": self.threads, "abandoned": self.abandoned,
+                **self.coroutines.stats(),
                 "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
             }
         stats.update(queue_counts(self.queue))

@@ -59,6 +59,13 @@ _OPTIONS = {
 
 _registry: dict[str, type[Task]] = {}
 _registry_lock = threading.Lock()
+_kinds = [0, 0]
+"""How many registered classes have a plain ``process`` and how many an ``async def`` one."""
+
+
+def registered_kinds() -> tuple[bool, bool]:
+    """(any thread task registered, any coroutine task registered): what may arrive."""
+    return _kinds[0] > 0, _kinds[1] > 0
 
 
 def lookup(name: str) -> type[Task]:
@@ -82,6 +89,10 @@ class Task:
     - ``self.attempt``: which attempt this is, from 1 (see ``retries``);
     - ``self.task_logger``: a structlog logger writing to the task log, every
       line prefixed with the task id.
+
+    ``process`` may be ``async def``: the engine then runs it as a coroutine
+    on its event loop instead of a worker thread (see the README, "Coroutine
+    tasks"); the callbacks may be ``async def`` too, for either kind.
 
     Options of the ``class configure:`` block: ``name`` (default: the class
     name), ``timeout`` (seconds, overriding the engine's default; ``None``
@@ -112,6 +123,8 @@ class Task:
     """Which attempt this is: 1, then 2 on the first retry, and so on."""
 
     _options: ClassVar[dict[str, Any]] = {}
+    _is_async: ClassVar[bool] = False
+    """``process`` is ``async def``: the engine runs it on its event loop."""
     _signature: ClassVar[inspect.Signature | None] = None
     _arity: ClassVar[tuple[int, float] | None] = None
     _logs: Logs | None = None
@@ -129,6 +142,7 @@ class Task:
         cls.task_name = options["name"] or cls.__name__
         cls.timeout = options["timeout"]
         cls.priority = options["priority"]
+        cls._is_async = inspect.iscoroutinefunction(cls.process)
         try:
             cls._signature = inspect.signature(cls.process)
         except (TypeError, ValueError):  # a builtin without a signature: accept anything
@@ -222,4 +236,7 @@ def _register(cls: type[Task]) -> None:
                 f"{cls.__module__}.{cls.__qualname__}; give one of them "
                 f"another name (class configure: name = '...')"
             )
+        if existing is not None:
+            _kinds[existing._is_async] -= 1
+        _kinds[cls._is_async] += 1
         _registry[name] = cls

@@ -115,6 +115,7 @@ def test_module_that_runs_its_engine_at_import_exits_3(tmp_path):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--threads", "0"], "--threads: must be a whole number of at least 1, not 0"),
+    (["--coroutines", "0"], "--coroutines: must be a whole number of at least 1, not 0"),
     (["--log-level", "LOUD"], ("--log-level: must be one of DEBUG, INFO, WARNING, ERROR, "
                                "not 'LOUD'")),
 ])
@@ -161,11 +162,11 @@ def test_burst_processes_everything_and_exits_0(tmp_path):
 def test_threads_and_log_level_flags_take_effect(tmp_path):
     """--threads and --log-level override the configure block (see the `starting` line)."""
     result = tempest("run", "cli_app:CliEngine", "--burst", "--log-dir", str(tmp_path),
-                     "--threads", "3", "--log-level", "debug")
+                     "--threads", "3", "--coroutines", "7", "--log-level", "debug")
     assert result.returncode == 0, result.stderr
     main = (tmp_path / "CliEngine.log").read_text(encoding="utf-8")
     starting = re.search(r"^.* starting .*$", main, re.MULTILINE)
-    assert starting and " threads=3 " in starting.group(0)
+    assert starting and " threads=3 coroutines=7 " in starting.group(0)
     assert " log_level=DEBUG" in starting.group(0)
     tasks = (tmp_path / "CliEngine.task.log").read_text(encoding="utf-8")
     assert re.search(r"^cli00 \S+ DEBUG +started task=CliAdder", tasks, re.MULTILINE)

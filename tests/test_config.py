@@ -45,6 +45,8 @@ def make_class(class_name: str = "CfgEngine", base: type = Engine, **options):
 
 EXPECTED_DEFAULTS = {
     "threads": 10,
+    "coroutines": 100,
+    "loop_block_warning": 0.1,
     "timeout": None,
     "log_dir": ".",
     "log_level": "INFO",

@@ -323,12 +323,37 @@ def check_calls_survive_kill_9(engines: EngineProcesses, queue: Any) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def check_coroutines_survive_kill_9(engines: EngineProcesses, queue: Any) -> None:
+    """An engine killed with SIGKILL while 30 coroutine tasks wait in ``await``: each
+    runs again, once, in the engine started after it, and none is lost."""
+    ids = [f"a{i:03d}" for i in range(30)]
+    for task_id in ids:
+        queue.enqueue([task_id, "QueueARecord", 1.5])
+    victim, out = engines.start(threads=2, lease=1)
+    engines.wait_ready(victim, out)
+    wait_for(lambda: {task_id for task_id, _ in engines.done()} >= set(ids), 15)
+    victim.kill()  # all 30 are in flight, awaiting their sleep
+    victim.wait(10)
+    restarted, out = engines.start(threads=2, lease=1)
+    engines.wait_ready(restarted, out)
+    wait_for(lambda: len(engines.done()) >= 2 * len(ids) and engines.left() == 0, 30,
+             interval=0.05)
+    engines.stop_all()
+    runs = collections.Counter(engines.done())
+    assert runs == {**{(task_id, victim.pid): 1 for task_id in ids},
+                    **{(task_id, restarted.pid): 1 for task_id in ids}}
+
+
 class EngineProcessChecks:
     """kill -9 and shared work, for the queue of the module's fixtures."""
 
     def test_kill_9_loses_nothing(self, engines: EngineProcesses, queues: Any) -> None:
         """An engine killed with SIGKILL mid-run: the others take over once its leases end."""
         check_kill_9_loses_nothing(engines, queues())
+
+    def test_coroutines_survive_kill_9(self, engines: EngineProcesses, queues: Any) -> None:
+        """Coroutine tasks of an engine killed with SIGKILL run again in the next one."""
+        check_coroutines_survive_kill_9(engines, queues())
 
     def test_engines_share_the_work(self, engines: EngineProcesses, queues: Any) -> None:
         """Three engine processes on one queue run each of 300 messages exactly once."""

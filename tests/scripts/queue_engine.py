@@ -8,7 +8,8 @@ SIGTERM, or until it is killed. Each ``QueueRecord`` task appends
 ``<task_id> <pid> <time.time() at its start>`` to RESULTS, then sleeps for the
 seconds its message says; ``QueueFlaky`` (3 retries) appends
 ``<task_id>#<attempt> ...`` and fails until the attempt its message names;
-``QueueEcho`` records its run like ``QueueRecord`` and returns its value doubled.
+``QueueEcho`` records its run like ``QueueRecord`` and returns its value doubled;
+``QueueARecord`` is ``QueueRecord`` as a coroutine task (``await asyncio.sleep``).
 ``ready`` is printed once the engine is starting its workers. The queues' own
 warnings (a Redis ack kept for later, say) go to stderr. With
 ``TEMPEST_TEST_PERIODIC=SECONDS`` in the environment the engine declares
@@ -19,6 +20,7 @@ queue's is not): an engine on a machine whose clock is wrong.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -100,6 +102,14 @@ class QueueEcho(Task):
         record(self.task_id)
         time.sleep(pause)
         return value * 2
+
+
+class QueueARecord(Task):
+    """QueueRecord as a coroutine: records its run, then awaits *pause* seconds."""
+
+    async def process(self, pause: float) -> None:
+        record(self.task_id)
+        await asyncio.sleep(pause)
 
 
 if os.environ.get("TEMPEST_TEST_CLOCK_SKEW"):
