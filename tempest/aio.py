@@ -188,9 +188,14 @@ class Coroutines:
     # -- life cycle -----------------------------------------------------------------
 
     def ensure_started(self) -> asyncio.AbstractEventLoop:
-        """Start the loop thread, its watcher and the settlers (once); the loop."""
+        """Start the loop thread, its watcher and the settlers (once); the loop.
+
+        RuntimeError once the engine is closing and no loop was ever started.
+        """
         with self._lock:
             if self.loop is None:
+                if self._closing.is_set():
+                    raise RuntimeError("the engine is stopping: no event loop any more")
                 name = self.runtime.name
                 loop = asyncio.new_event_loop()
                 ready = threading.Event()
@@ -223,12 +228,12 @@ class Coroutines:
 
     def close(self) -> None:
         """End of the drain: interrupt what still runs, stop the loop and the threads."""
-        loop = self.loop
-        if loop is None:
-            return
         with self._lock:
             self._closing.set()  # start() hands over nothing from now on
             runs = list(self._runs)
+            loop = self.loop
+        if loop is None:
+            return
         for run in runs:
             self._interrupt(run)
         stopped = threading.Event()
@@ -290,6 +295,8 @@ class Coroutines:
         False, taking nothing, once the engine is closing: the caller gives the
         messages back.
         """
+        if self._closing.is_set():
+            return False
         loop = self.ensure_started()
         runs = [_Run(task, message, limit) for task, message, limit in items]
         with self._lock:

@@ -360,3 +360,18 @@ def test_a_thread_task_with_an_async_callback(make_engine):
     task_id = engine.submit(SyncEcho, 1)
     finished(engine, 1)
     assert seen_ids == [task_id]
+
+
+def test_a_burst_run_waits_for_the_coroutines_then_ends(make_engine):
+    engine = make_engine(coroutines=10)
+    ids = [engine.submit(ANap, 0.05) for _ in range(25)]
+    done = threading.Event()
+
+    def run() -> None:
+        engine.run(burst=True)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(20)
+    assert outcomes(engine) == dict.fromkeys(ids, "success")
+    assert "reason=drained" in main_log(engine)
