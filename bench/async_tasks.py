@@ -36,7 +36,10 @@ Contenders (``--only``):
 ``arq-redis``
     ``arq.worker.Worker(max_jobs=..., keep_result=0, handle_signals=False)``
     run in the measuring process's event loop, its defaults otherwise
-    (poll every 0.5 s, reading up to max(5 x max_jobs, 100) job ids a poll).
+    (poll every 0.5 s, reading up to max(5 x max_jobs, 100) job ids a poll:
+    at max_jobs=100 that is 500 jobs per 0.5 s, a ceiling of 1,000 jobs/s).
+    Its redis-py pool is a ``BlockingConnectionPool`` of ARQ_CONNECTIONS
+    (1,000): redis-py 8's default pool of 100 raises once 100 are in use.
 ``saq-redis``
     ``saq.Worker(RedisQueue(client, name=...), concurrency=...)`` in the
     measuring process's event loop, its defaults otherwise; jobs enqueued with
@@ -97,6 +100,8 @@ CONTENDERS = ("tempest-memory", "tempest-redis", "arq-redis", "saq-redis")
 TEMPEST_THREADS = common.THREADS
 UNBOUNDED = 2**31
 """redis-py's asyncio pool size before version 8 (8 made it 100)."""
+ARQ_CONNECTIONS = 1000
+"""arq's connection pool (blocking): above the 100 its drains reach, 10% of maxclients."""
 REDIS_RESERVE = 500
 """Connections a SAQ run leaves free for the other clients of a shared Redis."""
 SAQ_EXTRA_CONNECTIONS = 64
@@ -403,10 +408,13 @@ class ArqContender(Contender):
         from arq.worker import Worker, func
 
         settings = RedisSettings.from_dsn(common.REDIS_URL)
-        # An unbounded pool, as for SAQ: redis-py 8 bounds an asyncio pool at 100
-        # connections and raises past it, which max_jobs above 100 reaches.
-        connections = redis.asyncio.ConnectionPool.from_url(
-            common.REDIS_URL, max_connections=2**31)
+        # redis-py 8 bounds an asyncio pool at 100 connections and raises past it, which
+        # max_jobs above 100 reaches (10,000 jobs ending at once open a pipeline each).
+        # Unbounded, that burst takes the shared server to maxclients; a blocking pool
+        # makes the burst wait for a connection instead. arq holds no connection while
+        # a job runs (it polls, it does not block in Redis), so the wait always ends.
+        connections = redis.asyncio.BlockingConnectionPool.from_url(
+            common.REDIS_URL, max_connections=ARQ_CONNECTIONS, timeout=60)
         self.pool = ArqRedis(connection_pool=connections,
                              default_queue_name=self.queue_name)
         self.worker = Worker(
