@@ -90,6 +90,7 @@ class Slot:
         "message",
         "run",
         "scheduled",
+        "settling",
         "started",
         "task",
         "thread",
@@ -112,6 +113,9 @@ class Slot:
         """When the supervisor will look at this slot next (its lock guards this)."""
         self.armed = False
         """Whether the current run asked to be watched (only then may it time out)."""
+        self.settling: Any = None
+        """A finished run whose ack waits for this thread's next dequeue, to travel with
+        it (see "Acks with the next dequeue" in tempest.runtime); only its thread uses it."""
 
     def begin(self, task: Any, message: Any, timeout: float | None, engine: Any
               ) -> int | None:

@@ -28,6 +28,26 @@ whatever is still in ``_taken``, like a message dequeued just as the engine
 closed. One round trip to a server then serves several workers, instead of
 each waiting its turn for its own.
 
+Acks with the next dequeue
+--------------------------
+A queue with ``ack_and_dequeue(message, count)`` settles a message and leases
+the next ones in one round trip (one transaction). A worker whose task
+succeeded keeps its ack (``Slot.settling``) until its next dequeue, and only
+where that dequeue comes at once: if it gets the dispatcher lock without
+waiting, no batch message is left for it and no coroutine task is
+registered, it sends the ack together with a non-blocking take of one
+message for itself and one for each other free worker; otherwise (the lock
+is held by a leader waiting on an empty queue, the engine is stopping) it
+acks alone first, as before. Until the ack is stored the message is still
+counted as running and not yet processed, so ``stats()``, ``burst`` and a
+stop never see it settled before it is; the outcome is logged and the
+callbacks ran before, exactly as with a separate ack. A crash before the
+combined call returns leaves the message leased: it runs again after its
+lease, as after a crash just before a separate ack. What the take leased
+and a crash then strands comes back the same way. So between two tasks a
+worker pays one round trip instead of two, and no message is ever taken
+before a worker is free for it.
+
 Where a message can be lost or run twice
 ----------------------------------------
 Between ``dequeue`` returning and the outcome: a crash there loses the message
@@ -69,7 +89,7 @@ from tempest import config
 from tempest.aio import Coroutines, is_awaitable
 from tempest.exceptions import ConfigurationError, TaskTimeout, TooManyAbandoned
 from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
-from tempest.messages import BadMessage, new_task_id, parse
+from tempest.messages import BadMessage, new_task_id, parse, shown
 from tempest.periodic import Scheduler
 from tempest.pool import ABANDONED, INTERRUPTED, TIMEOUT, WORKER, Slot, Supervisor
 from tempest.queues.protocol import (
@@ -169,6 +189,8 @@ class Runtime:
         # the module docstring); appended under _dequeue_lock, popped by anyone.
         self._taken: collections.deque[Any] = collections.deque()
         self._ack = getattr(self.queue, "ack", None)
+        both = getattr(self.queue, "ack_and_dequeue", None)
+        self._ack_and_dequeue = both if callable(both) and callable(self._ack) else None
         self._reject_to = getattr(self.queue, "reject", None)
         self.guarantee = "at-least-once" if callable(self._ack) else "at-most-once"
         lacking = missing(self.queue, RETRY_METHODS)
@@ -376,7 +398,7 @@ class Runtime:
                 slot.handover = None
                 self._after_timeout(task, message)
             while True:
-                message = self._next_message()
+                message = self._next_message(slot)
                 if message is None:
                     return
                 claim = self._handle(slot, message)
@@ -386,80 +408,105 @@ class Runtime:
             self.logs.always.critical("worker crashed", error=_describe(exc), exc_info=exc)
             self.request_stop("a worker crashed", error=exc)
         finally:
+            if slot.settling is not None:  # never left behind, whatever ended the loop
+                self._settle(slot)
             task_scope(None)
             if self.stopping:
                 self.wake()
 
-    def _next_message(self) -> Any:
+    def _next_message(self, slot: Slot) -> Any:
         """Dequeue as the leader; None once stopping (see the module docstring).
 
         Coroutine messages the leader dequeues go to the event loop at once
         (see :mod:`tempest.aio`), and it dequeues on; it returns with the first
-        message for a thread, which it runs itself.
+        message for a thread, which it runs itself. The ack *slot* kept for
+        this dequeue goes with it where it can, else first, alone (see "Acks
+        with the next dequeue").
         """
+        if slot.settling is not None:
+            if (not self.stopping and not self._taken
+                    and self._dequeue_lock.acquire(blocking=False)):
+                try:
+                    return self._lead(slot)
+                finally:
+                    self._dequeue_lock.release()
+            self._settle(slot)
         if not self.stopping:
             # One taken for a free worker in a batch: no need to queue for the lock.
             message = self._pop_taken()
             if message is not None:
                 return message
         with self._dequeue_lock:
-            while not self.stopping:
-                message = self._pop_taken()
-                if message is not None:
-                    return message
-                self.last_progress = time.monotonic()
-                threads, coroutines = registered_kinds()
-                if coroutines and not self.coroutines.wait_free(DEQUEUE_WAIT):
-                    # Every coroutine slot is busy: what came now might not start.
-                    continue
-                idle = self.running == 0
-                try:
-                    if self._blocking:
-                        # Burst: with the queue empty, the run ends when the last
-                        # task does, so do not sleep through that in a long wait.
-                        wait = (DEQUEUE_WAIT if not self.burst
-                                else 0 if idle else BURST_WAIT)
-                        messages = self._take(wait, threads, coroutines)
-                    else:
-                        message = self._dequeue()
-                        messages = [] if message is None else [message]
-                except Exception as exc:  # noqa: BLE001 - any queue error is retried
-                    self._errors += 1
-                    delay = min(ERROR_MIN * 2 ** (self._errors - 1), ERROR_MAX)
-                    self.logs.main.error("dequeue failed", error=_describe(exc),
-                                         attempt=self._errors, retry_in=delay)
-                    # A backoff is progress (healthy() must not stop the watchdog
-                    # during a queue outage): the dispatcher is due back after it.
-                    self.last_progress = time.monotonic() + delay
-                    self._stop_event.wait(delay)
-                    continue
-                if self._errors:
-                    self.logs.main.info("dequeue recovered", attempts=self._errors)
-                    self._errors = 0
-                if not messages:
-                    if self.burst and idle:
-                        self.request_stop("drained")
-                        return None
-                    if not self._blocking:
-                        self._stop_event.wait(self._poll)
-                        self._poll = min(self._poll * 2,
-                                         BURST_WAIT if self.burst else POLL_MAX)
-                    continue
-                self._poll = POLL_MIN
-                if coroutines:
-                    with self._lock:  # before any of them can end
-                        self.running += len(messages)
-                    messages = self._start_coroutines(messages)
-                    if not messages:
-                        continue
-                    with self._lock:
-                        self._taken.extend(messages[1:])
+            return self._lead(slot)
+
+    def _lead(self, slot: Slot) -> Any:
+        """The leader's loop, ``_dequeue_lock`` held: see _next_message."""
+        if slot.settling is not None:
+            if self.stopping or self._taken or registered_kinds()[1]:
+                self._settle(slot)
+            else:
+                # Its own message still counts as running: this worker is free too.
+                free = self.threads - (self.running - self.coroutines.busy) + 1
+                messages = self._settle(slot, take=free)
+                if messages:
+                    return messages[0]
+        while not self.stopping:
+            message = self._pop_taken()
+            if message is not None:
+                return message
+            self.last_progress = time.monotonic()
+            threads, coroutines = registered_kinds()
+            if coroutines and not self.coroutines.wait_free(DEQUEUE_WAIT):
+                # Every coroutine slot is busy: what came now might not start.
+                continue
+            idle = self.running == 0
+            try:
+                if self._blocking:
+                    # Burst: with the queue empty, the run ends when the last
+                    # task does, so do not sleep through that in a long wait.
+                    wait = (DEQUEUE_WAIT if not self.burst
+                            else 0 if idle else BURST_WAIT)
+                    messages = self._take(wait, threads, coroutines)
                 else:
-                    with self._lock:  # stats() sees them counted and queued together
-                        self.running += len(messages)
-                        self._taken.extend(messages[1:])
-                return messages[0]
-            self._give_back_taken()
+                    message = self._dequeue()
+                    messages = [] if message is None else [message]
+            except Exception as exc:  # noqa: BLE001 - any queue error is retried
+                self._errors += 1
+                delay = min(ERROR_MIN * 2 ** (self._errors - 1), ERROR_MAX)
+                self.logs.main.error("dequeue failed", error=_describe(exc),
+                                     attempt=self._errors, retry_in=delay)
+                # A backoff is progress (healthy() must not stop the watchdog
+                # during a queue outage): the dispatcher is due back after it.
+                self.last_progress = time.monotonic() + delay
+                self._stop_event.wait(delay)
+                continue
+            if self._errors:
+                self.logs.main.info("dequeue recovered", attempts=self._errors)
+                self._errors = 0
+            if not messages:
+                if self.burst and idle:
+                    self.request_stop("drained")
+                    return None
+                if not self._blocking:
+                    self._stop_event.wait(self._poll)
+                    self._poll = min(self._poll * 2,
+                                     BURST_WAIT if self.burst else POLL_MAX)
+                continue
+            self._poll = POLL_MIN
+            if coroutines:
+                with self._lock:  # before any of them can end
+                    self.running += len(messages)
+                messages = self._start_coroutines(messages)
+                if not messages:
+                    continue
+                with self._lock:
+                    self._taken.extend(messages[1:])
+            else:
+                with self._lock:  # stats() sees them counted and queued together
+                    self.running += len(messages)
+                    self._taken.extend(messages[1:])
+            return messages[0]
+        self._give_back_taken()
         return None
 
     def _take(self, wait: float, threads: bool, coroutines: bool) -> list[Any]:
@@ -572,7 +619,7 @@ class Runtime:
             claim = slot.settle()
         duration = time.perf_counter() - started
         if claim == WORKER:
-            self._finish(task, message, result, error, duration)
+            self._finish(task, message, result, error, duration, slot=slot)
         elif claim == TIMEOUT:
             self._after_timeout(task, message)
         task_scope(None)
@@ -593,7 +640,13 @@ class Runtime:
     # -- outcomes ------------------------------------------------------------------------
 
     def _finish(self, task: Task, message: Any, result: Any, error: BaseException | None,
-                duration: float) -> None:
+                duration: float, *, slot: Slot | None = None) -> None:
+        """Log, call back, store and settle one outcome; count it once settled.
+
+        With *slot* (a worker thread's) and a queue with ``ack_and_dequeue``,
+        a success's ack is left in ``slot.settling`` for the next dequeue, and
+        counted there once sent (see "Acks with the next dequeue").
+        """
         name = task.task_name
         outcome = "succeeded"
         keep, value = self._keeps_result(task, message), None
@@ -606,6 +659,9 @@ class Runtime:
             self.logs.success_line(task.task_id, name, duration, task.attempt)
             self._callback(task, "after_success", result)
             if keep is None or self._keep_result(task, success(task, value), keep):
+                if slot is not None and self._ack_and_dequeue is not None:
+                    slot.settling = (task.task_id, message, outcome)
+                    return
                 self._acknowledge(task.task_id, message)
         else:
             delay = self._retry_in(task, error)
@@ -628,12 +684,37 @@ class Runtime:
                 self._callback(task, "after_failure", error)
                 if keep is None or self._keep_result(task, failure(task, error), keep):
                     self._final_failure(task, message, error)
-        # Counted once everything about the message is done, so that a stats()
-        # reader never sees it processed while its callbacks still run.
+        self._count_settled(outcome)
+
+    def _count_settled(self, outcome: str, taken: tuple[Any, ...] | list[Any] = ()) -> None:
+        """Count a message settled with *outcome*, and *taken* (by its ack) running.
+
+        Counted once everything about the message is done, so that a stats()
+        reader never sees it processed while its callbacks still run or its
+        ack is unsent. Of *taken*, the first is the caller's, the rest go to
+        ``_taken`` for the other free workers, as a batch does.
+        """
         with self._lock:
             self.processed += 1
             setattr(self, outcome, getattr(self, outcome) + 1)
-            self.running -= 1
+            self.running += len(taken) - 1
+            self._taken.extend(taken[1:])
+
+    def _settle(self, slot: Slot, take: int = 0) -> list[Any]:
+        """Send the ack *slot* kept, with a take of up to *take* messages; what it took."""
+        task_id, message, outcome = slot.settling
+        slot.settling = None
+        taken: list[Any] = []
+        try:
+            if take > 0:
+                taken = self._ack_and_dequeue(message, take)  # type: ignore[misc]
+            else:
+                self._ack(message)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001
+            # Left leased: it runs again after its lease (what a take leased too).
+            self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
+        self._count_settled(outcome, taken)
+        return taken
 
     # -- results ----------------------------------------------------------------------------
 
@@ -809,7 +890,7 @@ class Runtime:
 
     def _reject(self, message: Any, reason: str, detail: str) -> None:
         self._count("rejected")
-        self.logs.main.error("rejected", reason=reason, detail=detail, message=repr(message))
+        self.logs.main.error("rejected", reason=reason, detail=detail, message=shown(message))
         # Kept aside by the queue's reject where it has one. A queue that acks
         # but cannot reject gets an ack: the message is logged whole above, and
         # left unacked its lease would bring it back to be rejected forever.
@@ -821,7 +902,7 @@ class Runtime:
                     self._ack(message)  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001
                 self.logs.main.error("reject failed", reason=reason, error=_describe(exc),
-                                     message=repr(message))
+                                     message=shown(message))
         self._done()
 
     def _give_back(self, message: Any) -> str:

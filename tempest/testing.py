@@ -423,6 +423,35 @@ class QueueContract:
         other = self._reliable(lease=0.3)
         assert _until(other.dequeue, 1.0) is None
 
+    def test_ack_and_dequeue_acks_then_leases_the_next(self) -> None:
+        """``ack_and_dequeue``: the acked message is gone, the ones taken are leased."""
+        queue = self._having("ack_and_dequeue", "the queue has no ack_and_dequeue",
+                             lease=0.5)
+        for i in range(4):
+            queue.enqueue([f"id-{i}", "Task", i])
+        first = queue.dequeue()
+        assert first is not None and list(first) == ["id-0", "Task", 0]
+        taken = queue.ack_and_dequeue(first, 2)
+        assert [list(m) for m in taken] == [["id-1", "Task", 1], ["id-2", "Task", 2]]
+        last = queue.ack_and_dequeue(taken[0], 5)  # fewer waiting than asked
+        assert [list(m) for m in last] == [["id-3", "Task", 3]]
+        assert queue.ack_and_dequeue(last[0], 1) == []  # acked, with nothing to take
+        other = self._reliable(lease=0.5)
+        # Only the one never acked comes back, once its lease ran out.
+        again = _until(other.dequeue, 10.0)
+        assert again is not None and list(again) == ["id-2", "Task", 2]
+        other.ack(again)
+        assert _until(other.dequeue, 1.0) is None
+
+    def test_ack_and_dequeue_of_an_unknown_message_raises(self) -> None:
+        """Like ``ack``: a message this queue object does not hold is an error."""
+        queue = self._having("ack_and_dequeue", "the queue has no ack_and_dequeue")
+        queue.enqueue(["id-u", "Task"])
+        with pytest.raises(ValueError):
+            queue.ack_and_dequeue(["id-u", "Task"], 1)
+        message = _until(queue.dequeue, 5.0)  # nothing was taken by the failed call
+        assert message is not None and list(message) == ["id-u", "Task"]
+
     def test_unacked_message_returns_after_the_lease(self) -> None:
         """A consumer that dies holding a message: another gets it once the lease ends."""
         dead = self._reliable(lease=0.5)

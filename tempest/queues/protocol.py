@@ -22,6 +22,12 @@ method                what it buys
                       it. A queue with ack *leases* what it hands out and gives a
                       message whose lease ran out to another consumer: the engine
                       announces at-least-once delivery
+``ack_and_dequeue``   ``ack_and_dequeue(m, n)``: ``ack(m)``, then ``dequeue_many(n)``
+                      without waiting, stored together in one round trip: a
+                      worker that has just finished *m* takes its next messages
+                      (the engine asks only when the call can go at once).
+                      Raises like ``ack`` for an *m* it does not hold, taking
+                      nothing
 ``reject(m, why)``    *m* cannot be run (malformed, unknown task, poison): keep it
                       aside, listed by ``rejected()``, instead of dropping it
 ``requeue(m)``        give *m* back now, unrun (the engine stopped before running it,
@@ -440,10 +446,12 @@ def decode(stored: str | bytes) -> Any:
 
     Returning what cannot be decoded raw lets the engine reject it as bad input
     (reason ``Undecodable``) instead of the queue dropping or crashing on it.
+    JSON nested deeper than Python's recursion limit (``[[[...]]]``, 10,000
+    levels) raises RecursionError in ``json.loads``: undecodable too.
     """
     try:
         message = json.loads(stored)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return stored
     return message if isinstance(message, list) else stored
 

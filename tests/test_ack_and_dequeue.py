@@ -1,0 +1,104 @@
+"""Acks that travel with the worker's next dequeue (a queue with ``ack_and_dequeue``)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+from tempest import Task
+
+from .conftest import main_log
+
+
+class AdNoop(Task):
+    def process(self, n):
+        return n
+
+
+class AckingQueue:
+    """A reliable in-memory queue with ``ack_and_dequeue``, recording every call.
+
+    ``fail_combined``: that many ``ack_and_dequeue`` calls raise before doing anything.
+    """
+
+    def __init__(self, fail_combined: int = 0) -> None:
+        self._cond = threading.Condition()
+        self._ready: collections.deque[list[Any]] = collections.deque()
+        self.leased: dict[str, list[Any]] = {}
+        self.acked: list[str] = []
+        self.combined = 0
+        self.fail_combined = fail_combined
+        self.processed_at_ack: list[int] = []
+        self.engine: Any = None
+
+    def enqueue(self, message: list[Any]) -> None:
+        with self._cond:
+            self._ready.append(list(message))
+            self._cond.notify()
+
+    def dequeue(self, timeout: float | None = None) -> Any:
+        taken = self.dequeue_many(1, timeout)
+        return taken[0] if taken else None
+
+    def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
+        with self._cond:
+            if not self._ready and timeout:
+                self._cond.wait(timeout)
+            taken = []
+            while self._ready and len(taken) < count:
+                message = self._ready.popleft()
+                self.leased[message[0]] = message
+                taken.append(message)
+            return taken
+
+    def ack(self, message: Any) -> None:
+        with self._cond:
+            self.leased.pop(message[0])  # KeyError for a message not held
+            self.acked.append(message[0])
+            if self.engine is not None:
+                self.processed_at_ack.append(self.engine.stats()["processed"])
+
+    def ack_and_dequeue(self, message: Any, count: int) -> list[Any]:
+        with self._cond:
+            if self.fail_combined:
+                self.fail_combined -= 1
+                raise ConnectionError("the server went away")
+            self.combined += 1
+        self.ack(message)
+        return self.dequeue_many(count)
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+
+def test_acks_go_with_the_next_dequeue_once_each_and_before_they_count(make_engine):
+    queue = AckingQueue()
+    engine = make_engine(threads=3, queue=queue)
+    queue.engine = engine
+    ids = [engine.submit(AdNoop, n) for n in range(300)]
+    engine.run(burst=True)
+    assert sorted(queue.acked) == sorted(ids)  # each acked exactly once
+    assert queue.leased == {}
+    assert queue.combined > 0  # the fast path was taken
+    # No message was counted processed before its ack was stored.
+    assert all(seen < len(ids) for seen in queue.processed_at_ack)
+    stats = engine.stats()
+    assert stats["processed"] == stats["succeeded"] == len(ids)
+    assert stats["running"] == 0
+    assert "worker crashed" not in main_log(engine)
+
+
+def test_a_failed_combined_call_is_logged_and_the_engine_goes_on(make_engine):
+    queue = AckingQueue(fail_combined=3)
+    engine = make_engine(threads=1, queue=queue)
+    ids = [engine.submit(AdNoop, n) for n in range(20)]
+    engine.run(burst=True)
+    main = main_log(engine)
+    assert main.count("ack failed") == 3
+    # The three whose acks failed are still leased (a real queue redelivers them
+    # after the lease); every other was acked once, and all ran.
+    assert len(queue.leased) == 3
+    assert sorted(queue.acked + list(queue.leased)) == sorted(ids)
+    assert engine.stats()["processed"] == len(ids)
+    assert "worker crashed" not in main
