@@ -1,4 +1,4 @@
-"""The benchmark suite: ``python -m bench.harness [--quick | --full | --smoke]``.
+"""The benchmark suite: ``python -m bench.harness [--quick | --full | --smoke | --chaos]``.
 
 ``bash bench/run`` prepares bench/.venv and calls this. Phases, in order:
 
@@ -16,7 +16,8 @@
    queues' drains, and py-spy of their idle engines.
 
 Then the results are written (see :mod:`bench.report`) and every Redis key
-and Postgres row of this run is deleted.
+and Postgres row of this run is deleted. ``--chaos`` runs :mod:`bench.chaos`
+instead, with the options that follow it.
 """
 
 from __future__ import annotations
@@ -381,6 +382,11 @@ def _terminate(signum: int, _frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--chaos" in argv:  # the soak has options of its own: all but --chaos are its
+        from bench import chaos
+
+        return chaos.main([arg for arg in argv if arg != "--chaos"])
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="small sizes, short idle (~5 min)")
@@ -388,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="20,000 tasks for everyone, 5 rounds, 1,000,000-task memory run")
     group.add_argument("--smoke", action="store_true",
                        help="every tempest contender, tiny sizes, no peers (seconds)")
+    group.add_argument("--chaos", action="store_true",
+                       help="the chaos soak instead: kill -9 and server restarts, zero loss "
+                            "(python -m bench.chaos --help lists its options)")
     parser.add_argument("--rounds", type=int, help="override the mode's number of rounds")
     parser.add_argument("--only", nargs="+", metavar="KEY",
                         help="run only these contenders (keys as in the results)")
@@ -416,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{config['threads']} threads, results in {out}")
     for key, reason in harness.skipped.items():
         harness.log(f"SKIPPED {key}: {reason}")
-    meta = report.machine(command=" ".join(["bench/run", *(argv if argv is not None
-                                                            else sys.argv[1:])]))
+    meta = report.machine(command=" ".join(["bench/run", *argv]))
     meta["code"] = snapshot(harness.tmp / "code")
     began = time.time()
     profiles: dict[str, Any] = {}

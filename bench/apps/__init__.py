@@ -1,4 +1,6 @@
-"""Worker-side modules of the peers that run in worker processes of their own.
+"""Worker-side modules of the peers that run in worker processes of their own
+(and ``chaos_engine``, the engine of :mod:`bench.chaos`, which reads only its own
+``CHAOS_*`` variables).
 
 Each module is what the peer's command line imports (``celery -A``,
 ``dramatiq``, ``rq worker-pool``) and what the runner imports to enqueue; both

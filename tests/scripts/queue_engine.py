@@ -9,7 +9,8 @@ SIGTERM, or until it is killed. Each ``QueueRecord`` task appends
 seconds its message says; ``QueueFlaky`` (3 retries) appends
 ``<task_id>#<attempt> ...`` and fails until the attempt its message names;
 ``QueueEcho`` records its run like ``QueueRecord`` and returns its value doubled;
-``QueueARecord`` is ``QueueRecord`` as a coroutine task (``await asyncio.sleep``).
+``QueueARecord`` is ``QueueRecord`` as a coroutine task (``await asyncio.sleep``);
+``QueueDone`` sleeps first and records after, so that a run counts once it ended.
 ``ready`` is printed once the engine is starting its workers. The queues' own
 warnings (a Redis ack kept for later, say) go to stderr. With
 ``TEMPEST_TEST_PERIODIC=SECONDS`` in the environment the engine declares
@@ -79,6 +80,14 @@ class QueueRecord(Task):
     def process(self, pause: float) -> None:
         record(self.task_id)
         time.sleep(pause)
+
+
+class QueueDone(Task):
+    """Sleeps *pause* seconds, then records its run: one killed mid-run is not counted."""
+
+    def process(self, pause: float) -> None:
+        time.sleep(pause)
+        record(self.task_id)
 
 
 class QueueFlaky(Task):
