@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from typing import Any
 
 from tempest.exceptions import UnknownTask
 from tempest.task import Task, _registry, lookup
 
-__all__ = ["BadMessage", "encode", "new_task_id", "parse"]
+__all__ = ["BadMessage", "encode", "new_task_id", "parse", "shown"]
 
 
 def new_task_id() -> str:
@@ -37,6 +38,24 @@ class BadMessage(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, for a log line about bad input; never raises.
+
+    What a queue hands over can be nested deeper than ``repr`` can recurse (a
+    MemoryQueue holds any object: 10,000 nested lists raise RecursionError),
+    or hold an object whose ``__repr__`` raises. Such a value is shown
+    abridged by :mod:`reprlib`, which stops a few levels down.
+    """
+    try:
+        return repr(value)
+    except Exception as exc:  # noqa: BLE001 - RecursionError, or any user __repr__
+        try:
+            short = reprlib.repr(value)
+        except Exception:  # noqa: BLE001 - reprlib shields instances, not every type
+            short = f"<{type(value).__name__}>"
+        return f"{short} (abridged: repr() raised {type(exc).__name__})"
 
 
 def encode(task_id: str, name: str, args: tuple[Any, ...]) -> str:
@@ -86,9 +105,9 @@ def _parse_closely(raw: Any) -> tuple[str | None, type[Task], tuple[Any, ...]]:
     task_id, name = raw[0], raw[1]
     if task_id is not None and (not isinstance(task_id, str) or not task_id):
         raise BadMessage("BadTaskId", f"the task id must be a non-empty string or null, "
-                                      f"not {task_id!r}")
+                                      f"not {shown(task_id)}")
     if not isinstance(name, str):
-        raise BadMessage("UnknownTask", f"the task name must be a string, not {name!r}")
+        raise BadMessage("UnknownTask", f"the task name must be a string, not {shown(name)}")
     try:
         cls = lookup(name)
     except UnknownTask as exc:
