@@ -1227,13 +1227,24 @@ class PostgresQueue:
 
         The engine calls it as a worker that has just finished *message* takes
         its next one: one round trip and one commit instead of two. The DELETE
-        and the claim commit together, or neither does: if it raises, the
-        message was not acked (its lease brings it back, as when ``ack``
-        raises) and nothing was leased.
+        and the claim commit together, or neither does. A lost connection is
+        followed by the DELETE alone on a new one (and no message); if that
+        fails too it raises: the message was not acked, and its lease brings
+        it back, as when ``ack`` raises.
         """
         count = operator.index(count)
         row = self._settle(message, "ack")[0]
-        return self._claim(max(count, 0), acked=row)
+        try:
+            return self._claim(max(count, 0), acked=row)
+        except psycopg.OperationalError:
+            # The connection went (a restart, pg_terminate_backend): the statement
+            # was rolled back, or committed with its reply lost (then what it
+            # leased comes back after the lease). The DELETE is safe to repeat:
+            # once more, alone, on a new connection, so that a finished task
+            # does not run again just because its connection was cut.
+            with self._connection() as conn:
+                conn.execute(self._sql["ack"], {"ids": [row]})
+            return []
 
     def reject(self, message: Any, reason: str) -> None:
         """Move the message (raw bodies too) to ``<table>_rejected`` with *reason*."""

@@ -1431,3 +1431,20 @@ def test_a_result_stored_by_another_process_wakes_a_waiter_promptly(postgres_dsn
     record = waiter.join()
     assert record is not None and record["value"] == "from afar"
     assert waiter.wall_at - stored_at < 1.0
+
+
+def test_ack_and_dequeue_on_a_terminated_connection_acks_on_a_new_one(postgres_dsn, queues):
+    """A backend ended under the combined ack and claim: the ack is sent again, alone."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app), lease=0.5)
+    for i in range(2):
+        queue.enqueue([f"id-{i}", "Task", i])
+    first = queue.dequeue()
+    assert first is not None and list(first) == ["id-0", "Task", 0]
+    assert terminate(postgres_dsn, app) >= 1  # the pooled connection is dead now
+    assert queue.ack_and_dequeue(first, 1) == []  # acked on a new connection, none taken
+    other = queues(lease=0.5)
+    again = wait_for(lambda: other.dequeue(timeout=0.1), 10)
+    assert list(again) == ["id-1", "Task", 1]  # id-0 never comes back
+    other.ack(again)
+    assert other.dequeue(timeout=1.0) is None
