@@ -34,9 +34,9 @@ A queue with ``ack_and_dequeue(message, count)`` settles a message and leases
 the next ones in one round trip (one transaction). A worker whose task
 succeeded keeps its ack (``Slot.settling``) until its next dequeue, and only
 where that dequeue comes at once: if it gets the dispatcher lock without
-waiting, no batch message is left for it and no coroutine task is
-registered, it sends the ack together with a non-blocking take of one
-message for itself and one for each other free worker; otherwise (the lock
+waiting and no batch message is left for it, it sends the ack together
+with a non-blocking take of as many messages as could start now (see
+``_take``), handed out as a batch is; otherwise (the lock
 is held by a leader waiting on an empty queue, the engine is stopping) it
 acks alone first, as before. Until the ack is stored the message is still
 counted as running and not yet processed, so ``stats()``, ``burst`` and a
@@ -442,14 +442,13 @@ class Runtime:
     def _lead(self, slot: Slot) -> Any:
         """The leader's loop, ``_dequeue_lock`` held: see _next_message."""
         if slot.settling is not None:
-            if self.stopping or self._taken or registered_kinds()[1]:
-                self._settle(slot)
-            else:
-                # Its own message still counts as running: this worker is free too.
-                free = self.threads - (self.running - self.coroutines.busy) + 1
-                messages = self._settle(slot, take=free)
-                if messages:
-                    return messages[0]
+            threads, coroutines = registered_kinds()
+            # Its own message still counts as running: this worker is free too.
+            free = self._free(threads, coroutines, self.running - 1)
+            taken = self._settle(slot, take=0 if self.stopping or self._taken else free)
+            message = self._hand_out(taken, coroutines) if taken else None
+            if message is not None:
+                return message
         while not self.stopping:
             message = self._pop_taken()
             if message is not None:
@@ -493,19 +492,9 @@ class Runtime:
                                      BURST_WAIT if self.burst else POLL_MAX)
                 continue
             self._poll = POLL_MIN
-            if coroutines:
-                with self._lock:  # before any of them can end
-                    self.running += len(messages)
-                messages = self._start_coroutines(messages)
-                if not messages:
-                    continue
-                with self._lock:
-                    self._taken.extend(messages[1:])
-            else:
-                with self._lock:  # stats() sees them counted and queued together
-                    self.running += len(messages)
-                    self._taken.extend(messages[1:])
-            return messages[0]
+            message = self._hand_out(messages, coroutines)
+            if message is not None:
+                return message
         self._give_back_taken()
         return None
 
@@ -519,14 +508,37 @@ class Runtime:
         where coroutine tasks are; where both are, the fewer of the two, as
         the next message may be of either kind. So nothing is prefetched.
         """
-        free = self.threads - (self.running - self.coroutines.busy)
-        if coroutines:
-            free = min(free, self.coroutines.free()) if threads else self.coroutines.free()
+        free = self._free(threads, coroutines, self.running)
         if self._dequeue_many is None or free < 2:
             message = self._dequeue(timeout=wait)
             return [] if message is None else [message]
         taken: list[Any] = self._dequeue_many(free, timeout=wait)
         return taken
+
+    def _free(self, threads: bool, coroutines: bool, running: int) -> int:
+        """How many messages can start right now (see _take), *running* counted running."""
+        free = self.threads - (running - self.coroutines.busy)
+        if coroutines:
+            free = min(free, self.coroutines.free()) if threads else self.coroutines.free()
+        return free
+
+    def _hand_out(self, messages: list[Any], coroutines: bool) -> Any:
+        """Count the dequeued *messages* running and hand them out: coroutine tasks' to
+        the loop, the first other one to the caller (returned), the rest to ``_taken``
+        for the other free workers; None if none is left for a thread."""
+        if coroutines:
+            with self._lock:  # before any of them can end
+                self.running += len(messages)
+            messages = self._start_coroutines(messages)
+            if not messages:
+                return None
+            with self._lock:
+                self._taken.extend(messages[1:])
+        else:
+            with self._lock:  # stats() sees them counted and queued together
+                self.running += len(messages)
+                self._taken.extend(messages[1:])
+        return messages[0]
 
     def _start_coroutines(self, messages: list[Any]) -> list[Any]:
         """Hand the coroutine tasks' messages of *messages* to the loop; the others.
@@ -686,22 +698,21 @@ class Runtime:
                     self._final_failure(task, message, error)
         self._count_settled(outcome)
 
-    def _count_settled(self, outcome: str, taken: tuple[Any, ...] | list[Any] = ()) -> None:
-        """Count a message settled with *outcome*, and *taken* (by its ack) running.
+    def _count_settled(self, outcome: str) -> None:
+        """Count a message settled with *outcome*.
 
         Counted once everything about the message is done, so that a stats()
         reader never sees it processed while its callbacks still run or its
-        ack is unsent. Of *taken*, the first is the caller's, the rest go to
-        ``_taken`` for the other free workers, as a batch does.
+        ack is unsent.
         """
         with self._lock:
             self.processed += 1
             setattr(self, outcome, getattr(self, outcome) + 1)
-            self.running += len(taken) - 1
-            self._taken.extend(taken[1:])
+            self.running -= 1
 
     def _settle(self, slot: Slot, take: int = 0) -> list[Any]:
-        """Send the ack *slot* kept, with a take of up to *take* messages; what it took."""
+        """Send the ack *slot* kept, with a take of up to *take* messages; what it took
+        (not yet counted running: see _hand_out)."""
         task_id, message, outcome = slot.settling
         slot.settling = None
         taken: list[Any] = []
@@ -713,7 +724,7 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001
             # Left leased: it runs again after its lease (what a take leased too).
             self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
-        self._count_settled(outcome, taken)
+        self._count_settled(outcome)
         return taken
 
     # -- results ----------------------------------------------------------------------------

@@ -16,6 +16,14 @@ class AdNoop(Task):
         return n
 
 
+class AdAsync(Task):
+    """Registered here so that every test of this file runs with coroutine tasks
+    registered too, as an application that has both kinds does."""
+
+    async def process(self, n):
+        return n
+
+
 class AckingQueue:
     """A reliable in-memory queue with ``ack_and_dequeue``, recording every call.
 
@@ -102,3 +110,14 @@ def test_a_failed_combined_call_is_logged_and_the_engine_goes_on(make_engine):
     assert sorted(queue.acked + list(queue.leased)) == sorted(ids)
     assert engine.stats()["processed"] == len(ids)
     assert "worker crashed" not in main
+
+
+def test_threads_and_coroutine_messages_mixed(make_engine):
+    queue = AckingQueue()
+    engine = make_engine(threads=2, queue=queue)
+    ids = [engine.submit(AdNoop if n % 3 else AdAsync, n) for n in range(90)]
+    engine.run(burst=True)
+    assert sorted(queue.acked) == sorted(ids)
+    assert queue.leased == {} and queue.combined > 0
+    assert engine.stats()["processed"] == len(ids)
+    assert "worker crashed" not in main_log(engine)
