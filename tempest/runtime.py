@@ -716,14 +716,14 @@ class Runtime:
         task_id, message, outcome = slot.settling
         slot.settling = None
         taken: list[Any] = []
-        try:
-            if take > 0:
+        if take <= 0:
+            self._acknowledge(task_id, message)
+        else:
+            try:
                 taken = self._ack_and_dequeue(message, take)  # type: ignore[misc]
-            else:
-                self._ack(message)  # type: ignore[misc]
-        except Exception as exc:  # noqa: BLE001
-            # Left leased: it runs again after its lease (what a take leased too).
-            self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
+            except Exception as exc:  # noqa: BLE001
+                # Left leased: it runs again after its lease (what a take leased too).
+                self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
         self._count_settled(outcome)
         return taken
 
