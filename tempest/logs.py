@@ -39,6 +39,8 @@ from typing import Any
 
 import structlog
 
+from tempest.messages import shown
+
 __all__ = ["LogFile", "Logs", "current_task", "task_scope"]
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
@@ -185,9 +187,9 @@ def _text_value(value: Any) -> str:
     if value is None or isinstance(value, (bool, int, float)):
         return json.dumps(value)
     try:
-        return json.dumps(value, ensure_ascii=False, default=repr)
-    except (TypeError, ValueError):
-        return json.dumps(repr(value), ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False, default=shown)
+    except (TypeError, ValueError, RecursionError):  # a cycle, or nested too deep
+        return json.dumps(shown(value), ensure_ascii=False)
 
 
 def _exc_text(exc_info: Any) -> str:
@@ -221,7 +223,20 @@ def render_json(event_dict: dict[str, Any]) -> str:
     exc = _exc_text(event_dict.pop("exc_info", None))
     if exc:
         event_dict["exception"] = exc
-    return json.dumps(event_dict, ensure_ascii=False, default=repr) + "\n"
+    try:
+        return json.dumps(event_dict, ensure_ascii=False, default=shown) + "\n"
+    except (TypeError, ValueError, RecursionError):  # a value with a cycle, or too deep
+        return json.dumps({key: _json_safe(value) for key, value in event_dict.items()},
+                          ensure_ascii=False, default=shown) + "\n"
+
+
+def _json_safe(value: Any) -> Any:
+    """*value* if JSON can write it, else its never-raising repr (see ``shown``)."""
+    try:
+        json.dumps(value, ensure_ascii=False, default=shown)
+    except (TypeError, ValueError, RecursionError):
+        return shown(value)
+    return value
 
 
 class _Sink:

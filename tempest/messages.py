@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import reprlib
+import sys
 from typing import Any
 
 from tempest.exceptions import UnknownTask
@@ -59,18 +60,24 @@ def shown(value: Any) -> str:
 
 
 def encode(task_id: str, name: str, args: tuple[Any, ...]) -> str:
-    """The message as JSON; TypeError naming the first argument that isn't JSON."""
+    """The message as JSON; TypeError naming the first argument that isn't JSON
+    (or is nested deeper than Python's json follows, about 1,000 levels)."""
     message = [task_id, name, *args]
     try:
         return json.dumps(message, allow_nan=False)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         pass
     for index, arg in enumerate(args):
         try:
             json.dumps(arg, allow_nan=False)
+        except RecursionError:
+            raise TypeError(
+                f"argument {index} of {name} ({type(arg).__name__}) is nested too deep "
+                f"for JSON: Python's json follows about {sys.getrecursionlimit()} levels"
+            ) from None
         except (TypeError, ValueError) as exc:
             raise TypeError(
-                f"argument {index} of {name} ({type(arg).__name__}: {arg!r:.80}) is not "
+                f"argument {index} of {name} ({type(arg).__name__}: {shown(arg):.80}) is not "
                 f"JSON-serializable: {exc}. Messages must be JSON (str, int, float, bool, "
                 f"None, list, dict with str keys); pass an id and load the object in the task."
             ) from None

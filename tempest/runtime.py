@@ -565,7 +565,7 @@ class Runtime:
             items.append((task, message, timeout))
         if items and not self.coroutines.start(items):
             for _, message, _ in items:  # closing: like a message dequeued as it closed
-                self.logs.main.info("given back", message=repr(message),
+                self.logs.main.info("given back", message=shown(message),
                                     how=self._give_back(message))
                 self._done()
         return rest
@@ -584,7 +584,7 @@ class Runtime:
     def _give_back_taken(self) -> None:
         """Stopping: return what was taken for workers that will not run it now."""
         while (message := self._pop_taken()) is not None:
-            self.logs.main.info("given back", message=repr(message),
+            self.logs.main.info("given back", message=shown(message),
                                 how=self._give_back(message))
             self._done()
 

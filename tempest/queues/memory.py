@@ -9,7 +9,7 @@ import math
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from tempest.queues._fifo import Fifo
 from tempest.results import MemoryResults
@@ -27,6 +27,13 @@ class _Wake:
 
 
 _WAKE = _Wake()
+
+
+def _not_none(where: str) -> NoReturn:
+    """Refuse None as a message: ``dequeue`` returning None means "empty", so a stored
+    None would be dropped unseen (and, taken in a batch, counted as running for ever)."""
+    raise TypeError(f"MemoryQueue.{where}: a message cannot be None (dequeue returns None "
+                    f"for an empty queue); enqueue a list [task_id, task_name, *args]")
 
 
 class _Ranked(list):  # type: ignore[type-arg]
@@ -93,7 +100,9 @@ class MemoryQueue:
     # -- storing ---------------------------------------------------------------------
 
     def enqueue(self, message: Any) -> None:
-        """Append *message*: ready now, priority 0."""
+        """Append *message*: ready now, priority 0. None is no message: TypeError."""
+        if message is None:
+            _not_none("enqueue")
         if self._ranked:
             with self._lock:
                 if self._ranked:  # still: not switched back meanwhile
@@ -109,6 +118,8 @@ class MemoryQueue:
                  priority: int = 0, result_ttl: float | None = None) -> None:
         """Store *message* to become ready after *delay* seconds or at POSIX time *at*;
         with *result_ttl*, its result is kept that many seconds (see ``store_result``)."""
+        if message is None:
+            _not_none("schedule")
         if result_ttl is not None:
             message = _ranked(message, priority)
             message.result_ttl = result_ttl

@@ -295,6 +295,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import threading
@@ -382,23 +383,15 @@ outermost (before the failed-attempts header)."""
 
 _MARKS = (_MARK, _FAILED_MARK, _RESULT_MARK)
 
+_PRIORITY = re.compile(rb"-?[1-9][0-9]{0,9}")
+"""A priority in a ``\\xffp`` header: an integer other than 0, at most 10 digits. Any
+other header counts as priority 0 (it is skipped all the same)."""
+
 _RECORD_FIELDS = ("task_id", "task", "args", "attempts", "error_type", "error", "traceback",
                   "last_failed_at")
 """What the engine's record for ``fail`` holds; the queue adds the rest of FAILED_FIELDS."""
 
-_COMMON = """\
-local prefix = ARGV[1]
-local waiting, scheduled, priorities = prefix .. 'waiting', prefix .. 'scheduled',
-    prefix .. 'priorities'
-local TOKEN = '\\255wake'
-local function num(x)  -- a number as Redis reads it back exactly
-    return string.format('%.17g', x)
-end
-local function clock()  -- {lease clock (whole ms), schedule clock (ms, to the us)}
-    local time = redis.call('TIME')
-    local ms = tonumber(time[1]) * 1000
-    return ms + math.floor(tonumber(time[2]) / 1000), ms + tonumber(time[2]) / 1000
-end
+_HEADERS = """\
 local function unheaded(entry)  -- *entry* without its result and failed-attempts headers
     if string.sub(entry, 1, 2) == '\\255r' then  -- outermost
         local newline = string.find(entry, '\\n', 3, true)
@@ -414,22 +407,43 @@ local function unheaded(entry)  -- *entry* without its result and failed-attempt
     end
     return entry
 end
-local function priority_of(entry)  -- the priority as a string, nil for 0
-    entry = unheaded(entry)
+local function split_priority(entry)  -- of an unheaded entry: the priority (a string,
+    -- nil for 0) and the message. As _header reads it: a priority header that is no
+    -- integer counts as none (ZADD would refuse it, stranding the entry in
+    -- waiting:<it>), and is skipped all the same.
     if string.sub(entry, 1, 2) == '\\255p' then
         local newline = string.find(entry, '\\n', 3, true)
         if newline then
-            return string.sub(entry, 3, newline - 1)
+            local p = string.sub(entry, 3, newline - 1)
+            if not string.find(p, '^%-?[1-9]%d?%d?%d?%d?%d?%d?%d?%d?%d?$') then  -- _PRIORITY
+                p = nil
+            end
+            return p, string.sub(entry, newline + 1)
         end
     end
-    return nil
+    return nil, entry
+end
+"""
+
+_COMMON = _HEADERS + """\
+local prefix = ARGV[1]
+local waiting, scheduled, priorities = prefix .. 'waiting', prefix .. 'scheduled',
+    prefix .. 'priorities'
+local TOKEN = '\\255wake'
+local function num(x)  -- a number as Redis reads it back exactly
+    return string.format('%.17g', x)
+end
+local function clock()  -- {lease clock (whole ms), schedule clock (ms, to the us)}
+    local time = redis.call('TIME')
+    local ms = tonumber(time[1]) * 1000
+    return ms + math.floor(tonumber(time[2]) / 1000), ms + tonumber(time[2]) / 1000
+end
+local function priority_of(entry)  -- the priority as a string, nil for 0
+    return (split_priority(unheaded(entry)))
 end
 local function body_of(entry)  -- the stored message without its attempts and priority
-    entry = unheaded(entry)
-    if priority_of(entry) then
-        return string.sub(entry, string.find(entry, '\\n', 3, true) + 1)
-    end
-    return entry
+    local _, body = split_priority(unheaded(entry))
+    return body
 end
 local function ready_list(entry)
     local p = priority_of(entry)
@@ -714,24 +728,9 @@ local function ack(inflight, waiting, deliveries, first)  -- ARGV[first], ... ac
         local entry = ARGV[i]
         local found = redis.call('LREM', inflight, 1, entry) == 1
         if not found then
-            local list, head = waiting, entry
-            if string.sub(head, 1, 2) == '\\255r' then  -- a result header first
-                local newline = string.find(head, '\\n', 3, true)
-                if newline then
-                    head = string.sub(head, newline + 1)
-                end
-            end
-            if string.sub(head, 1, 2) == '\\255a' then  -- then a failed-attempts header
-                local newline = string.find(head, '\\n', 3, true)
-                if newline then
-                    head = string.sub(head, newline + 1)
-                end
-            end
-            if string.sub(head, 1, 2) == '\\255p' then
-                local newline = string.find(head, '\\n', 3, true)
-                if newline then
-                    list = list .. ':' .. string.sub(head, 3, newline - 1)
-                end
+            local list, p = waiting, (split_priority(unheaded(entry)))
+            if p then  -- where make_ready put it: waiting:<p>
+                list = list .. ':' .. p
             end
             found = redis.call('LREM', list, -1, entry) == 1
         end
@@ -746,7 +745,7 @@ local function ack(inflight, waiting, deliveries, first)  -- ARGV[first], ... ac
 end
 """
 
-_ACK = _ACKING + """\
+_ACK = _HEADERS + _ACKING + """\
 -- KEYS: inflight, waiting, deliveries    ARGV: messages (one or many acks at once)
 -- Only the ack itself: the path every message takes stays short.
 return ack(KEYS[1], KEYS[2], KEYS[3], 1)
@@ -2122,10 +2121,9 @@ def _header(entry: bytes) -> tuple[int, float | None, int, bytes]:
     if entry.startswith(_MARK):
         newline = entry.find(b"\n", 2)
         if newline >= 0:
-            try:
+            # Only what _entry writes, as the scripts' split_priority reads it.
+            if _PRIORITY.fullmatch(entry, 2, newline):
                 priority = int(entry[2:newline])
-            except ValueError:
-                priority = 0
             entry = entry[newline + 1:]
     return attempts, first, priority, entry
 
