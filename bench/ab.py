@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--noop-n", type=int, default=10_000)
     parser.add_argument("--sleep-n", type=int, default=2000)
+    parser.add_argument("--sleep1-n", type=int, default=10_000)
     parser.add_argument("--bodies", nargs="+", default=["noop", "sleep"],
-                        choices=["noop", "sleep"])
+                        choices=["noop", *common.SLEEPS])
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args(argv)
 
@@ -149,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(args.rounds):
             order = list(labels) if round_no % 2 == 0 else list(reversed(labels))
             for body in args.bodies:
-                n = args.noop_n if body == "noop" else args.sleep_n
-                limit = 60 + n / 10 + (n * common.SLEEP if body == "sleep" else 0)
+                n = {"noop": args.noop_n, "sleep": args.sleep_n, "sleep1": args.sleep1_n}[body]
+                limit = 60 + n / 10 + n * common.SLEEPS.get(body, 0)
                 for contender in bench.contenders:
                     for side in order:
                         spec = bench.spec(contender, "drain", n=n, body=body, timeout=limit)
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs, labels)
     data = {"meta": meta, "base": labels[0], "head": labels[1],
             "config": {"rounds": args.rounds, "noop_n": args.noop_n, "sleep_n": args.sleep_n,
+                       "sleep1_n": args.sleep1_n,
                        "threads": common.THREADS},
             "summary": rows, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ THREADS = 8
 SLEEP = 0.01
 """Seconds each task of the sleep scenario sleeps."""
 
+SLEEPS = {"sleep": SLEEP, "sleep1": 0.001}
+"""The sleeping bodies and how long each sleeps: 10 ms (the targets' scenario) and 1 ms."""
+
 
 class FinishLine:
     """When the first task started, when the *target*-th one ended."""
@@ -122,10 +125,19 @@ def sleep() -> None:
     shortfall splits into the sleep's own overshoot and the time a worker
     spends between two tasks.
     """
+    _sleep(SLEEP)
+
+
+def sleep1() -> None:
+    """The short I/O-bound task: sleeps 1 ms, noted as :func:`sleep` notes it."""
+    _sleep(SLEEPS["sleep1"])
+
+
+def _sleep(seconds: float) -> None:
     line = _line
     line.begin()
     began = time.monotonic()
-    time.sleep(SLEEP)
+    time.sleep(seconds)
     line.slept.append(time.monotonic() - began)
     line.end()
 

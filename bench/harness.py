@@ -6,7 +6,8 @@
    counted, which warms caches and tells how many tasks each contender
    drains in about ``drain_budget`` seconds (see :meth:`Harness.calibrate`);
 2. drains: ``rounds`` rounds; in each, every contender drains the no-op
-   backlog, then every contender the 10 ms-sleep backlog, in an order rotated
+   backlog, then every contender the 10 ms-sleep backlog, then the 1 ms-sleep
+   backlog, in an order rotated
    by one place per round; one fresh runner process per run;
 3. latency and idle CPU: one runner per contender, all at once, idling side
    by side and taking turns to probe;
@@ -43,15 +44,18 @@ from bench.contenders import Contender, all_contenders
 RESULTS = Path(__file__).resolve().parent / "results"
 
 MODES: dict[str, dict[str, Any]] = {
-    "quick": {"rounds": 2, "noop_n": 2000, "sleep_n": 400, "calibrate": False,
+    "quick": {"rounds": 2, "noop_n": 2000, "sleep_n": 400, "sleep1_n": 2000,
+              "calibrate": False,
               "warm_probes": 50, "idle_s": 2.0, "idle_samples": 2, "memory_n": 20_000,
               "memory_every": 0.1, "profile_n": 5000},
-    "default": {"rounds": 3, "noop_n": 20_000, "sleep_n": 2000, "calibrate": True,
-                "drain_budget": 8.0, "min_n": 1000, "min_sleep_n": 400, "warm_probes": 200,
+    "default": {"rounds": 3, "noop_n": 20_000, "sleep_n": 2000, "sleep1_n": 10_000,
+                "calibrate": True, "drain_budget": 8.0, "min_n": 1000, "min_sleep_n": 400,
+                "warm_probes": 200,
                 "idle_s": 10.0,
                 "idle_samples": 5, "memory_n": 200_000, "memory_every": 0.25,
                 "profile_n": 20_000},
-    "full": {"rounds": 5, "noop_n": 20_000, "sleep_n": 2000, "calibrate": False,
+    "full": {"rounds": 5, "noop_n": 20_000, "sleep_n": 2000, "sleep1_n": 10_000,
+             "calibrate": False,
              "warm_probes": 500, "idle_s": 10.0, "idle_samples": 10,
              "memory_n": 1_000_000, "memory_every": 1.0, "profile_n": 50_000},
 }
@@ -184,12 +188,13 @@ class Harness:
     def calibrate(self) -> dict[str, dict[str, int]]:
         """Tasks each contender drains in about drain_budget seconds, per scenario.
 
-        No-op: between ``min_n`` and ``noop_n``. Sleep: ``sleep_n``, or fewer (not
-        under ``min_sleep_n``) for a contender whose no-op rate is below what
-        8 threads of 10 ms tasks need: RQ and Celery on a busy machine.
+        No-op: between ``min_n`` and ``noop_n``. Sleep: ``sleep_n`` (``sleep1_n``
+        for 1 ms), or fewer (not under ``min_sleep_n``) for a contender whose no-op
+        rate is below what 8 threads of such tasks need: RQ and Celery on a busy
+        machine, and more of them at 1 ms.
         """
         config = self.config
-        sizes: dict[str, dict[str, int]] = {"noop": {}, "sleep": {}}
+        sizes: dict[str, dict[str, int]] = {"noop": {}, **{body: {} for body in common.SLEEPS}}
         for contender in self.contenders:
             spec = self.spec(contender, "drain", n=CALIBRATION_N, body="noop", timeout=120)
             result = self.run_one(spec, 180)
@@ -198,13 +203,16 @@ class Harness:
             rate = result["rate"] if result.get("ok") else 0.0
             budget = config["drain_budget"]
             noop = int(min(config["noop_n"], max(config["min_n"], round(rate * budget, -3))))
-            ideal = config["threads"] / common.SLEEP
-            sleep = int(min(config["sleep_n"], max(config["min_sleep_n"],
-                                                   round(min(rate, ideal) * budget, -2))))
-            sizes["noop"][contender.key], sizes["sleep"][contender.key] = noop, sleep
+            sizes["noop"][contender.key] = noop
+            for body, seconds in common.SLEEPS.items():
+                ideal = config["threads"] / seconds
+                sizes[body][contender.key] = int(min(
+                    config[f"{body}_n"],
+                    max(config["min_sleep_n"], round(min(rate, ideal) * budget, -2))))
             if result.get("ok"):
                 self.log(f"calibration {contender.key:22} {rate:9.0f} tasks/s -> "
-                         f"no-op n={noop}, sleep n={sleep}")
+                         f"no-op n={noop}, sleep n={sizes['sleep'][contender.key]}, "
+                         f"sleep1 n={sizes['sleep1'][contender.key]}")
             else:
                 self.log(f"calibration {contender.key:22} FAILED: {_first_line(result)}")
         return sizes
@@ -214,25 +222,25 @@ class Harness:
         order = list(self.contenders)
         for round_no in range(config["rounds"]):
             rotated = order[round_no % len(order):] + order[:round_no % len(order)]
-            for body in ("noop", "sleep"):
+            for body in ("noop", *common.SLEEPS):
                 for contender in rotated:
                     n = sizes.get(body, {}).get(contender.key, config[f"{body}_n"])
                     # Bounded: an engine ten times slower than 100 tasks/s fails the run.
-                    limit = 60 + n / 10 + (n * common.SLEEP if body == "sleep" else 0)
+                    limit = 60 + n / 10 + n * common.SLEEPS.get(body, 0)
                     spec = self.spec(contender, "drain", n=n, body=body, timeout=limit)
                     result = self.run_one(spec, limit * 2 + 60)
                     result.update(phase="drain", round=round_no)
                     self.runs.append(result)
                     if result.get("ok"):
                         extra = ""
-                        if body == "sleep":
-                            ideal = n * common.SLEEP / config["threads"]
+                        if body in common.SLEEPS:
+                            ideal = n * common.SLEEPS[body] / config["threads"]
                             extra = f"  {100 * ideal / result['drain_s']:5.1f}% of ideal"
-                        self.log(f"round {round_no + 1} {body:5} {contender.key:22} "
+                        self.log(f"round {round_no + 1} {body:6} {contender.key:22} "
                                  f"{result['rate']:9.0f} tasks/s  enqueue "
                                  f"{result['enqueue_rate']:8.0f}/s{extra}")
                     else:
-                        self.log(f"round {round_no + 1} {body:5} {contender.key:22} FAILED: "
+                        self.log(f"round {round_no + 1} {body:6} {contender.key:22} FAILED: "
                                  f"{_first_line(result)}")
 
     def latency(self) -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,11 @@ def spread(values: list[float]) -> dict[str, Any]:
 def summarize(data: dict[str, Any]) -> dict[str, Any]:
     threads = data["config"]["threads"]
     runs = [r for r in data["runs"] if r.get("ok")]
-    summary: dict[str, Any] = {"noop": {}, "sleep": {}, "enqueue": {}, "latency": {},
-                               "memory": {}}
-    by_round: dict[str, dict[str, dict[int, float]]] = {"noop": {}, "sleep": {}}
-    for body in ("noop", "sleep"):
+    summary: dict[str, Any] = {"noop": {}, **{body: {} for body in common.SLEEPS},
+                               "enqueue": {}, "latency": {}, "memory": {}}
+    by_round: dict[str, dict[str, dict[int, float]]] = {
+        "noop": {}, **{body: {} for body in common.SLEEPS}}
+    for body in ("noop", *common.SLEEPS):
         for key in ORDER:
             mine = [r for r in runs if r.get("phase") == "drain" and r["contender"] == key
                     and r["body"] == body]
@@ -152,16 +154,17 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
                 summary["enqueue"][key] = spread([r["enqueue_rate"] for r in mine])
                 by_round["noop"][key] = {r["round"]: r["rate"] for r in mine}
             else:
-                fractions = [r["n"] * common.SLEEP / threads / r["drain_s"] for r in mine]
-                summary["sleep"][key] = spread(fractions)
-                summary["sleep"][key]["rate"] = spread([r["rate"] for r in mine])
-                summary["sleep"][key]["tasks"] = sorted({r["n"] for r in mine})
+                seconds = common.SLEEPS[body]
+                fractions = [r["n"] * seconds / threads / r["drain_s"] for r in mine]
+                summary[body][key] = spread(fractions)
+                summary[body][key]["rate"] = spread([r["rate"] for r in mine])
+                summary[body][key]["tasks"] = sorted({r["n"] for r in mine})
                 for field in ("sleep_ms", "gap_ms"):
                     values = [r[field] for r in mine if field in r]
                     if values:
-                        summary["sleep"][key][field] = common.percentile(values, 50)
-                by_round["sleep"][key] = dict(zip([r["round"] for r in mine], fractions,
-                                                  strict=True))
+                        summary[body][key][field] = common.percentile(values, 50)
+                by_round[body][key] = dict(zip([r["round"] for r in mine], fractions,
+                                               strict=True))
     floor = summary["noop"].get("threadpool")
     for key, stats in summary["noop"].items():
         if floor:
@@ -368,28 +371,8 @@ def write_markdown(data: dict[str, Any], path: Path, json_name: str) -> None:
         w("\nCPU µs/task: CPU time of the whole process (every thread, user and system) from "
           "start to the last task, per task; in-process engines only.\n")
         w("")
-    sleep = summary["sleep"]
-    if sleep:
-        ideal = config["threads"] / common.SLEEP
-        w(f"## 10 ms sleep tasks (ideal {ideal:.0f}/s)\n")
-        w("| contender | % of ideal (median) | min–max | tasks/s | × floor | sleep ms | "
-          "gap ms | tasks per run |")
-        w("|---|---:|---:|---:|---:|---:|---:|---:|")
-        floor_sleep = sleep.get("threadpool")
-        for key in ORDER:
-            if key in sleep:
-                s = sleep[key]
-                vs = f"{s['median'] / floor_sleep['median']:.3f}" if floor_sleep else "—"
-                sleep_ms = f"{s['sleep_ms']:.3f}" if "sleep_ms" in s else "—"
-                gap_ms = f"{s['gap_ms']:.3f}" if "gap_ms" in s else "—"
-                w(f"| {LABELS[key]} | {100 * s['median']:.1f}% | {100 * s['min']:.1f}–"
-                  f"{100 * s['max']:.1f}% | {_fmt_rate(s['rate']['median'])} | {vs} | "
-                  f"{sleep_ms} | {gap_ms} | {', '.join(f'{t:,}' for t in s.get('tasks', []))} |")
-        w("")
-        w("sleep ms: how long `time.sleep(0.01)` took inside the task (median of the "
-          "rounds' means); gap ms: the mean time a worker spent between two tasks "
-          "(8 × the drain time, less the sleeps, per task). In-process engines only. "
-          "At 10 ms a task, 97% of ideal leaves 0.31 ms per task for both.\n")
+    for body, seconds in common.SLEEPS.items():
+        _sleep_table(w, config, summary[body], body, seconds)
     latency = summary["latency"]
     if latency:
         w("## Submit→start latency and idle CPU\n")
@@ -598,3 +581,33 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _sleep_table(w: Callable[[str], None], config: dict[str, Any],
+                 sleep: dict[str, Any], body: str, seconds: float) -> None:
+    """The table of one sleeping body: % of ideal, the floor's ratio, sleep and gap."""
+    if not sleep:
+        return
+    ms = f"{seconds * 1e3:g} ms"
+    ideal = config["threads"] / seconds
+    w(f"## {ms} sleep tasks (ideal {ideal:.0f}/s)\n")
+    w("| contender | % of ideal (median) | min–max | tasks/s | × floor | sleep ms | "
+      "gap ms | tasks per run |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|")
+    floor_sleep = sleep.get("threadpool")
+    for key in ORDER:
+        if key in sleep:
+            s = sleep[key]
+            vs = f"{s['median'] / floor_sleep['median']:.3f}" if floor_sleep else "—"
+            sleep_ms = f"{s['sleep_ms']:.3f}" if "sleep_ms" in s else "—"
+            gap_ms = f"{s['gap_ms']:.3f}" if "gap_ms" in s else "—"
+            w(f"| {LABELS[key]} | {100 * s['median']:.1f}% | {100 * s['min']:.1f}–"
+              f"{100 * s['max']:.1f}% | {_fmt_rate(s['rate']['median'])} | {vs} | "
+              f"{sleep_ms} | {gap_ms} | {', '.join(f'{t:,}' for t in s.get('tasks', []))} |")
+    w("")
+    gap = seconds * 0.03 / 0.97 * 1e3
+    w(f"sleep ms: how long `time.sleep({seconds:g})` took inside the task (median of the "
+      "rounds' means); gap ms: the mean time a worker spent between two tasks "
+      f"({config['threads']} × the drain time, less the sleeps, per task). In-process "
+      f"engines only. At {ms} a task, 97% of ideal leaves {gap:.2f} ms per task for "
+      "both.\n")

@@ -22,6 +22,7 @@ from bench.contenders.inprocess import TempestContender
 SCENARIOS: list[dict[str, Any]] = [
     {"scenario": "drain", "body": "noop", "n": 300, "timeout": 30},
     {"scenario": "drain", "body": "sleep", "n": 32, "timeout": 30},
+    {"scenario": "drain", "body": "sleep1", "n": 64, "timeout": 30},
     {"scenario": "latency", "warm": 5, "gap": 0.001, "idle": 0.2, "idle_samples": 1,
      "probe_timeout": 10, "handshake": False},
 ]

@@ -30,11 +30,16 @@ def sleep() -> None:
     common.sleep()
 
 
+@app.task(name="bench.sleep1")
+def sleep1() -> None:
+    common.sleep1()
+
+
 @app.task(name="bench.probe")
 def probe(submitted: float) -> None:
     common.probe(submitted)
 
 
-TASKS = {"noop": noop, "sleep": sleep, "probe": probe}
+TASKS = {"noop": noop, "sleep": sleep, "sleep1": sleep1, "probe": probe}
 
 configure_worker()

@@ -26,11 +26,16 @@ def sleep() -> None:
     common.sleep()
 
 
+@dramatiq.actor(actor_name="bench_sleep1", queue_name="bench")
+def sleep1() -> None:
+    common.sleep1()
+
+
 @dramatiq.actor(actor_name="bench_probe", queue_name="bench")
 def probe(submitted: float) -> None:
     common.probe(submitted)
 
 
-TASKS = {"noop": noop, "sleep": sleep, "probe": probe}
+TASKS = {"noop": noop, "sleep": sleep, "sleep1": sleep1, "probe": probe}
 
 configure_worker()

@@ -18,10 +18,14 @@ def sleep() -> None:
     common.sleep()
 
 
+def sleep1() -> None:
+    common.sleep1()
+
+
 def probe(submitted: float) -> None:
     common.probe(submitted)
 
 
-TASKS = {"noop": noop, "sleep": sleep, "probe": probe}
+TASKS = {"noop": noop, "sleep": sleep, "sleep1": sleep1, "probe": probe}
 
 configure_worker(shared=True)

@@ -42,7 +42,8 @@ class ThreadPool(Contender):
         for _ in range(ctx.threads):
             self.pool.submit(hold)
         holding.wait(timeout=10)  # every worker thread exists and holds
-        self.bodies = {"noop": common.noop, "sleep": common.sleep, "probe": common.probe}
+        self.bodies = {"noop": common.noop, "sleep": common.sleep, "sleep1": common.sleep1,
+                       "probe": common.probe}
 
     def enqueue(self, body: str, *args: float) -> None:
         self.pool.submit(self.bodies[body], *args)
@@ -74,6 +75,13 @@ class BenchSleep(Task):
         common.sleep()
 
 
+class BenchSleep1(Task):
+    """Sleeps 1 ms."""
+
+    def process(self) -> None:
+        common.sleep1()
+
+
 class BenchProbe(Task):
     """Reports its submit-to-start delay."""
 
@@ -82,7 +90,7 @@ class BenchProbe(Task):
 
 
 TEMPEST_TASKS: dict[str, type[Task]] = {
-    "noop": BenchNoop, "sleep": BenchSleep, "probe": BenchProbe}
+    "noop": BenchNoop, "sleep": BenchSleep, "sleep1": BenchSleep1, "probe": BenchProbe}
 
 QUEUE_CLASSES = {"memory": "MemoryQueue", "sqlite": "SQLiteQueue", "redis": "RedisQueue",
                  "postgres": "PostgresQueue"}
@@ -223,7 +231,9 @@ class HueyContender(Contender):
         else:
             self.huey = huey.RedisHuey(ctx.ns, url=ctx.redis_url, results=False)
         self.tasks = {name: self.huey.task(name=f"bench.{name}")(body) for name, body in
-                      (("noop", common.noop), ("sleep", common.sleep), ("probe", common.probe))}
+                      (("noop", common.noop), ("sleep", common.sleep),
+                                           ("sleep1", common.sleep1),
+                                           ("probe", common.probe))}
         self.consumer: Any = None
 
     def enqueue(self, body: str, *args: float) -> None:
