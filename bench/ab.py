@@ -16,10 +16,17 @@ ratios (a pair is seconds apart, so the machine's slow drift cancels).
 
 Results: ``bench/results/ab-<date>-<base>-<head>.json`` and a table on stdout.
 
+``--without-hiredis`` measures one version of tempest twice instead: with
+hiredis (redis-py's C reply parser, which redis-py picks whenever it is
+importable) and with redis-py's own Python parser. The second side's copy
+holds a ``hiredis`` package whose import fails, ahead of the installed one on
+``PYTHONPATH``, so redis-py falls back as it does where hiredis is missing.
+
 Usage::
 
     bench/.venv/bin/python -m bench.ab cabe1f5 --only tempest-sqlite tempest-redis
     bench/.venv/bin/python -m bench.ab main~1 --rounds 7 --noop-n 20000
+    bench/.venv/bin/python -m bench.ab HEAD --head HEAD --without-hiredis --only tempest-redis
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ def export(rev: str | None, into: Path) -> str:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
     return _short(rev)
+
+
+def block_hiredis(into: Path) -> None:
+    """Make ``import hiredis`` fail for runners importing from *into*."""
+    (into / "hiredis").mkdir()
+    (into / "hiredis" / "__init__.py").write_text(
+        'raise ImportError("hiredis left out for this side of the A/B")\n')
 
 
 def _short(rev: str) -> str:
@@ -125,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sleep1-n", type=int, default=10_000)
     parser.add_argument("--bodies", nargs="+", default=["noop", "sleep"],
                         choices=["noop", *common.SLEEPS])
+    parser.add_argument("--without-hiredis", action="store_true",
+                        help="the head side runs without hiredis (see the module docstring)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args(argv)
 
@@ -136,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     sides = {}
     for name, rev in (("base", args.base), ("head", args.head)):
         path = bench.tmp / "code" / name
-        sides[export(rev, path)] = path
+        label = export(rev, path)
+        if args.without_hiredis:
+            label += "-hiredis" if name == "base" else "-pyparser"
+            if name == "head":
+                block_hiredis(path)
+        sides[label] = path
     labels: tuple[str, str] = tuple(sides)  # type: ignore[assignment]
     if labels[0] == labels[1]:
         parser.error(f"base and head are the same code ({labels[0]})")

@@ -40,6 +40,8 @@ def drain(contender: Contender, spec: dict[str, Any]) -> dict[str, Any]:
     result = {"n": n, "body": body, "enqueue_s": enqueued - began,
               "enqueue_rate": n / (enqueued - began), "startup_s": first - enqueued,
               "drain_s": last - first, "rate": n / (last - first)}
+    if "redis.connection" in sys.modules:  # which reply parser redis-py used: hiredis or not
+        result["redis_parser"] = sys.modules["redis.connection"].DefaultParser.__name__
     slept = common.current_line().slept
     if slept and len(slept) >= n:
         # In-process engines: the mean sleep, and the mean time a worker spent
