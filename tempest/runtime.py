@@ -30,23 +30,34 @@ each waiting its turn for its own.
 
 Acks with the next dequeue
 --------------------------
-A queue with ``ack_and_dequeue(message, count)`` settles a message and leases
-the next ones in one round trip (one transaction). A worker whose task
-succeeded keeps its ack (``Slot.settling``) until its next dequeue, and only
-where that dequeue comes at once: if it gets the dispatcher lock without
-waiting and no batch message is left for it, it sends the ack together
-with a non-blocking take of as many messages as could start now (see
-``_take``), handed out as a batch is; otherwise (the lock
-is held by a leader waiting on an empty queue, the engine is stopping) it
-acks alone first, as before. Until the ack is stored the message is still
-counted as running and not yet processed, so ``stats()``, ``burst`` and a
-stop never see it settled before it is; the outcome is logged and the
-callbacks ran before, exactly as with a separate ack. A crash before the
-combined call returns leaves the message leased: it runs again after its
-lease, as after a crash just before a separate ack. What the take leased
-and a crash then strands comes back the same way. So between two tasks a
-worker pays one round trip instead of two, and no message is ever taken
-before a worker is free for it.
+A queue with ``ack_and_dequeue(messages, count)`` settles messages and
+leases the next ones in one round trip (one transaction). A worker whose
+task succeeded keeps its ack (``Slot.settling``) for its next dequeue:
+
+- It gets the dispatcher lock without waiting and no batch message is left
+  for it: it leads, and sends its ack together with a non-blocking take of
+  as many messages as could start now (see ``_take``), handed out as a batch
+  is.
+- The lock is held by a leader in a queue call: it hands its ack to the next
+  leader (``_handed``) and queues for the lock itself. Whoever holds the lock
+  next sends every handed ack with its own call, before anything else, so a
+  handed ack waits at most for the call in progress: there is always a next
+  holder, the worker that handed it at the latest. Under load one round trip
+  then carries the acks of several workers and the take for all of them.
+- The leader waits on an empty queue (``_idle_wait``), the engine is stopping,
+  or a batch message is left for it: it acks alone, as a worker that cannot
+  know when the next call goes. A leader about to wait sends what was handed
+  first; a worker that handed its ack as the wait began takes it back
+  (whoever pops an entry from ``_handed`` sends it: never twice, never not).
+
+Until its ack is stored a message is still counted as running and not yet
+processed, so ``stats()``, ``burst`` and a stop never see it settled before
+it is; the outcome is logged and the callbacks ran before, exactly as with a
+separate ack. A crash before the call returns leaves the message leased: it
+runs again after its lease, as after a crash just before a separate ack.
+What the take leased and a crash then strands comes back the same way. So
+between two tasks a worker pays at most one round trip instead of two, and no
+message is ever taken before a worker is free for it.
 
 Where a message can be lost or run twice
 ----------------------------------------
@@ -188,9 +199,16 @@ class Runtime:
         # Taken for workers that were waiting for the leader (see "Batches" in
         # the module docstring); appended under _dequeue_lock, popped by anyone.
         self._taken: collections.deque[Any] = collections.deque()
+        # Acks handed to the next leader, and whether the leader waits on an
+        # empty queue (see "Acks with the next dequeue").
+        self._handed: collections.deque[_Handed] = collections.deque()
+        self._idle_wait = False
         self._ack = getattr(self.queue, "ack", None)
         both = getattr(self.queue, "ack_and_dequeue", None)
-        self._ack_and_dequeue = both if callable(both) and callable(self._ack) else None
+        # Only with a blocking dequeue_many: a leader of a polling queue sleeps
+        # between polls, holding the lock, where handed acks would wait.
+        self._ack_and_dequeue = (both if callable(both) and callable(self._ack)
+                                 and self._dequeue_many is not None else None)
         self._reject_to = getattr(self.queue, "reject", None)
         self.guarantee = "at-least-once" if callable(self._ack) else "at-most-once"
         lacking = missing(self.queue, RETRY_METHODS)
@@ -331,6 +349,9 @@ class Runtime:
     def finish(self) -> None:
         """End of the drain: interrupt what still runs, write the last lines, close."""
         self._give_back_taken()  # by a worker normally; here if none came back for them
+        handed = self._take_handed()  # sent by the next leader normally: never left behind
+        if handed:
+            self._settle_all(handed, 0)
         with self._lock:
             self.closed = True
             slots = list(self.slots)
@@ -424,13 +445,17 @@ class Runtime:
         with the next dequeue").
         """
         if slot.settling is not None:
-            if (not self.stopping and not self._taken
-                    and self._dequeue_lock.acquire(blocking=False)):
-                try:
-                    return self._lead(slot)
-                finally:
-                    self._dequeue_lock.release()
-            self._settle(slot)
+            if not self.stopping and not self._taken:
+                if self._dequeue_lock.acquire(blocking=False):
+                    try:
+                        return self._lead(slot)
+                    finally:
+                        self._dequeue_lock.release()
+                if self._hand(slot):
+                    with self._dequeue_lock:  # the next holder sends it: maybe this one
+                        return self._lead(slot)
+            if slot.settling is not None:
+                self._settle(slot)
         if not self.stopping:
             # One taken for a free worker in a batch: no need to queue for the lock.
             message = self._pop_taken()
@@ -439,13 +464,38 @@ class Runtime:
         with self._dequeue_lock:
             return self._lead(slot)
 
+    def _hand(self, slot: Slot) -> bool:
+        """Hand *slot*'s ack to the next leader (see "Acks with the next dequeue").
+
+        False, the ack kept, while the leader waits on an empty queue: then
+        the next call may be a wait away. The check comes after the append,
+        and the leader's before its wait after it raises ``_idle_wait``: so
+        either the leader sees the entry, or this worker sees the flag and
+        takes the entry back; whoever pops it sends it.
+        """
+        entry = _Handed(slot.settling)
+        slot.settling = None
+        self._handed.append(entry)
+        if self._idle_wait:
+            try:
+                self._handed.remove(entry)
+            except ValueError:
+                return True  # the leader took it: it sends it before its wait
+            slot.settling = entry.settling
+            return False
+        return True
+
     def _lead(self, slot: Slot) -> Any:
         """The leader's loop, ``_dequeue_lock`` held: see _next_message."""
-        if slot.settling is not None:
+        handed = self._take_handed()
+        if slot.settling is not None or handed:
             threads, coroutines = registered_kinds()
-            # Its own message still counts as running: this worker is free too.
-            free = self._free(threads, coroutines, self.running - 1)
-            taken = self._settle(slot, take=0 if self.stopping or self._taken else free)
+            # Their messages still count as running: their workers are free too.
+            mine = [slot.settling] if slot.settling is not None else []
+            slot.settling = None
+            settling = mine + handed
+            free = self._free(threads, coroutines, self.running - len(settling))
+            taken = self._settle_all(settling, 0 if self.stopping or self._taken else free)
             message = self._hand_out(taken, coroutines) if taken else None
             if message is not None:
                 return message
@@ -465,7 +515,7 @@ class Runtime:
                     # task does, so do not sleep through that in a long wait.
                     wait = (DEQUEUE_WAIT if not self.burst
                             else 0 if idle else BURST_WAIT)
-                    messages = self._take(wait, threads, coroutines)
+                    messages = self._take_handed_and_wait(wait, threads, coroutines)
                 else:
                     message = self._dequeue()
                     messages = [] if message is None else [message]
@@ -477,7 +527,14 @@ class Runtime:
                 # A backoff is progress (healthy() must not stop the watchdog
                 # during a queue outage): the dispatcher is due back after it.
                 self.last_progress = time.monotonic() + delay
-                self._stop_event.wait(delay)
+                self._idle_wait = True  # no call for a while: acks are not handed
+                try:
+                    handed = self._take_handed()
+                    if handed:
+                        self._settle_all(handed, 0)
+                    self._stop_event.wait(delay)
+                finally:
+                    self._idle_wait = False
                 continue
             if self._errors:
                 self.logs.main.info("dequeue recovered", attempts=self._errors)
@@ -497,6 +554,31 @@ class Runtime:
                 return message
         self._give_back_taken()
         return None
+
+    def _take_handed(self) -> list[Any]:
+        """The acks handed to this leader (see _hand): popped, so sent by it alone."""
+        handed = []
+        while self._handed:
+            try:
+                handed.append(self._handed.popleft().settling)
+            except IndexError:  # taken back meanwhile
+                break
+        return handed
+
+    def _take_handed_and_wait(self, wait: float, threads: bool, coroutines: bool
+                              ) -> list[Any]:
+        """_take(wait), sending the acks handed meanwhile first, with a take of their own."""
+        self._idle_wait = True  # before the look at _handed: see _hand
+        try:
+            handed = self._take_handed()
+            if handed:
+                free = self._free(threads, coroutines, self.running - len(handed))
+                taken = self._settle_all(handed, free)
+                if taken:
+                    return taken
+            return self._take(wait, threads, coroutines)
+        finally:
+            self._idle_wait = False
 
     def _take(self, wait: float, threads: bool, coroutines: bool) -> list[Any]:
         """Dequeue for this worker and for the other free ones, in one call.
@@ -710,21 +792,28 @@ class Runtime:
             setattr(self, outcome, getattr(self, outcome) + 1)
             self.running -= 1
 
-    def _settle(self, slot: Slot, take: int = 0) -> list[Any]:
-        """Send the ack *slot* kept, with a take of up to *take* messages; what it took
-        (not yet counted running: see _hand_out)."""
-        task_id, message, outcome = slot.settling
-        slot.settling = None
+    def _settle(self, slot: Slot) -> None:
+        """Send the ack *slot* kept, alone."""
+        settling, slot.settling = slot.settling, None
+        self._settle_all([settling], 0)
+
+    def _settle_all(self, settling: list[tuple[str, Any, str]], take: int) -> list[Any]:
+        """Send the kept acks *settling* (task id, message, outcome), with a take of up
+        to *take* messages; what it took (not yet counted running: see _hand_out)."""
         taken: list[Any] = []
-        if take <= 0:
+        if take <= 0 and len(settling) == 1:
+            task_id, message, _ = settling[0]
             self._acknowledge(task_id, message)
         else:
             try:
-                taken = self._ack_and_dequeue(message, take)  # type: ignore[misc]
+                taken = self._ack_and_dequeue(  # type: ignore[misc]
+                    [message for _, message, _ in settling], max(take, 0))
             except Exception as exc:  # noqa: BLE001
-                # Left leased: it runs again after its lease (what a take leased too).
-                self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
-        self._count_settled(outcome)
+                # Left leased: they run again after their lease (what a take leased too).
+                for task_id, _, _ in settling:
+                    self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
+        for _, _, outcome in settling:
+            self._count_settled(outcome)
         return taken
 
     # -- results ----------------------------------------------------------------------------
@@ -999,6 +1088,15 @@ class Runtime:
             }
         stats.update(queue_counts(self.queue))
         return stats
+
+
+class _Handed:
+    """A kept ack handed to the next leader; compared by identity (see _hand)."""
+
+    __slots__ = ("settling",)
+
+    def __init__(self, settling: tuple[str, Any, str]) -> None:
+        self.settling = settling
 
 
 def _fill_id(message: Any, task_id: str) -> None:

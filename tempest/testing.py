@@ -431,11 +431,11 @@ class QueueContract:
             queue.enqueue([f"id-{i}", "Task", i])
         first = queue.dequeue()
         assert first is not None and list(first) == ["id-0", "Task", 0]
-        taken = queue.ack_and_dequeue(first, 2)
+        taken = queue.ack_and_dequeue([first], 2)
         assert [list(m) for m in taken] == [["id-1", "Task", 1], ["id-2", "Task", 2]]
-        last = queue.ack_and_dequeue(taken[0], 5)  # fewer waiting than asked
+        last = queue.ack_and_dequeue([taken[0]], 5)  # fewer waiting than asked
         assert [list(m) for m in last] == [["id-3", "Task", 3]]
-        assert queue.ack_and_dequeue(last[0], 1) == []  # acked, with nothing to take
+        assert queue.ack_and_dequeue([last[0]], 1) == []  # acked, with nothing to take
         other = self._reliable(lease=0.5)
         # Only the one never acked comes back, once its lease ran out.
         again = _until(other.dequeue, 10.0)
@@ -448,9 +448,34 @@ class QueueContract:
         queue = self._having("ack_and_dequeue", "the queue has no ack_and_dequeue")
         queue.enqueue(["id-u", "Task"])
         with pytest.raises(ValueError):
-            queue.ack_and_dequeue(["id-u", "Task"], 1)
+            queue.ack_and_dequeue([["id-u", "Task"]], 1)
         message = _until(queue.dequeue, 5.0)  # nothing was taken by the failed call
         assert message is not None and list(message) == ["id-u", "Task"]
+        with pytest.raises(TypeError):
+            queue.ack_and_dequeue([], 1)
+
+    def test_ack_and_dequeue_acks_several_at_once(self) -> None:
+        """Several acks in one call, with a take or (count 0) alone; a message it does
+        not hold among them raises, the ones before it acked, nothing taken."""
+        queue = self._having("ack_and_dequeue", "the queue has no ack_and_dequeue",
+                             lease=0.5)
+        for i in range(7):
+            queue.enqueue([f"id-{i}", "Task", i])
+        held = queue.dequeue_many(3)
+        assert [list(m) for m in held] == [[f"id-{i}", "Task", i] for i in range(3)]
+        taken = queue.ack_and_dequeue(held, 2)
+        assert [list(m) for m in taken] == [["id-3", "Task", 3], ["id-4", "Task", 4]]
+        assert queue.ack_and_dequeue(taken, 0) == []  # the acks alone
+        last = queue.dequeue_many(2)
+        assert [list(m) for m in last] == [["id-5", "Task", 5], ["id-6", "Task", 6]]
+        with pytest.raises(ValueError):
+            queue.ack_and_dequeue([last[0], ["id-x", "Task"], last[1]], 1)
+        other = self._reliable(lease=0.5)
+        # Only the one after the unknown message was left unacked: it comes back.
+        again = _until(other.dequeue, 10.0)
+        assert again is not None and list(again) == ["id-6", "Task", 6]
+        other.ack(again)
+        assert _until(other.dequeue, 1.0) is None
 
     def test_unacked_message_returns_after_the_lease(self) -> None:
         """A consumer that dies holding a message: another gets it once the lease ends."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Any
 
 from tempest import Task
@@ -36,6 +37,7 @@ class AckingQueue:
         self.leased: dict[str, list[Any]] = {}
         self.acked: list[str] = []
         self.combined = 0
+        self.batches: list[int] = []  # acks per ack_and_dequeue call
         self.fail_combined = fail_combined
         self.processed_at_ack: list[int] = []
         self.engine: Any = None
@@ -67,13 +69,15 @@ class AckingQueue:
             if self.engine is not None:
                 self.processed_at_ack.append(self.engine.stats()["processed"])
 
-    def ack_and_dequeue(self, message: Any, count: int) -> list[Any]:
+    def ack_and_dequeue(self, messages: list[Any], count: int) -> list[Any]:
         with self._cond:
             if self.fail_combined:
                 self.fail_combined -= 1
                 raise ConnectionError("the server went away")
             self.combined += 1
-        self.ack(message)
+            self.batches.append(len(messages))
+        for message in messages:
+            self.ack(message)
         return self.dequeue_many(count)
 
     def __len__(self) -> int:
@@ -121,3 +125,106 @@ def test_threads_and_coroutine_messages_mixed(make_engine):
     assert queue.leased == {} and queue.combined > 0
     assert engine.stats()["processed"] == len(ids)
     assert "worker crashed" not in main_log(engine)
+
+
+BARRIER = threading.Barrier(3, timeout=20)
+
+
+class AdTogether(Task):
+    """Three of these end together: each waits for the other two to start."""
+
+    def process(self, n):
+        BARRIER.wait()
+        return n
+
+
+class GatedQueue(AckingQueue):
+    """Its first ``ack_and_dequeue`` is held until two acks were handed to the next
+    leader meanwhile (or 20 s passed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated = threading.Event()
+        self.handed_seen = 0
+
+    def ack_and_dequeue(self, messages: list[Any], count: int) -> list[Any]:
+        if not self.gated.is_set():
+            self.gated.set()
+            runtime = self.engine._state.control.runtime
+            deadline = time.monotonic() + 20
+            while len(runtime._handed) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)  # bounded poll of the engine's own state
+            self.handed_seen = len(runtime._handed)
+        return super().ack_and_dequeue(messages, count)
+
+
+def test_acks_handed_while_a_call_is_in_flight_go_together_in_the_next(make_engine):
+    """Workers that end while the leader's call is in flight hand their acks to the
+    next holder of the lock: one call then carries both, each acked once, and
+    none is counted processed before its ack."""
+    BARRIER.reset()
+    queue = GatedQueue()
+    engine = make_engine(threads=3, queue=queue)
+    queue.engine = engine
+    ids = [engine.submit(AdTogether, n) for n in range(3)]
+    ids += [engine.submit(AdNoop, n) for n in range(3, 30)]
+    engine.run(burst=True)
+    assert queue.handed_seen == 2
+    # The leader's own ack, then the two handed (and any handed since) in one call.
+    assert queue.batches[0] == 1 and queue.batches[1] >= 2
+    assert sorted(queue.acked) == sorted(ids) and queue.leased == {}
+    assert all(seen < len(ids) for seen in queue.processed_at_ack)
+    stats = engine.stats()
+    assert stats["processed"] == stats["succeeded"] == len(ids) and stats["running"] == 0
+    assert "worker crashed" not in main_log(engine)
+
+
+class WaitingQueue(AckingQueue):
+    """Notes whether each ack came while a dequeue waited on the empty queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+        self.in_wait = False
+        self.acked_in_wait: list[bool] = []
+
+    def dequeue_many(self, count: int, timeout: float | None = None) -> list[Any]:
+        with self._cond:
+            if not self._ready and timeout:
+                self.in_wait = True
+                self.waiting.set()
+                try:
+                    self._cond.wait(timeout)
+                finally:
+                    self.in_wait = False
+        return super().dequeue_many(count, None)
+
+    def ack(self, message: Any) -> None:
+        self.acked_in_wait.append(self.in_wait)
+        super().ack(message)
+
+
+WAITING: list[WaitingQueue] = []
+
+
+class AdUntilWaiting(Task):
+    def process(self):
+        assert WAITING[0].waiting.wait(10)
+
+
+def test_an_ack_is_sent_at_once_while_the_leader_waits_on_an_empty_queue(make_engine):
+    """A worker that ends while the leader waits for a message does not hand its ack
+    to it (the next call may be a wait away): it acks alone, during the wait."""
+    queue = WaitingQueue()
+    WAITING[:] = [queue]
+    engine = make_engine(threads=2, queue=queue)
+    task_id = engine.submit(AdUntilWaiting)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not queue.acked and time.monotonic() < deadline:
+            queue.waiting.wait(0.05)  # bounded: the ack is looked for in the loop
+        assert queue.acked == [task_id]
+        assert queue.acked_in_wait == [True] and queue.combined == 0
+    finally:
+        engine.stop(timeout=10)

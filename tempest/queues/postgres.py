@@ -1222,29 +1222,49 @@ class PostgresQueue:
                 return
         self._delete_acked(ticket)
 
-    def ack_and_dequeue(self, message: Any, count: int) -> list[Any]:
-        """``ack(message)``, then ``dequeue_many(count)`` without waiting, in one statement.
+    def ack_and_dequeue(self, messages: list[Any], count: int) -> list[Any]:
+        """``ack`` every message of *messages*, then ``dequeue_many(count)`` without
+        waiting, in one statement (*count* 0: the DELETE alone).
 
-        The engine calls it as a worker that has just finished *message* takes
-        its next one: one round trip and one commit instead of two. The DELETE
-        and the claim commit together, or neither does. A lost connection is
-        followed by the DELETE alone on a new one (and no message); if that
-        fails too it raises: the message was not acked, and its lease brings
-        it back, as when ``ack`` raises.
+        The engine calls it as a worker that has just finished a message takes
+        its next ones, with the acks other workers handed it meanwhile: one
+        round trip and one commit instead of several. The DELETE and the claim
+        commit together, or neither does. A lost connection is followed by the
+        DELETE alone on a new one (and no message); if that fails too it
+        raises: the messages were not acked, and their leases bring them
+        back, as when ``ack`` raises.
         """
         count = operator.index(count)
-        row = self._settle(message, "ack")[0]
+        if not isinstance(messages, list) or not messages:
+            raise TypeError("PostgresQueue.ack_and_dequeue: messages must be a non-empty "
+                            f"list of messages, not {type(messages).__name__} "
+                            f"{messages!r:.60}")
+        rows: list[int] = []
         try:
-            return self._claim(max(count, 0), acked=row)
+            for message in messages:
+                rows.append(self._settle(message, "ack")[0])
+        except BaseException:  # a message it does not hold: the ones before it are acked
+            if rows:
+                self._delete(rows)
+            raise
+        if count < 1:
+            self._delete(rows)
+            return []
+        try:
+            return self._claim(count, acked=rows)
         except psycopg.OperationalError:
             # The connection went (a restart, pg_terminate_backend): the statement
             # was rolled back, or committed with its reply lost (then what it
             # leased comes back after the lease). The DELETE is safe to repeat:
             # once more, alone, on a new connection, so that a finished task
             # does not run again just because its connection was cut.
-            with self._connection() as conn:
-                conn.execute(self._sql["ack"], {"ids": [row]})
+            self._delete(rows)
             return []
+
+    def _delete(self, rows: list[int]) -> None:
+        """The ack's DELETE of *rows*, in one statement."""
+        with self._connection() as conn:
+            conn.execute(self._sql["ack"], {"ids": rows})
 
     def reject(self, message: Any, reason: str) -> None:
         """Move the message (raw bodies too) to ``<table>_rejected`` with *reason*."""
@@ -1553,17 +1573,17 @@ class PostgresQueue:
 
     # -- internals ------------------------------------------------------------------
 
-    def _claim(self, count: int, *, acked: int | None = None) -> list[Any]:
+    def _claim(self, count: int, *, acked: list[int] | None = None) -> list[Any]:
         """Lease up to *count* available messages, setting poison aside; [] if none.
 
-        *acked*: the row of a message acked by the first statement (see ack_and_dequeue).
+        *acked*: the rows of messages acked by the first statement (see ack_and_dequeue).
         """
         params = {"consumer": self.consumer, "lease": self.lease, "queue": self.name,
                   "max_deliveries": self.max_deliveries, "poison": protocol.POISON_REASON,
                   "count": count, "gate": True}
         statement = self._sql["claim"]
         if acked is not None:
-            statement, params["ids"] = self._sql["ack_claim"], [acked]
+            statement, params["ids"] = self._sql["ack_claim"], acked
         messages: list[Any] = []
         while True:
             with self._connection() as conn:

@@ -22,12 +22,14 @@ method                what it buys
                       it. A queue with ack *leases* what it hands out and gives a
                       message whose lease ran out to another consumer: the engine
                       announces at-least-once delivery
-``ack_and_dequeue``   ``ack_and_dequeue(m, n)``: ``ack(m)``, then ``dequeue_many(n)``
-                      without waiting, stored together in one round trip: a
-                      worker that has just finished *m* takes its next messages
-                      (the engine asks only when the call can go at once).
-                      Raises like ``ack`` for an *m* it does not hold, taking
-                      nothing
+``ack_and_dequeue``   ``ack_and_dequeue(ms, n)``: ``ack`` each message of the list
+                      *ms*, then ``dequeue_many(n)`` without waiting (``n`` 0:
+                      none), stored together in one round trip: a worker that
+                      has just finished a message takes its next ones, with the
+                      acks other workers handed it meanwhile (the engine asks
+                      only when the call can go at once). Raises like ``ack``
+                      for a message it does not hold, taking nothing (the ones
+                      before it are acked)
 ``reject(m, why)``    *m* cannot be run (malformed, unknown task, poison): keep it
                       aside, listed by ``rejected()``, instead of dropping it
 ``requeue(m)``        give *m* back now, unrun (the engine stopped before running it,

@@ -753,8 +753,8 @@ return ack(KEYS[1], KEYS[2], KEYS[3], 1)
 
 _ACK_TAKE = _COMMON + _READY + _ACKING + _TAKING + """\
 -- KEYS: waiting, inflight, consumers, scheduled, priorities, deliveries
--- ARGV: prefix, consumer, messages to take, promote limit, acked message
--- The ack of ARGV[5], then the take of _TAKE, atomically; the reply as _TAKE's
+-- ARGV: prefix, consumer, messages to take, promote limit, acked messages
+-- The acks of ARGV[5], ..., then the take of _TAKE, atomically; the reply as _TAKE's
 -- (the ack is done either way).
 ack(KEYS[2], KEYS[1], KEYS[6], 5)
 return take_leased(KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
@@ -1290,29 +1290,44 @@ class RedisQueue:
         its removal reaches Redis; a crash meanwhile runs the message again,
         as a crash just before the ack would.
         """
-        entry = self._take(message, "ack")
-        with self._cond:
-            self._acks.append(entry)
-        self._flush_acks()
+        self._ack_entries([self._take(message, "ack")])
 
-    def ack_and_dequeue(self, message: Any, count: int) -> list[Any]:
-        """``ack(message)``, then ``dequeue_many(count)`` without waiting, in one script.
+    def _ack_entries(self, entries: list[bytes]) -> None:
+        """Ack the taken *entries* as ``ack`` does: in the next batch of acks."""
+        if entries:
+            with self._cond:
+                self._acks.extend(entries)
+            self._flush_acks()
 
-        The engine calls it as a worker that has just finished *message* takes
-        its next one: one round trip instead of two. Atomic in Redis: the ack
-        and the leases are stored together. With this consumer's lease not
-        renewed a moment ago (``_FRESH``), or settlements deferred by an
-        outage, it acks, then dequeues, as two calls would. A connection
-        error defers the ack (kept, retried at the next heartbeat or dequeue,
-        as ``ack`` does) and returns no message: what Redis may have moved
-        for a reply that never came is given back by the next dequeue.
+    def ack_and_dequeue(self, messages: list[Any], count: int) -> list[Any]:
+        """``ack`` every message of *messages*, then ``dequeue_many(count)`` without
+        waiting, in one script (*count* 0: the acks alone, in one round trip).
+
+        The engine calls it as a worker that has just finished a message takes
+        its next ones, with the acks other workers handed it meanwhile: one
+        round trip instead of several. Atomic in Redis: the acks and the
+        leases are stored together. With this consumer's lease not renewed a
+        moment ago (``_FRESH``), or settlements deferred by an outage, it
+        acks, then dequeues, as two calls would. A connection error defers
+        the acks (kept, retried at the next heartbeat or dequeue, as ``ack``
+        does) and returns no message: what Redis may have moved for a reply
+        that never came is given back by the next dequeue.
         """
         if isinstance(count, bool) or not isinstance(count, int):
             raise TypeError(f"RedisQueue.ack_and_dequeue: count must be an int, not {count!r}")
+        if not isinstance(messages, list) or not messages:
+            raise TypeError("RedisQueue.ack_and_dequeue: messages must be a non-empty list "
+                            f"of messages, not {type(messages).__name__} {messages!r:.60}")
+        entries: list[bytes] = []
+        try:
+            for message in messages:
+                entries.append(self._take(message, "ack"))
+        except BaseException:
+            self._ack_entries(entries)  # the ones before the message it does not hold
+            raise
         if count < 1 or self._deferred or not self._fresh():
-            self.ack(message)
+            self._ack_entries(entries)
             return self.dequeue_many(count)
-        entry = self._take(message, "ack")
         self._start_move()
         failed = True
         try:
@@ -1323,25 +1338,25 @@ class RedisQueue:
                     keys=[self._waiting, self._inflight, self._consumers, self._scheduled,
                           self._priorities, self._deliveries],
                     args=[self.prefix, self.consumer, min(count, _BATCH_LIMIT),
-                          _PROMOTE_LIMIT, entry])
+                          _PROMOTE_LIMIT, *entries])
             taken = bool(int(reply[0]))
             if taken:
                 self._found_none = False
                 self._note_hint(int(reply[1]), sent)
-            messages = self._hold(list(reply[2:]))  # before the move ends (see _reconcile)
+            held = self._hold(list(reply[2:]))  # before the move ends (see _reconcile)
             failed = False
         except Exception as exc:
-            self._defer([("ack", entry, ())], exc)  # kept and retried, whatever it is
+            self._defer([("ack", entry, ()) for entry in entries], exc)  # kept, retried
             if not isinstance(exc, _CONNECTION_ERRORS):
                 raise  # not an outage: the engine logs it
             return []
         finally:
             self._end_move(failed)
             with self._cond:
-                self._release([entry])
+                self._release(entries)
         if not taken:  # the lease ran out (the ack is done): the claim renews it, and takes
             return self.dequeue_many(count)
-        return messages
+        return held
 
     def reject(self, message: Any, reason: str) -> None:
         """Move the message (raw ones too) to the ``rejected`` list with *reason*."""

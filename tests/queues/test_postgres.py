@@ -1442,7 +1442,7 @@ def test_ack_and_dequeue_on_a_terminated_connection_acks_on_a_new_one(postgres_d
     first = queue.dequeue()
     assert first is not None and list(first) == ["id-0", "Task", 0]
     assert terminate(postgres_dsn, app) >= 1  # the pooled connection is dead now
-    assert queue.ack_and_dequeue(first, 1) == []  # acked on a new connection, none taken
+    assert queue.ack_and_dequeue([first], 1) == []  # acked on a new connection, none taken
     other = queues(lease=0.5)
     again = wait_for(lambda: other.dequeue(timeout=0.1), 10)
     assert list(again) == ["id-1", "Task", 1]  # id-0 never comes back
