@@ -1745,9 +1745,16 @@ class PostgresQueue:
             ticket.lead = False
             batch, self._pending = self._pending, []  # ticket's own is among them
         error: BaseException | None = None
+        rows = [each.row for each in batch]
         try:
-            with self._connection() as conn:
-                conn.execute(self._sql["ack"], {"ids": [each.row for each in batch]})
+            try:
+                self._delete(rows)
+            except psycopg.OperationalError:
+                # The connection went (a restart, pg_terminate_backend): the DELETE
+                # was rolled back, or committed with its reply lost. It is safe to
+                # repeat, once, on a new connection, so that finished tasks do not
+                # run again just because their connection was cut.
+                self._delete(rows)
         except BaseException as exc:  # noqa: BLE001 - raised below, and by every ack it took
             error = exc
         with self._acks:
