@@ -794,6 +794,13 @@ class SQLiteQueue:
         record in ``<table>_results`` and wakes the ``result()`` calls waiting
         in this process at once; those in other processes look at the file
         every 5 to 50 ms while they wait (see "Results" in the module docstring).
+    Engines and inspection
+        ``announce()``, ``engines()``, ``forget_engine()``, ``add_outcomes()``,
+        ``outcomes()`` keep engine records and outcome counts in
+        ``<table>_engines`` and ``<table>_outcomes``, expired rows deleted in
+        the same transaction; ``peek()``, ``peek_scheduled()``, ``rejected(limit,
+        offset)``, ``rejected_count()`` and ``find()`` only read (see "Engines,
+        outcomes and inspection" in the module docstring).
 
     Each queue object opens one connection (lazily), shared by its threads under
     a lock: SQLite admits one writer at a time anyway, so threads queueing on
