@@ -388,6 +388,10 @@ _PRECISE = 0.2
 """Seconds before a delayed message's time within which a waiting dequeue polls
 instead of blocking: BLMOVE's timeout is only as precise as the server's ``hz``."""
 
+_TTL_MAX = 1e11
+"""The longest an engine record is kept, in seconds (about 3,000 years): ``PX`` takes
+a 64-bit number of ms."""
+
 _OUTCOMES_KEPT = 3900
 """Seconds an outcome bucket lives after its last count (the protocol promises one hour)."""
 
@@ -1939,7 +1943,8 @@ class RedisQueue:
             "RedisQueue.announce", engine_id, record, ttl)
         self._check_fork()
         self._announce_script(keys=[self._engines, f"{self.prefix}engine:{engine_id}"],
-                              args=[engine_id, text, max(1, math.ceil(seconds * 1000))])
+                              args=[engine_id, text,
+                                    max(1, math.ceil(min(seconds, _TTL_MAX) * 1000))])
 
     def engines(self) -> list[dict[str, Any]]:
         """The records of the engines announced and not expired, by engine id; the

@@ -231,7 +231,9 @@ became ready, the rows already in the table first. Rows a claim would set aside
 as poison are left out. ``peek_scheduled`` reads ``_scheduled_due`` in order;
 ``find`` reads the rows whose body starts with the id's JSON (``["<id>"``), a
 scan of the queue's rows in both tables, in one read transaction: a row leased
-and not expired is ``leased``. Nothing is written: no lease, no delivery.
+and not expired is ``leased``. Nothing is written: no lease, no delivery. These
+reads go through the queue object's second connection (the one ``result()``
+reads with), so even a long scan never holds up its claims and acks.
 """
 
 from __future__ import annotations
@@ -1322,7 +1324,8 @@ class SQLiteQueue:
 
     def rejected_count(self) -> int:
         """How many messages ``rejected()`` lists."""
-        return self._count("rejected_count")
+        (rows,) = self._read("rejected_count", params={"queue": self.name})
+        return int(rows[0][0])
 
     # -- inspection (read-only: see "Engines, outcomes and inspection") -------------
 
@@ -1377,11 +1380,23 @@ class SQLiteQueue:
         return None
 
     def _read(self, *queries: str, params: dict[str, Any]) -> list[list[Any]]:
-        """The rows of each of *queries*, in one read transaction (one snapshot)."""
-        with self._connection() as conn:
-            conn.execute("BEGIN")
-            rows = [conn.execute(self._sql[query], params).fetchall() for query in queries]
-            conn.execute("COMMIT")
+        """The rows of each of *queries*, in one read transaction (one snapshot), on the
+        connection ``result()`` reads with: a long read (``find`` scans) never holds
+        the lock that this object's claims and acks need, nor the file's write lock."""
+        self._check_fork()
+        with self._reader_lock:
+            conn = self._reader
+            if conn is None:
+                conn = self._reader = self._connect()
+            try:
+                conn.execute("BEGIN")
+                rows = [conn.execute(self._sql[query], params).fetchall()
+                        for query in queries]
+                conn.execute("COMMIT")  # no read transaction stays open to hold checkpoints
+            except sqlite3.Error:
+                self._reader = None
+                conn.close()
+                raise
         return rows
 
     # -- engines and outcomes ---------------------------------------------------------
