@@ -473,7 +473,7 @@ _SQL = {
     # inspection (see "Engines, outcomes and inspection"): reads only
     "ready_rows": "SELECT priority, available_at, id, CAST(body AS BLOB), attempts "
                   "FROM {table} WHERE " + _AVAILABLE + " AND deliveries < :max_deliveries "
-                  "ORDER BY priority DESC, available_at, id LIMIT :limit",
+                  "ORDER BY priority DESC, available_at, id LIMIT :limit OFFSET :offset",
     "due_rows": "SELECT priority, available_at, id, CAST(body AS BLOB), attempts "
                 "FROM {scheduled} WHERE queue = :queue AND available_at <= :now "
                 "ORDER BY available_at, id LIMIT :limit",
@@ -1336,15 +1336,23 @@ class SQLiteQueue:
         if not limit:
             return []
         params = {"queue": self.name, "now": time.time(), "limit": offset + limit,
-                  "max_deliveries": self.max_deliveries}
-        rows = self._read("ready_rows", "due_rows", params=params)
-        # In the table first, then (at the same priority and time) those the next
-        # claim moves in, which get later ids.
-        ready = heapq.merge(((-p, at, 0, row, body, n) for p, at, row, body, n in rows[0]),
-                            ((-p, at, 1, row, body, n) for p, at, row, body, n in rows[1]))
+                  "offset": 0, "max_deliveries": self.max_deliveries}
+        with self._reading() as conn:
+            due = conn.execute(self._sql["due_rows"], params).fetchall()
+            if not due:  # the common case: the page is the table's alone, from the offset
+                params.update(limit=limit, offset=offset)
+            in_table = conn.execute(self._sql["ready_rows"], params).fetchall()
+        ready: Iterator[tuple[Any, ...]] = (
+            (-p, at, 0, row, body, n) for p, at, row, body, n in in_table)
+        if due:
+            # In the table first, then (at the same priority and time) those the next
+            # claim moves in, which get later ids.
+            # (Read in the order of their index: few, sorted here.)
+            ready = itertools.islice(heapq.merge(
+                ready, sorted((-p, at, 1, row, body, n) for p, at, row, body, n in due)),
+                offset, offset + limit)
         return [protocol.inspected(_stored(body), -neg, attempts)
-                for neg, _, _, _, body, attempts in
-                itertools.islice(ready, offset, offset + limit)]
+                for neg, _, _, _, body, attempts in ready]
 
     def peek_scheduled(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Messages waiting for their time, the soonest first, with ``"at"``: *limit*
@@ -1380,9 +1388,15 @@ class SQLiteQueue:
         return None
 
     def _read(self, *queries: str, params: dict[str, Any]) -> list[list[Any]]:
-        """The rows of each of *queries*, in one read transaction (one snapshot), on the
-        connection ``result()`` reads with: a long read (``find`` scans) never holds
-        the lock that this object's claims and acks need, nor the file's write lock."""
+        """The rows of each of *queries*, in one read transaction (one snapshot)."""
+        with self._reading() as conn:
+            return [conn.execute(self._sql[query], params).fetchall() for query in queries]
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction (one snapshot) on the connection ``result()`` reads with:
+        a long read (``find`` scans) never holds the lock that this object's claims
+        and acks need, nor the file's write lock."""
         self._check_fork()
         with self._reader_lock:
             conn = self._reader
@@ -1390,14 +1404,12 @@ class SQLiteQueue:
                 conn = self._reader = self._connect()
             try:
                 conn.execute("BEGIN")
-                rows = [conn.execute(self._sql[query], params).fetchall()
-                        for query in queries]
+                yield conn
                 conn.execute("COMMIT")  # no read transaction stays open to hold checkpoints
-            except sqlite3.Error:
+            except BaseException:
                 self._reader = None
                 conn.close()
                 raise
-        return rows
 
     # -- engines and outcomes ---------------------------------------------------------
 
