@@ -746,10 +746,12 @@ class Runtime:
 
         Counted once everything about the message is done, so that a stats()
         reader never sees it processed while its callbacks still run or its
-        ack is unsent: a reader that sees it no longer running sees it counted.
+        ack is unsent. Counted under ``_lock`` (taken here anyway), with the
+        running count: stats() sees both change at once.
         """
-        (self.tallies.mine() if slot is None else slot.tally).count(name, outcome, duration)
+        tally = self.tallies.mine() if slot is None else slot.tally
         with self._lock:
+            tally.count(name, outcome, duration)
             self.running -= 1
 
     def _settle(self, slot: Slot, take: int = 0) -> list[Any]:
@@ -1033,8 +1035,8 @@ class Runtime:
             # yet (a stop gives them back), so not shown as running.
             running = self.running - len(self._taken)
             abandoned, failed_dropped = self.abandoned, self.failed_dropped
-        # Read after running: a message no longer running is counted already.
-        totals = self.tallies.totals()
+            # Under the lock the settled messages are counted in: a snapshot.
+            totals = self.tallies.totals()
         return {
             "processed": totals["processed"], "succeeded": totals["succeeded"],
             "failed": totals["failed"], "timed_out": totals["timed_out"],

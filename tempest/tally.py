@@ -1,12 +1,14 @@
-"""Outcome counts per task, kept per thread so that counting takes no lock.
+"""Outcome counts per task, kept per thread so that counting needs no lock of its own.
 
 Every thread that ends a task's attempt (a worker, a coroutine task's settler,
 the supervisor or the event loop for a timeout) counts it in a :class:`Tally`
 of its own, created the first time it counts. Only that thread writes it, so
-an increment is a few list operations under the GIL and no lock; a reader
-(``stats()``, the stats line, the engine record, a metrics scrape) sums every
-tally of the run. A reader may see one thread's latest count a moment late:
-never a count lost, never a count twice.
+an increment is a few list operations under the GIL; a reader (``stats()``,
+the stats line, the engine record, a metrics scrape) sums every tally of the
+run. A reader may see one thread's latest count a moment late: never a count
+lost, never a count twice. (The runtime counts a settled message inside the
+lock section in which it already lowers its running count, and ``stats()``
+sums under that lock, so that it sees both change together.)
 
 Per task name a tally holds one row: a count per outcome, the sum of the
 attempts' durations and a duration histogram (Prometheus buckets, not
