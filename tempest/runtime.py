@@ -260,7 +260,8 @@ class Runtime:
         """When the run started, in POSIX seconds (the engine record's ``started_at``)."""
         self.stopped_at: float | None = None  # set by finish(): uptime stops growing
         self.last_progress = self.started_at
-        # Outcomes are counted per thread, without a lock (see tempest.tally).
+        # Outcomes are counted in per-thread tallies (see tempest.tally); the
+        # Tallies' own lock is the innermost of all (taken once per thread).
         self.tallies = Tallies()
         self.running = self.abandoned = self.failed_dropped = 0
         self.slots: list[Slot] = []
