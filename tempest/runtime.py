@@ -96,8 +96,9 @@ from logging import DEBUG, ERROR, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tempest import config
+from tempest import config, metrics
 from tempest.aio import Coroutines, is_awaitable
+from tempest.announce import Announcer, new_engine_id
 from tempest.exceptions import ConfigurationError, TaskTimeout, TooManyAbandoned
 from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
 from tempest.messages import BadMessage, new_task_id, parse, shown
@@ -105,12 +106,25 @@ from tempest.periodic import Scheduler
 from tempest.pool import ABANDONED, INTERRUPTED, TIMEOUT, WORKER, Slot, Supervisor
 from tempest.queues.protocol import (
     DEFAULT_HEARTBEAT,
+    ENGINE_METHODS,
     FAILED_METHODS,
     RESULT_METHODS,
     RETRY_METHODS,
 )
 from tempest.results import failure, json_value, success
 from tempest.retries import Policy, failed_record, thread_stack
+from tempest.tally import (
+    BUCKET,
+    FAILED,
+    FIRST_BOUND,
+    REJECTED,
+    RETRIED,
+    SUCCEEDED,
+    SUM,
+    TIMED_OUT,
+    Tallies,
+    bucket,
+)
 from tempest.task import UNSET, Task, _registry, registered_kinds
 
 if TYPE_CHECKING:
@@ -131,7 +145,11 @@ ERROR_MIN, ERROR_MAX = 0.1, 5.0
 """Backoff after a dequeue raised (doubles per consecutive failure)."""
 
 HEARTBEAT_JOIN = 5.0
-"""Seconds finish() waits for a heartbeat in progress before closing the logs."""
+"""Seconds finish() waits for a heartbeat (or an announce) in progress before closing
+the logs."""
+
+UNKNOWN_TASK = "<unknown>"
+"""The task name a rejected message is counted under when it names no registered task."""
 
 ABANDON_GRACE = 1.0
 """Seconds after its deadline a task's thread has to unwind before it is abandoned."""
@@ -230,6 +248,17 @@ class Runtime:
         self.heartbeat_interval = _heartbeat_interval(self.queue)
         self._heartbeat_thread: threading.Thread | None = None
         self._scheduler: Scheduler | None = None
+        self.engine_id = new_engine_id(self.name)
+        """This run's id in the queue's engine registry (see tempest.announce)."""
+        lacking = missing(self.queue, ENGINE_METHODS)
+        self._announcer: Announcer | None = None
+        if options["announce_every"] is not None and not lacking:
+            self._announcer = Announcer(self, options["announce_every"])
+        self._registry_lacking = lacking if len(lacking) < len(ENGINE_METHODS) else []
+        if options["metrics_port"] is not None:
+            metrics.require(f"{engine.__name__}.configure.metrics_port = "
+                            f"{options['metrics_port']}")
+        self._metrics: metrics.MetricsServer | None = None
 
         # Lock order: a Slot's lock may be held while taking _lock (the timeout
         # is counted under the slot lock), never the other way round.
@@ -246,11 +275,14 @@ class Runtime:
         self.error: BaseException | None = None
 
         self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        """When the run started, in POSIX seconds (the engine record's ``started_at``)."""
         self.stopped_at: float | None = None  # set by finish(): uptime stops growing
         self.last_progress = self.started_at
-        self.processed = self.succeeded = self.failed = self.timed_out = 0
-        self.rejected = self.running = self.abandoned = 0
-        self.retried = self.failed_dropped = 0
+        # Outcomes are counted in per-thread tallies (see tempest.tally); the
+        # Tallies' own lock is the innermost of all (taken once per thread).
+        self.tallies = Tallies()
+        self.running = self.abandoned = self.failed_dropped = 0
         self.slots: list[Slot] = []
         self.supervisor = Supervisor(self._on_timeout, self._on_abandon, ABANDON_GRACE)
 
@@ -287,13 +319,25 @@ class Runtime:
                 log_dir=str(Path(os.fspath(log_dir)).resolve()), log_level=level)
             if options["after_initialize"] is not None:
                 options["after_initialize"](self.engine)
+            if options["metrics_port"] is not None:
+                self._metrics = metrics.MetricsServer(
+                    self.engine, options["metrics_host"], options["metrics_port"])
         except BaseException as exc:
             self.logs.always.error("start-up failed", error=_describe(exc), exc_info=exc)
             self.finish()
             raise
         self.started_at = self.last_progress = time.monotonic()
+        self.started_wall = time.time()
         self.logs.always.info("started", engine=self.name, threads=self.threads,
-                              queue=type(self.queue).__name__, guarantee=self.guarantee)
+                              queue=type(self.queue).__name__, guarantee=self.guarantee,
+                              engine_id=self.engine_id)
+        if self._metrics is not None:
+            self.logs.always.info("metrics served", url=self._metrics.url)
+        if self._registry_lacking and self.options["announce_every"] is not None:
+            self.logs.always.warning(
+                "engine record unavailable", queue=type(self.queue).__name__,
+                missing=self._registry_lacking,
+                effect="this engine is not listed among the queue's engines")
         if self._retry is None:
             cannot = sorted(name for name, cls in list(_registry.items())
                             if self._policy(cls).retries)
@@ -321,6 +365,8 @@ class Runtime:
             self._scheduler = Scheduler(options["periodic"], self.queue, self.logs,
                                         self._stop_event, self.name)
             self._scheduler.start()
+        if self._announcer is not None:
+            self._announcer.start()
         for _ in range(self.threads):
             self._spawn(Slot())
 
@@ -336,6 +382,8 @@ class Runtime:
             if immediate:
                 self.immediate = True
         self._stop_event.set()
+        if self._announcer is not None:
+            self._announcer.wake()  # the record says "stopping" at once
         self.wake()
 
     def workers_done(self) -> bool:
@@ -370,6 +418,11 @@ class Runtime:
             # exit (the thread is a daemon; the leases simply run out).
             self._heartbeat_thread.join(HEARTBEAT_JOIN)
         self.stopped_at = time.monotonic()
+        if self._announcer is not None:
+            # The last counts added and the record forgotten, bounded like a heartbeat.
+            self._announcer.finish(HEARTBEAT_JOIN)
+        if self._metrics is not None:
+            self._metrics.close()
         logs = self.logs
         if logs is not None:
             logs.always.info("stopped", engine=self.name, reason=self.stop_reason or None,
@@ -413,6 +466,7 @@ class Runtime:
 
     def _work(self, slot: Slot) -> None:
         slot.ident = threading.get_ident()
+        slot.tally = self.tallies.mine()
         try:
             if slot.handover is not None:
                 task, message = slot.handover
@@ -495,7 +549,8 @@ class Runtime:
             slot.settling = None
             settling = mine + handed
             free = self._free(threads, coroutines, self.running - len(settling))
-            taken = self._settle_all(settling, 0 if self.stopping or self._taken else free)
+            taken = self._settle_all(settling, 0 if self.stopping or self._taken else free,
+                                     slot)
             message = self._hand_out(taken, coroutines) if taken else None
             if message is not None:
                 return message
@@ -515,7 +570,7 @@ class Runtime:
                     # task does, so do not sleep through that in a long wait.
                     wait = (DEQUEUE_WAIT if not self.burst
                             else 0 if idle else BURST_WAIT)
-                    messages = self._take_handed_and_wait(wait, threads, coroutines)
+                    messages = self._take_handed_and_wait(wait, threads, coroutines, slot)
                 else:
                     message = self._dequeue()
                     messages = [] if message is None else [message]
@@ -531,7 +586,7 @@ class Runtime:
                 try:
                     handed = self._take_handed()
                     if handed:
-                        self._settle_all(handed, 0)
+                        self._settle_all(handed, 0, slot)
                     self._stop_event.wait(delay)
                 finally:
                     self._idle_wait = False
@@ -565,15 +620,15 @@ class Runtime:
                 break
         return handed
 
-    def _take_handed_and_wait(self, wait: float, threads: bool, coroutines: bool
-                              ) -> list[Any]:
+    def _take_handed_and_wait(self, wait: float, threads: bool, coroutines: bool,
+                              slot: Slot) -> list[Any]:
         """_take(wait), sending the acks handed meanwhile first, with a take of their own."""
         self._idle_wait = True  # before the look at _handed: see _hand
         try:
             handed = self._take_handed()
             if handed:
                 free = self._free(threads, coroutines, self.running - len(handed))
-                taken = self._settle_all(handed, free)
+                taken = self._settle_all(handed, free, slot)
                 if taken:
                     return taken
             return self._take(wait, threads, coroutines)
@@ -742,7 +797,7 @@ class Runtime:
         counted there once sent (see "Acks with the next dequeue").
         """
         name = task.task_name
-        outcome = "succeeded"
+        outcome = SUCCEEDED
         keep, value = self._keeps_result(task, message), None
         if error is None and keep is not None:
             try:
@@ -754,7 +809,7 @@ class Runtime:
             self._callback(task, "after_success", result)
             if keep is None or self._keep_result(task, success(task, value), keep):
                 if slot is not None and self._ack_and_dequeue is not None:
-                    slot.settling = (task.task_id, message, outcome)
+                    slot.settling = (task.task_id, message, name, duration)
                     return
                 self._acknowledge(task.task_id, message)
         else:
@@ -762,7 +817,7 @@ class Runtime:
             fields = {"task_id": task.task_id, "task": name, "outcome": "failure",
                       "duration": round(duration, 6), "attempt": task.attempt}
             if delay is not None:
-                outcome = "retried"
+                outcome = RETRIED
                 self.logs.main_line(WARNING, "task ended", **fields, retry_in=round(delay, 3),
                                     error=_describe(error))
                 task.task_logger.warning("failed, will retry", attempt=task.attempt,
@@ -771,49 +826,70 @@ class Runtime:
                 self._callback(task, "after_retry", error, delay)
                 self._send_retry(task, message, delay)
             else:
-                outcome = "failed"
+                outcome = FAILED
                 self.logs.main_line(ERROR, "task ended", **fields, error=_describe(error))
                 task.task_logger.error("failed", attempt=task.attempt, error=_describe(error),
                                        exc_info=error)
                 self._callback(task, "after_failure", error)
                 if keep is None or self._keep_result(task, failure(task, error), keep):
                     self._final_failure(task, message, error)
-        self._count_settled(outcome)
+        self._count_settled(outcome, name, duration, slot)
 
-    def _count_settled(self, outcome: str) -> None:
-        """Count a message settled with *outcome*.
+    def _count_settled(self, outcome: int, name: str, duration: float,
+                       slot: Slot | None = None) -> None:
+        """Count a message of task *name* settled with *outcome* (see tempest.tally), in
+        the tally of *slot* (this worker thread's), else of the calling thread.
 
         Counted once everything about the message is done, so that a stats()
         reader never sees it processed while its callbacks still run or its
-        ack is unsent.
+        ack is unsent. The outcome is counted under ``_lock`` (taken here anyway),
+        with the running count, so stats() sees both change at once; the
+        duration outside it, to keep the section as short as it was.
         """
+        tally = self.tallies.mine() if slot is None else slot.tally
+        # Tally.count, written out: once per message, where a call costs a share
+        # that shows on a no-op task.
+        row = tally.tasks.get(name)
+        if row is None:
+            row = tally.add(name)
+        row[SUM] += duration
+        if duration <= FIRST_BOUND:
+            row[BUCKET] += 1
+        else:
+            row[BUCKET + bucket(duration)] += 1
+        if duration < tally.low:  # noqa: PLR1730 - compared: no builtin call
+            tally.low = duration
+        if duration > tally.high:  # noqa: PLR1730
+            tally.high = duration
         with self._lock:
-            self.processed += 1
-            setattr(self, outcome, getattr(self, outcome) + 1)
+            row[outcome] += 1
             self.running -= 1
 
     def _settle(self, slot: Slot) -> None:
         """Send the ack *slot* kept, alone."""
         settling, slot.settling = slot.settling, None
-        self._settle_all([settling], 0)
+        self._settle_all([settling], 0, slot)
 
-    def _settle_all(self, settling: list[tuple[str, Any, str]], take: int) -> list[Any]:
-        """Send the kept acks *settling* (task id, message, outcome), with a take of up
-        to *take* messages; what it took (not yet counted running: see _hand_out)."""
+    def _settle_all(self, settling: list[tuple[str, Any, str, float]], take: int,
+                    slot: Slot | None = None) -> list[Any]:
+        """Send the kept acks *settling* (task id, message, task name, duration) of
+        successes, with a take of up to *take* messages; what it took (not yet counted
+        running: see _hand_out). Counted in the tally of *slot*, the caller's: a
+        thread writes only its own (acks handed to it are counted by it)."""
         taken: list[Any] = []
         if take <= 0 and len(settling) == 1:
-            task_id, message, _ = settling[0]
+            task_id, message, _, _ = settling[0]
             self._acknowledge(task_id, message)
         else:
             try:
                 taken = self._ack_and_dequeue(  # type: ignore[misc]
-                    [message for _, message, _ in settling], max(take, 0))
+                    [message for _, message, _, _ in settling], max(take, 0))
             except Exception as exc:  # noqa: BLE001
                 # Left leased: they run again after their lease (what a take leased too).
-                for task_id, _, _ in settling:
+                for task_id, _, _, _ in settling:
                     self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
-        for _, _, outcome in settling:
-            self._count_settled(outcome)
+        for _, _, name, duration in settling:
+            self._count_settled(SUCCEEDED, name, duration, slot)
         return taken
 
     # -- results ----------------------------------------------------------------------------
@@ -929,7 +1005,8 @@ class Runtime:
         task._retry_delay = delay
         if delay is None:
             task._stack = stack
-        self._count("timed_out" if delay is None else "retried")
+        self.tallies.mine().count(task.task_name, TIMED_OUT if delay is None else RETRIED,
+                                   duration)
         retry = {} if delay is None else {"retry_in": round(delay, 3)}
         self.logs.main_line(WARNING, "task ended", task_id=task.task_id, task=task.task_name,
                             outcome="timeout", duration=duration, attempt=task.attempt,
@@ -989,7 +1066,7 @@ class Runtime:
         self._done()
 
     def _reject(self, message: Any, reason: str, detail: str) -> None:
-        self._count("rejected")
+        self.tallies.mine().count(_rejected_name(message), REJECTED, None)
         self.logs.main.error("rejected", reason=reason, detail=detail, message=shown(message))
         # Kept aside by the queue's reject where it has one. A queue that acks
         # but cannot reject gets an ack: the message is logged whole above, and
@@ -1053,12 +1130,6 @@ class Runtime:
                              callback=label, error=_describe(exc))
         task.task_logger.error("callback failed", callback=label, exc_info=exc)
 
-    def _count(self, outcome: str) -> None:
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + 1)
-            if outcome != "rejected":
-                self.processed += 1
-
     def _done(self) -> None:
         with self._lock:
             self.running -= 1
@@ -1073,21 +1144,58 @@ class Runtime:
     # -- stats ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """The counters; see Engine.stats."""
-        with self._lock:
-            stats: dict[str, Any] = {
-                "processed": self.processed, "succeeded": self.succeeded,
-                "failed": self.failed, "timed_out": self.timed_out,
-                # Taken in a batch but not yet popped by a worker: not running
-                # yet (a stop gives them back), so not shown as running.
-                "rejected": self.rejected, "running": self.running - len(self._taken),
-                "retried": self.retried, "failed_dropped": self.failed_dropped,
-                "threads": self.threads, "abandoned": self.abandoned,
-                **self.coroutines.stats(),
-                "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
-            }
+        """The counters and the queue's counts; see Engine.stats."""
+        stats = self.counters()
         stats.update(queue_counts(self.queue))
         return stats
+
+    def counters(self) -> dict[str, Any]:
+        """The counters of stats(), without asking the queue anything."""
+        with self._lock:
+            # Taken in a batch but not yet popped by a worker: not running
+            # yet (a stop gives them back), so not shown as running.
+            running = self.running - len(self._taken)
+            abandoned, failed_dropped = self.abandoned, self.failed_dropped
+            # Under the lock the settled messages are counted in: a snapshot.
+            totals = self.tallies.totals()
+        return {
+            "processed": totals["processed"], "succeeded": totals["succeeded"],
+            "failed": totals["failed"], "timed_out": totals["timed_out"],
+            "rejected": totals["rejected"], "running": running,
+            "retried": totals["retried"], "failed_dropped": failed_dropped,
+            "threads": self.threads, "abandoned": abandoned,
+            **self.coroutines.stats(),
+            "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
+        }
+
+    def busy_threads(self) -> int:
+        """Worker threads running a task's code now (a sample for the stats line)."""
+        return sum(1 for slot in list(self.slots) if slot.busy)
+
+    def running_tasks(self, limit: int) -> list[dict[str, Any]]:
+        """Up to *limit* tasks running now, the oldest first: ``task_id``, ``task`` and
+        ``started_at`` (POSIX seconds)."""
+        offset = time.time() - time.monotonic()
+        found: list[tuple[float, str, str]] = []
+        for slot in list(self.slots):
+            with slot.lock:
+                if slot.busy and slot.task is not None:
+                    found.append((slot.started, slot.task.task_id, slot.task.task_name))
+        found.extend((started, task.task_id, task.task_name)
+                     for task, started in self.coroutines.running())
+        found.sort()
+        return [{"task_id": task_id, "task": name, "started_at": round(started + offset, 6)}
+                for started, task_id, name in found[:limit]]
+
+
+def _rejected_name(message: Any) -> str:
+    """The task a rejected *message* is counted under: the registered task it names, else
+    UNKNOWN_TASK (so that made-up names cannot grow the metrics without bound)."""
+    if isinstance(message, (list, tuple)) and len(message) >= 2:
+        name = message[1]
+        if type(name) is str and name in _registry:
+            return name
+    return UNKNOWN_TASK
 
 
 class _Handed:
@@ -1095,7 +1203,7 @@ class _Handed:
 
     __slots__ = ("settling",)
 
-    def __init__(self, settling: tuple[str, Any, str]) -> None:
+    def __init__(self, settling: tuple[str, Any, str, float]) -> None:
         self.settling = settling
 
 
