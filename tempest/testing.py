@@ -21,7 +21,8 @@ are skipped, and so are the scheduling tests for a queue without
 without ``fire`` and ``last_fired`` (periodic tasks), and the retry tests
 for a queue without ``attempts``, ``retry``, ``fail`` and the failed-store
 methods, and the result tests for one without ``result_ttl``,
-``store_result`` and ``result``; see
+``store_result`` and ``result``, and the engine-record and inspection
+tests for one without all of ``ENGINE_METHODS`` or ``INSPECT_METHODS``; see
 :mod:`tempest.queues.protocol` for what those promise. Override ``put_raw``
 to let the suite store an undecodable message. Needs pytest.
 """
@@ -33,15 +34,17 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tempest.queues.protocol import (
+    ENGINE_METHODS,
     FAILED_FIELDS,
     FAILED_METHODS,
+    INSPECT_METHODS,
     POISON_REASON,
     PRIORITY_MAX,
     PRIORITY_MIN,
@@ -58,6 +61,10 @@ _NO_SCHEDULE = "the queue has no schedule(): delayed and prioritised messages do
 _NO_FIRE = "the queue has no fire(): periodic tasks do not apply"
 _NO_RESULTS = ("the queue lacks the result methods (result_ttl, store_result, result, "
                "schedule): results do not apply")
+_NO_ENGINES = ("the queue lacks the engine methods (announce, engines, forget_engine, "
+               "add_outcomes, outcomes): engine records do not apply")
+_NO_INSPECT = ("the queue lacks the inspection methods (peek, peek_scheduled, rejected, "
+               "rejected_count, find): inspection does not apply")
 _NO_RETRY = ("the queue lacks the retry and failed-store methods (attempts, retry, fail, "
              "failed, ...): retries do not apply")
 
@@ -1073,6 +1080,262 @@ class QueueContract:
         queue.store_result("id-res8", _result("id-res8", 8), ttl=60.0)  # may sweep
         assert queue.result("id-res7", 0) is None
         assert queue.result("id-res8", 0)["value"] == 8
+
+    # -- engine records and outcomes (ENGINE_METHODS) ------------------------------------
+
+    def _watching(self, **options: Any) -> Any:
+        queue = self._queue(**options)
+        if any(not callable(getattr(queue, m, None)) for m in ENGINE_METHODS):
+            pytest.skip(_NO_ENGINES)
+        return queue
+
+    def test_announced_engines_are_listed_until_they_expire(self) -> None:
+        """engines() lists the records by engine id, as JSON gives them back, to every
+        handle; a record not announced again is gone once its ttl ran out."""
+        queue, other = self._watching(), self._watching()
+        lasting = _engine("id-b", threads=8)
+        brief = _engine("id-a", threads=2)
+        queue.announce("id-b", lasting, 60)
+        queue.announce("id-a", brief, 0.5)
+        assert other.engines() == [brief, lasting]
+        assert _until(lambda: other.engines() == [lasting], 10), "id-a outlived its ttl"
+        changed = _engine("id-b", threads=16)
+        other.announce("id-b", changed, 60)  # replaced, from any handle
+        assert queue.engines() == [changed]
+
+    def test_announcing_again_keeps_an_engine_listed(self) -> None:
+        """An engine announced again before its ttl ran out stays listed past the first ttl."""
+        queue = self._watching()
+        queue.announce("id-kept", _engine("id-kept"), 0.5)
+        queue.announce("id-gone", _engine("id-gone"), 0.5)
+        queue.announce("id-kept", _engine("id-kept", threads=3), 60)
+        assert _until(lambda: [e["engine_id"] for e in queue.engines()] == ["id-kept"], 10)
+        assert queue.engines() == [_engine("id-kept", threads=3)]
+
+    def test_a_forgotten_engine_is_gone_at_once(self) -> None:
+        """forget_engine() drops one record now; forgetting an unknown one does nothing."""
+        queue, other = self._watching(), self._watching()
+        queue.announce("id-1", _engine("id-1"), 60)
+        queue.announce("id-2", _engine("id-2"), 60)
+        other.forget_engine("id-1")
+        assert queue.engines() == [_engine("id-2")]
+        other.forget_engine("id-unknown")
+        queue.forget_engine("id-2")
+        assert other.engines() == []
+
+    def test_outcomes_of_every_handle_add_up(self) -> None:
+        """add_outcomes() from two handles adds into one bucket per minute."""
+        queue, other = self._watching(), self._watching()
+        minute = int(time.time() // 60) * 60
+        queue.add_outcomes(minute, {"succeeded": 3, "failed": 1})
+        other.add_outcomes(minute, {"succeeded": 2, "retried": 4, "timed_out": 0})
+        other.add_outcomes(minute, {})
+        expected = {"succeeded": 5, "failed": 1, "retried": 4}
+        assert {k: v for k, v in queue.outcomes(minute)[minute].items() if v} == expected
+        assert set(other.outcomes(minute)) == {minute}
+
+    def test_outcomes_since_a_minute(self) -> None:
+        """outcomes(since) gives the buckets of the minutes from *since* on, by minute."""
+        queue = self._watching()
+        minute = int(time.time() // 60) * 60
+        for back, count in ((2, 1), (1, 2), (0, 3)):
+            queue.add_outcomes(minute - 60 * back, {"rejected": count})
+        got = queue.outcomes(minute - 60)
+        assert sorted(got) == [minute - 60, minute]
+        assert got[minute - 60]["rejected"] == 2 and got[minute]["rejected"] == 3
+        assert sorted(queue.outcomes(minute - 600)) == [minute - 120, minute - 60, minute]
+        assert queue.outcomes(minute + 60) == {}
+
+    def test_engine_methods_refuse_bad_arguments(self) -> None:
+        """Wrong types raise TypeError, wrong values ValueError; nothing is stored."""
+        queue = self._watching()
+        minute = int(time.time() // 60) * 60
+        _each_raises(TypeError,
+                     lambda: queue.announce(1, {}, 5),
+                     lambda: queue.announce("id-x", ["not", "a", "dict"], 5),
+                     lambda: queue.announce("id-x", {"x": object()}, 5),
+                     lambda: queue.add_outcomes(str(minute), {"failed": 1}),
+                     lambda: queue.add_outcomes(minute, {"failed": 1.5}),
+                     lambda: queue.add_outcomes(minute, [("failed", 1)]),
+                     lambda: queue.outcomes("yesterday"),
+                     lambda: queue.forget_engine(None))
+        _each_raises(ValueError,
+                     lambda: queue.announce("id-x", {}, 0),
+                     lambda: queue.announce("id-x", {}, -1),
+                     lambda: queue.announce("id-x", {"x": float("nan")}, 5),
+                     lambda: queue.add_outcomes(minute + 1, {"failed": 1}),
+                     lambda: queue.add_outcomes(minute, {"failed": -1}),
+                     lambda: queue.add_outcomes(minute, {"exploded": 1}))
+        assert queue.engines() == []
+        assert queue.outcomes(0) == {}
+
+    # -- inspection (INSPECT_METHODS) ------------------------------------------------------
+
+    def _inspecting(self, **options: Any) -> Any:
+        queue = self._queue(**options)
+        if any(not callable(getattr(queue, m, None)) for m in INSPECT_METHODS):
+            pytest.skip(_NO_INSPECT)
+        return queue
+
+    def test_peek_lists_ready_messages_in_the_order_they_are_taken(self) -> None:
+        """peek() gives the ready messages by priority, then in order; a delayed one and
+        one taken (leased) are not in it; the takes that follow give the same order."""
+        queue = self._inspecting()
+        scheduling = callable(getattr(queue, "schedule", None))
+        priorities = [0, 5, -1, 5, 3, 0] if scheduling else [0] * 6
+        queue.enqueue(["id-first", "Task"])
+        for i, priority in enumerate(priorities):
+            if scheduling:
+                queue.schedule([f"id-{i}", "Task", i], priority=priority)
+            else:
+                queue.enqueue([f"id-{i}", "Task", i])
+        if scheduling:
+            queue.schedule(["id-later", "Task"], delay=60, priority=9)
+        taken = queue.dequeue()  # leased where the queue leases, gone otherwise
+        expected = sorted(range(len(priorities)), key=lambda i: (-priorities[i], i))
+        assert taken is not None and taken[0] == (f"id-{expected[0]}" if scheduling
+                                                  else "id-first")
+        order = [f"id-{i}" for i in expected]
+        order.insert(order.index("id-0"), "id-first")
+        order.remove(taken[0])
+        listed = queue.peek()
+        assert [e["message"][0] for e in listed] == order
+        by_id = {e["message"][0]: e for e in listed}
+        assert by_id["id-4"] == {"message": ["id-4", "Task", 4],
+                                 "priority": priorities[4], "attempts": 0}
+        assert queue.peek() == listed  # nothing was taken
+        if hasattr(type(queue), "__len__"):
+            assert len(queue) == len(order)
+        got = [m[0] for m in _drain(self._queue())]
+        assert got == order
+
+    def test_peek_pages(self) -> None:
+        """peek(limit, offset) pages through the ready messages."""
+        queue = self._inspecting()
+        for i in range(5):
+            queue.enqueue([f"id-{i}", "Task", i])
+        assert [e["message"][2] for e in queue.peek(limit=2, offset=1)] == [1, 2]
+        assert [e["message"][2] for e in queue.peek(limit=10, offset=3)] == [3, 4]
+        assert queue.peek(limit=10, offset=5) == []
+        assert queue.peek(limit=0) == []
+        assert [e["message"][2] for e in queue.peek()] == [0, 1, 2, 3, 4]
+
+    def test_peek_counts_no_delivery(self) -> None:
+        """Peeking never counts as a delivery: with max_deliveries=1 the message still runs."""
+        queue = self._inspecting(max_deliveries=1, lease=0.5)
+        queue.enqueue(["id-once", "Task"])
+        for _ in range(3):
+            assert [e["message"] for e in queue.peek()] == [["id-once", "Task"]]
+            assert queue.find("id-once")["status"] == "waiting"
+        message = queue.dequeue()
+        assert message is not None and list(message) == ["id-once", "Task"]
+        assert queue.rejected_count() == 0
+        self._settle(queue, message)
+
+    def test_peek_shows_failed_attempts(self) -> None:
+        """A retried message is listed with the attempts stored with it."""
+        queue = self._inspecting()
+        if not callable(getattr(queue, "retry", None)):
+            pytest.skip(_NO_RETRY)
+        queue.enqueue(["id-again", "Task"])
+        queue.retry(self._take(queue), delay=0, failed_at=time.time())
+        assert queue.peek() == [{"message": ["id-again", "Task"], "priority": 0,
+                                 "attempts": 1}]
+        assert queue.find("id-again")["attempts"] == 1
+
+    def test_peek_scheduled_lists_the_soonest_first(self) -> None:
+        """peek_scheduled() gives delayed messages by their time, with ``at``; ready
+        messages are not in it."""
+        queue = self._inspecting()
+        if not callable(getattr(queue, "schedule", None)):
+            pytest.skip(_NO_SCHEDULE)
+        now = time.time()
+        queue.schedule(["id-300", "Task", 1], at=now + 300, priority=2)
+        queue.schedule(["id-100", "Task"], delay=100)
+        queue.schedule(["id-200", "Task"], at=now + 200, priority=-4)
+        queue.enqueue(["id-now", "Task"])
+        listed = queue.peek_scheduled()
+        assert [e["message"][0] for e in listed] == ["id-100", "id-200", "id-300"]
+        assert listed[2] == {"message": ["id-300", "Task", 1], "priority": 2, "attempts": 0,
+                             "at": listed[2]["at"]}
+        assert abs(listed[2]["at"] - (now + 300)) < 0.01
+        assert abs(listed[1]["at"] - (now + 200)) < 0.01 and listed[1]["priority"] == -4
+        assert abs(listed[0]["at"] - (now + 100)) < 5  # the queue's clock may be another's
+        assert [e["message"][0] for e in queue.peek_scheduled(limit=1, offset=1)] == ["id-200"]
+        assert queue.peek_scheduled(offset=3) == []
+        assert [e["message"][0] for e in queue.peek()] == ["id-now"]
+
+    def test_rejected_pages_and_counts(self) -> None:
+        """rejected(limit, offset) pages, oldest first; rejected_count() counts them all."""
+        queue = self._inspecting()
+        assert queue.rejected_count() == 0 and queue.rejected() == []
+        for i in range(5):
+            queue.enqueue([f"id-{i}", "Task"])
+            queue.reject(queue.dequeue(), f"Reason{i}")
+        every = [(list(m), r) for m, r in queue.rejected()]
+        assert every == [([f"id-{i}", "Task"], f"Reason{i}") for i in range(5)]
+        assert [r for _, r in queue.rejected(2, 1)] == ["Reason1", "Reason2"]
+        assert [r for _, r in queue.rejected(offset=3)] == ["Reason3", "Reason4"]
+        assert [r for _, r in queue.rejected(limit=10, offset=4)] == ["Reason4"]
+        assert queue.rejected(limit=0) == [] and queue.rejected(offset=5) == []
+        assert queue.rejected_count() == 5
+
+    def test_find_tells_where_a_message_is(self) -> None:
+        """find() says whether a message waits, waits for its time or is leased; None
+        for one that is gone or never was."""
+        queue = self._inspecting()
+        scheduling = callable(getattr(queue, "schedule", None))
+        queue.enqueue(["id-lease", "Task", 1])
+        taken = queue.dequeue()
+        assert taken is not None
+        if scheduling:
+            queue.schedule(["id-wait", "Task", {"a": 1}], priority=3)
+            queue.schedule(["id-later", "Task"], delay=120, priority=-2)
+        else:
+            queue.enqueue(["id-wait", "Task", {"a": 1}])
+        other = self._inspecting()
+        assert other.find("id-wait") == {"status": "waiting",
+                                         "message": ["id-wait", "Task", {"a": 1}],
+                                         "priority": 3 if scheduling else 0, "attempts": 0}
+        if scheduling:
+            later = other.find("id-later")
+            assert later is not None and later["status"] == "scheduled"
+            assert later["message"] == ["id-later", "Task"] and later["priority"] == -2
+            assert abs(later["at"] - (time.time() + 120)) < 5
+        leased = other.find("id-lease")
+        if callable(getattr(queue, "ack", None)):
+            assert leased == {"status": "leased", "message": ["id-lease", "Task", 1],
+                              "priority": 0, "attempts": 0}
+            queue.ack(taken)
+        assert other.find("id-lease") is None
+        assert other.find("id-none") is None and other.find("") is None
+        assert other.find("id-wai") is None  # a whole id, not a prefix
+
+    def test_inspection_refuses_bad_arguments(self) -> None:
+        """A negative limit or offset is a ValueError; a limit or id of a wrong type a
+        TypeError."""
+        queue = self._inspecting()
+        _each_raises(ValueError, lambda: queue.peek(-1), lambda: queue.peek(offset=-1),
+                     lambda: queue.peek_scheduled(-1), lambda: queue.rejected(-1),
+                     lambda: queue.rejected(offset=-2))
+        _each_raises(TypeError, lambda: queue.peek("10"), lambda: queue.peek(1.5),
+                     lambda: queue.peek(None), lambda: queue.peek_scheduled(offset="1"),
+                     lambda: queue.rejected("all"), lambda: queue.find(5),
+                     lambda: queue.find(None))
+
+
+def _each_raises(error: type[Exception], *calls: Callable[[], Any]) -> None:
+    """Each of *calls* raises *error*."""
+    for call in calls:
+        with pytest.raises(error):
+            call()
+
+
+def _engine(engine_id: str, threads: int = 4) -> dict[str, Any]:
+    """An engine record as an engine announces it (fewer keys: the queue keeps any)."""
+    return {"engine_id": engine_id, "name": "Engine", "host": "host-1", "pid": 4242,
+            "threads": threads, "uptime": 12.5, "running": [{"task_id": "t1", "task": "T"}],
+            "stopping": False, "periodic": [], "next_at": None}
 
 
 def _result(task_id: str, value: Any) -> dict[str, Any]:

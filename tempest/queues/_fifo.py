@@ -105,6 +105,11 @@ class Fifo:
         if self._items and self._waiters:
             self._wake()
 
+    def snapshot(self) -> list[Any]:
+        """The items, first first, left in place (one copy of the deque, atomic under
+        the GIL)."""
+        return list(self._items.copy())
+
     def qsize(self) -> int:
         """Items in the FIFO."""
         return len(self._items)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import json
 import math
+import operator
 import queue
 import threading
 import time
 from typing import Any, NoReturn
 
+from tempest.queues import protocol
 from tempest.queues._fifo import Fifo
 from tempest.results import MemoryResults
 
@@ -72,6 +75,13 @@ class MemoryQueue:
     in the failed store (``failed()``, ``retry_failed()``, ...), gone with the
     process like everything else here. ``store_result`` keeps a task's result
     (as JSON text) and wakes every ``result()`` waiting for it at once.
+
+    Engine records (``announce``, ``engines``, ...) and outcome counts
+    (``add_outcomes``, ``outcomes``) are kept here too, for the engines of
+    this process; ``peek``, ``peek_scheduled`` and ``find`` look at the
+    messages without taking any (see :mod:`tempest.queues.protocol`). With no
+    ``ack``, nothing is ever leased: ``find`` finds messages waiting or
+    scheduled.
     """
 
     def __init__(self) -> None:
@@ -96,6 +106,11 @@ class MemoryQueue:
         # The failed store: task id -> entry, the one that failed longest ago first.
         self._failed: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._results = MemoryResults()
+        # Engine records (engine id -> (record JSON, monotonic expiry)) and outcome
+        # buckets (POSIX minute -> outcome -> count), under _watch_lock.
+        self._watch_lock = threading.Lock()
+        self._engines: dict[str, tuple[str, float]] = {}
+        self._outcomes: dict[int, dict[str, int]] = {}
 
     # -- storing ---------------------------------------------------------------------
 
@@ -288,10 +303,126 @@ class MemoryQueue:
         with self._rejected_lock:
             self._rejected.append((message, reason))
 
-    def rejected(self) -> list[tuple[Any, str]]:
-        """The rejected messages so far, oldest first, as (message, reason)."""
+    def rejected(self, limit: int | None = None, offset: int = 0) -> list[tuple[Any, str]]:
+        """The rejected messages so far, oldest first, as (message, reason): all of them,
+        or *limit* (None: no limit) from *offset*."""
+        limit, offset = protocol.page_or_all("MemoryQueue.rejected", limit, offset)
         with self._rejected_lock:
-            return list(self._rejected)
+            end = None if limit is None else offset + limit
+            return self._rejected[offset:end]
+
+    def rejected_count(self) -> int:
+        """How many messages ``rejected()`` lists."""
+        with self._rejected_lock:
+            return len(self._rejected)
+
+    # -- inspection (read-only) --------------------------------------------------------
+
+    def peek(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Ready messages, in the order ``dequeue`` would take them, left in place:
+        ``{"message", "priority", "attempts"}`` each, *limit* from *offset*."""
+        limit, offset = protocol.page("MemoryQueue.peek", limit, offset)
+        with self._lock:
+            ready = self._ready_in_order(time.time())
+        return [_listed(priority, message)
+                for priority, message in ready[offset:offset + limit]]
+
+    def peek_scheduled(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Messages waiting for their time, the soonest first, with ``"at"``: *limit*
+        from *offset*."""
+        limit, offset = protocol.page("MemoryQueue.peek_scheduled", limit, offset)
+        with self._lock:
+            later = self._later(time.time())
+        return [_listed(priority, message, at=due)
+                for due, priority, message in later[offset:offset + limit]]
+
+    def find(self, task_id: str) -> dict[str, Any] | None:
+        """Where the message of *task_id* is: waiting or scheduled (a MemoryQueue leases
+        nothing); None if it is in neither."""
+        task_id = protocol.task_id_of("MemoryQueue.find", task_id)
+        now = time.time()
+        with self._lock:
+            ready = self._ready_in_order(now)
+            later = self._later(now)
+        for priority, message in ready:
+            if _is_of(message, task_id):
+                return _listed(priority, message, status="waiting")
+        for due, priority, message in later:
+            if _is_of(message, task_id):
+                return _listed(priority, message, at=due, status="scheduled")
+        return None
+
+    def _ready_in_order(self, now: float) -> list[tuple[int, Any]]:
+        """Under _lock: (priority, message) of every ready message, in the order the
+        takes would hand them out (see _take_ranked)."""
+        plain = [item for item in self._plain.snapshot() if item is not _WAKE]
+        if not self._ranked:
+            return [(0, message) for message in plain]
+        # The next take moves what _plain holds in at *now*, then the due delayed
+        # messages at their time, each after what _ready holds (a later seq).
+        keyed: list[tuple[tuple[int, float, int, int], int, Any]] = [
+            ((neg, ready_at, 0, seq), -neg, message)
+            for neg, ready_at, seq, message in self._ready]
+        keyed += [((0, now, 1, index), 0, message) for index, message in enumerate(plain)]
+        keyed += [((-priority, due, 2, seq), priority, message)
+                  for due, seq, priority, message in self._scheduled if due <= now]
+        keyed.sort(key=operator.itemgetter(0))
+        return [(priority, message) for _, priority, message in keyed]
+
+    def _later(self, now: float) -> list[tuple[float, int, Any]]:
+        """Under _lock: (due, priority, message) of the delayed messages not due yet."""
+        return [(due, priority, message) for due, _, priority, message in
+                sorted(entry for entry in self._scheduled if entry[0] > now)]
+
+    # -- engines and outcomes ----------------------------------------------------------
+
+    def announce(self, engine_id: str, record: dict[str, Any], ttl: float) -> None:
+        """Store or replace *engine_id*'s record, expiring *ttl* seconds from now."""
+        engine_id, text, seconds = protocol.announcement(
+            "MemoryQueue.announce", engine_id, record, ttl)
+        now = time.monotonic()
+        with self._watch_lock:
+            self._forget_expired(now)
+            self._engines[engine_id] = (text, now + seconds)
+
+    def engines(self) -> list[dict[str, Any]]:
+        """The records of the engines announced and not expired, by engine id."""
+        with self._watch_lock:
+            self._forget_expired(time.monotonic())
+            texts = [self._engines[key][0] for key in sorted(self._engines)]
+        return [json.loads(text) for text in texts]
+
+    def forget_engine(self, engine_id: str) -> None:
+        """Drop *engine_id*'s record now."""
+        if not isinstance(engine_id, str):
+            raise TypeError(f"MemoryQueue.forget_engine: engine_id must be a str, "
+                            f"not {engine_id!r}")
+        with self._watch_lock:
+            self._engines.pop(engine_id, None)
+
+    def _forget_expired(self, now: float) -> None:
+        """Under _watch_lock: drop the expired engine records."""
+        for key in [key for key, (_, until) in self._engines.items() if until <= now]:
+            del self._engines[key]
+
+    def add_outcomes(self, minute: int, counts: dict[str, int]) -> None:
+        """Add *counts* to the bucket of POSIX *minute*; buckets are kept two hours."""
+        checked = protocol.outcome_counts("MemoryQueue.add_outcomes", minute, counts)
+        oldest = time.time() - _OUTCOMES_KEPT
+        with self._watch_lock:
+            for old in [m for m in self._outcomes if m < oldest]:
+                del self._outcomes[old]
+            if checked:
+                bucket = self._outcomes.setdefault(minute, {})
+                for outcome, count in checked.items():
+                    bucket[outcome] = bucket.get(outcome, 0) + count
+
+    def outcomes(self, since: int) -> dict[int, dict[str, int]]:
+        """The buckets of the minutes from *since* on: ``{minute: {outcome: count}}``."""
+        start = protocol.since_minute("MemoryQueue.outcomes", since)
+        with self._watch_lock:
+            return {minute: dict(bucket) for minute, bucket in sorted(self._outcomes.items())
+                    if minute >= start}
 
     # -- retries and the failed store ----------------------------------------------------
 
@@ -423,6 +554,22 @@ class MemoryQueue:
 
     def __repr__(self) -> str:
         return f"<MemoryQueue waiting={len(self)}>"
+
+
+_OUTCOMES_KEPT = 7200.0
+"""Seconds an outcome bucket is kept (the protocol promises one hour at least)."""
+
+
+def _listed(priority: int, message: Any, *, at: float | None = None,
+            status: str | None = None) -> dict[str, Any]:
+    """A stored message as inspection lists it: a list copy, as ``dequeue`` gives it."""
+    return protocol.inspected(list(message) if isinstance(message, list) else message,
+                              priority, getattr(message, "attempts", 0), at, status)
+
+
+def _is_of(message: Any, task_id: str) -> bool:
+    """Whether *message* is a message of *task_id*."""
+    return isinstance(message, (list, tuple)) and bool(message) and message[0] == task_id
 
 
 def _ranked(message: Any, priority: int) -> _Ranked:

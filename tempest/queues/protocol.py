@@ -100,6 +100,61 @@ method                              what it buys
                                     ``Engine.call`` need these
 ==================================  ===============================================
 
+Engines and outcomes (all five, or none: ``ENGINE_METHODS``): what a dashboard
+reads to show every engine on a shared queue and what they did, minute by
+minute.
+
+==================================  ===============================================
+method                              what it buys
+==================================  ===============================================
+``announce(engine_id, record,``     store or replace the JSON-serializable dict
+``ttl)``                            *record* of a live engine; it expires *ttl*
+                                    seconds later unless announced again
+``engines()``                       the unexpired records, as JSON gives them back,
+                                    sorted by ``engine_id``
+``forget_engine(engine_id)``        drop the record at once (an engine that stopped
+                                    cleanly); nothing if there is none
+``add_outcomes(minute, counts)``    add *counts* (``{outcome: n}``, outcomes from
+                                    OUTCOMES) to the bucket of POSIX minute
+                                    *minute* (``int(time // 60) * 60``), one bucket
+                                    per queue, shared by every engine on it; kept
+                                    an hour at least
+``outcomes(since)``                 ``{minute: {outcome: n}}`` of the buckets with
+                                    ``minute >= since``
+==================================  ===============================================
+
+Inspection (all five, or none: ``INSPECT_METHODS``): what a dashboard lists.
+Read-only: nothing is leased, moved or counted as a delivery.
+
+==================================  ===============================================
+method                              what it buys
+==================================  ===============================================
+``peek(limit=100, offset=0)``       ready messages (not leased), in the order the
+                                    queue would hand them out: dicts ``{"message",
+                                    "priority", "attempts"}``, ``message`` as
+                                    ``dequeue`` would give it
+``peek_scheduled(limit=100,``       messages waiting for their time, the soonest
+``offset=0)``                       first: the same dicts with ``"at"`` (POSIX
+                                    seconds, the queue's clock)
+``rejected(limit=None,``            the rejected messages, oldest first (newest
+``offset=0)``                       last), as (message, reason); with no arguments,
+                                    all of them, as ever
+``rejected_count()``                how many ``rejected()`` lists
+``find(task_id)``                   where a message with this id is now: ``{"status":
+                                    "waiting" | "scheduled" | "leased", "message",
+                                    "priority", "attempts"}`` (and ``"at"`` when
+                                    scheduled), or None. Failed entries are found by
+                                    ``find_failed``, results by ``result(id, 0)``
+==================================  ===============================================
+
+Bad arguments to these methods raise: TypeError for a wrong type (a limit
+that is no int, a task id that is no str), ValueError for a wrong value (a
+negative limit or offset, an unknown outcome, a ttl that is not > 0). A
+message that does not decode is listed raw, as ``dequeue`` hands it out.
+``find`` may scan the queue (it serves one search, never the hot path);
+where several messages have the id, it gives the one furthest on its way:
+leased, then waiting, then scheduled.
+
 The engine passes ``ack``, ``reject`` and ``requeue`` the very object that
 ``dequeue`` returned. Durable queues use that identity to find the stored
 row (see :class:`Leases`), so the message itself needs no hidden fields.
@@ -236,10 +291,13 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_LEASE",
     "DEFAULT_MAX_DELIVERIES",
+    "ENGINE_METHODS",
     "FAILED_FIELDS",
     "FAILED_METHODS",
     "FailingQueue",
+    "INSPECT_METHODS",
     "Leases",
+    "OUTCOMES",
     "POISON_REASON",
     "PRIORITY_MAX",
     "PRIORITY_MIN",
@@ -250,13 +308,21 @@ __all__ = [
     "ReliableQueue",
     "ResultQueue",
     "SchedulingQueue",
+    "announcement",
     "decode",
     "encode",
     "failed_entry",
     "forks",
+    "inspected",
     "lease_options",
+    "outcome_counts",
+    "page",
+    "page_or_all",
     "priority",
     "seconds",
+    "since_minute",
+    "task_id_of",
+    "task_prefix",
 ]
 
 DEFAULT_LEASE = 30.0
@@ -410,6 +476,103 @@ RETRY_METHODS = ("attempts", "retry")
 FAILED_METHODS = ("fail", "failed", "failed_count", "find_failed", "retry_failed",
                   "retry_failed_all", "delete_failed", "purge_failed")
 """What a queue needs for the failed store."""
+
+
+ENGINE_METHODS = ("announce", "engines", "forget_engine", "add_outcomes", "outcomes")
+"""What a queue needs to keep engine records and outcome counts (all or none)."""
+
+INSPECT_METHODS = ("peek", "peek_scheduled", "rejected", "rejected_count", "find")
+"""What a queue needs to be inspected: its messages listed and found (all or none)."""
+
+OUTCOMES = ("succeeded", "failed", "timed_out", "rejected", "retried")
+"""The outcomes ``add_outcomes`` counts."""
+
+
+def page(where: str, limit: object, offset: object) -> tuple[int, int]:
+    """(*limit*, *offset*) checked: ints >= 0. TypeError for what is no int,
+    ValueError for a negative one; *where* (``Queue.method``) starts the message."""
+    return _count(where, "limit", limit), _count(where, "offset", offset)
+
+
+def page_or_all(where: str, limit: object, offset: object) -> tuple[int | None, int]:
+    """``page``, with *limit* None (no limit) allowed: ``rejected(limit=None)``."""
+    if limit is None:
+        return None, _count(where, "offset", offset)
+    return page(where, limit, offset)
+
+
+def _count(where: str, argument: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {argument} must be an int, not {value!r}")
+    if value < 0:
+        raise ValueError(f"{where}: {argument} must be >= 0, not {value!r}")
+    return value
+
+
+def announcement(where: str, engine_id: object, record: object, ttl: object
+                 ) -> tuple[str, str, float]:
+    """(engine id, the record as JSON text, ttl in seconds) of ``announce``, checked."""
+    if not isinstance(engine_id, str):
+        raise TypeError(f"{where}: engine_id must be a str, not {engine_id!r}")
+    if not engine_id:
+        raise ValueError(f"{where}: engine_id must not be empty")
+    if not isinstance(record, dict):
+        raise TypeError(f"{where}: record must be a dict, not {type(record).__name__}")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
+        raise ValueError(f"{where}: ttl must be a number of seconds > 0, not {ttl!r}")
+    return engine_id, json.dumps(record, separators=(",", ":"), allow_nan=False), float(ttl)
+
+
+def outcome_counts(where: str, minute: object, counts: object) -> dict[str, int]:
+    """The counts of ``add_outcomes`` checked, those of 0 left out.
+
+    *minute* must be an int, a whole POSIX minute (a multiple of 60); *counts*
+    a dict of OUTCOMES to ints >= 0.
+    """
+    if isinstance(minute, bool) or not isinstance(minute, int):
+        raise TypeError(f"{where}: minute must be an int, not {minute!r}")
+    if minute % 60:
+        raise ValueError(f"{where}: minute must be a whole POSIX minute "
+                         f"(int(time // 60) * 60), not {minute!r}")
+    if not isinstance(counts, dict):
+        raise TypeError(f"{where}: counts must be a dict, not {type(counts).__name__}")
+    checked: dict[str, int] = {}
+    for outcome, count in counts.items():
+        if outcome not in OUTCOMES:
+            raise ValueError(f"{where}: {outcome!r} is no outcome; one of {', '.join(OUTCOMES)}")
+        if _count(where, outcome, count):
+            checked[outcome] = count
+    return checked
+
+
+def since_minute(where: str, since: object) -> float:
+    """*since* of ``outcomes``, checked: a number of POSIX seconds."""
+    if isinstance(since, bool) or not isinstance(since, (int, float)) or math.isnan(since):
+        raise TypeError(f"{where}: since must be a number of POSIX seconds, not {since!r}")
+    return float(since)
+
+
+def task_id_of(where: str, task_id: object) -> str:
+    """*task_id* of ``find``, checked: a str (TypeError otherwise)."""
+    if not isinstance(task_id, str):
+        raise TypeError(f"{where}: task_id must be a str, not {task_id!r}")
+    return task_id
+
+
+def task_prefix(task_id: str) -> str:
+    """How the stored JSON of a message of *task_id* starts: ``["<id>"``, as ``encode``
+    writes it (a message stored by another producer with spaces in it is not matched)."""
+    return "[" + encode(task_id)
+
+
+def inspected(message: Any, priority: int, attempts: int, at: float | None = None,
+              status: str | None = None) -> dict[str, Any]:
+    """A listed message, as ``peek`` (*at*: ``peek_scheduled``; *status*: ``find``) gives it."""
+    entry: dict[str, Any] = {} if status is None else {"status": status}
+    entry.update(message=message, priority=int(priority), attempts=int(attempts))
+    if at is not None:
+        entry["at"] = float(at)
+    return entry
 
 
 def failed_entry(row: tuple[Any, ...] | list[Any]) -> dict[str, Any]:
