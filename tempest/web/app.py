@@ -36,7 +36,8 @@ from tempest.engine import Engine
 from tempest.exceptions import Unsupported
 from tempest.runtime import queue_counts
 from tempest.web import views
-from tempest.web.security import CSRF_COOKIE, BasicAuth, Csrf, SecurityHeaders, parse_auth
+from tempest.web._checks import parse_auth
+from tempest.web.security import CSRF_COOKIE, BasicAuth, Csrf, SecurityHeaders
 
 __all__ = ["build"]
 

@@ -21,7 +21,7 @@ import secrets
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["CSRF_COOKIE", "BasicAuth", "Csrf", "HEADERS", "SecurityHeaders", "parse_auth"]
+__all__ = ["CSRF_COOKIE", "HEADERS", "SECRET_ENV", "BasicAuth", "Csrf", "SecurityHeaders"]
 
 CSRF_COOKIE = "tempest_csrf"
 
@@ -37,17 +37,6 @@ HEADERS = {
     "x-frame-options": "DENY",
     "referrer-policy": "same-origin",
 }
-
-
-def parse_auth(auth: str) -> tuple[str, str]:
-    """``"user:password"`` as (user, password); ValueError if it is not that."""
-    if not isinstance(auth, str):
-        raise TypeError(f"auth must be a 'user:password' str, not {auth!r}")
-    user, sep, password = auth.partition(":")
-    if not sep or not user or not password:
-        raise ValueError("auth must be 'user:password' with a user and a password, "
-                         "such as admin:s3cret")
-    return user, password
 
 
 class BasicAuth:

@@ -108,7 +108,7 @@ class Page:
                 section["error"] = _error(exc)
         return section
 
-    def count(self, field: str, method: str, default: str = "–") -> int | None:
+    def count(self, field: str, method: str, default: str = "-") -> int | None:
         """Set *field* to ``queue.<method>()``; the number, or None where it has none."""
         fields = self.view["fields"]
         if not self.has(method):
@@ -168,13 +168,13 @@ def overview(page: Page) -> dict[str, Any]:
     engines = page.section("engines", "no engine is alive on this queue", ("engines",),
                            engine_rows)
     fields["engines"] = str(len(engines["rows"])) if engines["unavailable"] is None \
-        and engines["error"] is None else "–"
+        and engines["error"] is None else "-"
     fields["engines_note"] = "" if engines["unavailable"] is None else NOT_AVAILABLE
     if engines["unavailable"] is None and engines["error"] is None:
         fields["running"] = str(sum(_int(r.get("busy")) for r in page.engines()))
         fields["running_note"] = ""
     else:
-        fields["running"] = "–"
+        fields["running"] = "-"
         fields["running_note"] = NOT_AVAILABLE if engines["error"] is None else "error"
     page.view["chart"] = _outcomes_chart(page)
     return page.view
@@ -419,7 +419,7 @@ def chart(buckets: dict[int, dict[str, int]], now: float) -> dict[str, Any]:
 
 def _outcomes_chart(page: Page) -> dict[str, Any]:
     fields = page.view["fields"]
-    fields["last_minute"] = fields["last_hour"] = fields["chart_max"] = "–"
+    fields["last_minute"] = fields["last_hour"] = fields["chart_max"] = "-"
     empty = chart({}, page.now)
     if not page.has("outcomes"):
         empty["unavailable"] = f"outcomes(): {NOT_AVAILABLE}"
