@@ -94,6 +94,20 @@ which, for the default table ``tempest_messages``, is::
     );
     CREATE INDEX IF NOT EXISTS "tempest_messages_results_expiry"
         ON "tempest_messages_results" (queue, expires_at);
+    CREATE TABLE IF NOT EXISTS "tempest_messages_engines" (
+        queue text NOT NULL,
+        engine_id text NOT NULL,
+        record json NOT NULL,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (queue, engine_id)
+    );
+    CREATE TABLE IF NOT EXISTS "tempest_messages_outcomes" (
+        queue text NOT NULL,
+        minute bigint NOT NULL,
+        outcome text NOT NULL,
+        count bigint NOT NULL,
+        PRIMARY KEY (queue, minute, outcome)
+    );
 
 ``body`` is the message as JSON text (not ``jsonb``: a body that is not valid
 JSON can be stored, and comes back raw for the engine to reject). One table
@@ -172,6 +186,28 @@ net for a listener cut off without its thread knowing, not a poll). The
 listener opens with the first wait (a connection beside the four of the
 statements) and closes 5 s after the last, at ``close()``, or when its
 connection fails; then its waiters look again, on a new one.
+
+Engines, outcomes and inspection
+--------------------------------
+``announce`` upserts the engine's row of ``<table>_engines`` (its record as
+``json``, ``expires_at`` the database's ``now()`` + *ttl*) and deletes the
+queue's expired rows in the same statement; ``engines()`` deletes them too and
+reads the rest in one statement, so an expired record is never listed. The
+deletes skip rows another statement holds (``SKIP LOCKED``): they never wait.
+``add_outcomes`` upserts (queue, minute, outcome) rows of
+``<table>_outcomes``, adding to their ``count``, and deletes the queue's rows
+of minutes more than two hours old, in one statement. The engine calls them
+once per announce (every few seconds), never per task; the message tables and
+their statements are untouched.
+
+``peek`` is one read: the available rows of the table down the ``_ready``
+index, and the delayed rows whose time has come (the next claim moves them in,
+with later ids), merged in the claim's order -- priority, then the time each
+became ready -- less the rows a claim would set aside as poison.
+``peek_scheduled`` reads ``_scheduled_due`` in order. ``find`` reads the rows of
+the queue whose body starts with the id's JSON (``["<id>"``), in both tables:
+one sequential scan of the queue's rows per search, no lock taken. A row leased
+and not expired is ``leased``. None of them writes anything.
 
 Where a result can be lost or seen twice
 ----------------------------------------
@@ -274,6 +310,9 @@ notice at once). A record stored meanwhile is found then, not lost.
 _RESULT_SWEEP = 100
 """Expired results a ``store_result`` deletes at most (the oldest first)."""
 
+_OUTCOMES_KEPT = 7200
+"""Seconds of outcome buckets kept (the protocol promises one hour at least)."""
+
 _RESULT_TTL_MAX = 1e11
 """The longest a result is kept, in seconds (about 3,000 years): PostgreSQL's
 timestamps end in the year 294276, so a longer *ttl* is kept this long."""
@@ -357,7 +396,21 @@ CREATE TABLE IF NOT EXISTS {results} (
     PRIMARY KEY (queue, task_id)
 );
 CREATE INDEX IF NOT EXISTS {results_index}
-    ON {results} (queue, expires_at);"""
+    ON {results} (queue, expires_at);
+CREATE TABLE IF NOT EXISTS {engines} (
+    queue text NOT NULL,
+    engine_id text NOT NULL,
+    record json NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (queue, engine_id)
+);
+CREATE TABLE IF NOT EXISTS {outcomes} (
+    queue text NOT NULL,
+    minute bigint NOT NULL,
+    outcome text NOT NULL,
+    count bigint NOT NULL,
+    PRIMARY KEY (queue, minute, outcome)
+);"""
 # Claims read <table>_ready in order: by priority, then by the time each row
 # became ready (available_at: its enqueue, or the time a delayed message was
 # due), then by id. Tables made before scheduling have <table>_dequeue on
@@ -537,7 +590,89 @@ SELECT (SELECT count(*) FROM {table}
 # Delayed messages whose time has come are waiting, moved into the table or not.
 
 _REJECTED = """\
-SELECT body, reason FROM {rejected} WHERE queue = %(queue)s ORDER BY rejected_at, id"""
+SELECT body, reason FROM {rejected} WHERE queue = %(queue)s ORDER BY rejected_at, id
+LIMIT %(limit)s OFFSET %(offset)s"""
+# LIMIT NULL: all of them.
+
+_REJECTED_COUNT = "SELECT count(*) FROM {rejected} WHERE queue = %(queue)s"
+
+_PEEK = """\
+(SELECT body, priority, attempts, available_at, 0 AS kind, id FROM {table}
+ WHERE queue = %(queue)s AND available_at <= now()
+   AND (lease_until IS NULL OR lease_until < now()) AND deliveries < %(max_deliveries)s
+ ORDER BY priority DESC, available_at, id LIMIT %(window)s)
+UNION ALL
+(SELECT body, priority, attempts, available_at, 1, id FROM {scheduled}
+ WHERE queue = %(queue)s AND available_at <= now()
+ ORDER BY priority DESC, available_at, id LIMIT %(window)s)
+ORDER BY priority DESC, available_at, kind, id LIMIT %(limit)s OFFSET %(offset)s"""
+# The ready messages in the claim's order (see _CLAIM): the rows of the table
+# available now (not those a claim would set aside as poison), and the delayed
+# ones due and not yet moved in, which promotion stores with later ids. Each side
+# walks its index for the first *window* (offset + limit) rows at most.
+
+_PEEK_SCHEDULED = """\
+SELECT body, priority, attempts, extract(epoch FROM available_at)::float8 FROM {scheduled}
+WHERE queue = %(queue)s AND available_at > now()
+ORDER BY available_at, id LIMIT %(limit)s OFFSET %(offset)s"""
+
+_FIND = """\
+SELECT body, priority, attempts, NULL::float8,
+       CASE WHEN leased_by IS NOT NULL AND lease_until >= now() THEN 'leased'
+            ELSE 'waiting' END
+FROM {table} WHERE queue = %(queue)s AND left(body, %(length)s) = %(prefix)s
+UNION ALL
+SELECT body, priority, attempts, extract(epoch FROM available_at)::float8,
+       CASE WHEN available_at > now() THEN 'scheduled' ELSE 'waiting' END
+FROM {scheduled} WHERE queue = %(queue)s AND left(body, %(length)s) = %(prefix)s"""
+# One search: a scan of the queue's rows (no index serves it, and none is added:
+# every enqueue would pay for it).
+
+_EXPIRED_ENGINES = """\
+DELETE FROM {engines} WHERE queue = %(queue)s AND engine_id = ANY(ARRAY(
+    SELECT engine_id FROM {engines}
+    WHERE queue = %(queue)s AND expires_at <= now() AND engine_id <> %(engine_id)s
+    FOR UPDATE SKIP LOCKED))"""
+# The expired records, but not the one being announced (one statement must not
+# modify a row twice) and none that another statement holds: never a wait.
+
+_ANNOUNCE = """\
+WITH expired AS (""" + _EXPIRED_ENGINES + """)
+INSERT INTO {engines} (queue, engine_id, record, expires_at)
+VALUES (%(queue)s, %(engine_id)s, %(record)s::json,
+        now() + make_interval(secs => %(ttl)s::float8))
+ON CONFLICT (queue, engine_id) DO UPDATE SET
+    record = excluded.record, expires_at = excluded.expires_at"""
+
+_ENGINES = """\
+WITH expired AS (""" + _EXPIRED_ENGINES + """)
+SELECT record::text FROM {engines} WHERE queue = %(queue)s AND expires_at > now()
+ORDER BY engine_id COLLATE "C"
+"""
+# The snapshot of the SELECT does not see the DELETE: "expires_at > now()" leaves out
+# what it deletes. COLLATE "C": by code point, as Python sorts.
+
+_FORGET_ENGINE = "DELETE FROM {engines} WHERE queue = %(queue)s AND engine_id = %(engine_id)s"
+
+_ADD_OUTCOMES = """\
+WITH old AS (
+    DELETE FROM {outcomes} WHERE queue = %(queue)s AND (minute, outcome) IN (
+        SELECT minute, outcome FROM {outcomes}
+        WHERE queue = %(queue)s AND minute < least(%(minute)s::bigint,
+                                                   extract(epoch FROM now())::bigint - %(kept)s)
+        FOR UPDATE SKIP LOCKED)
+)
+INSERT INTO {outcomes} AS bucket (queue, minute, outcome, count)
+SELECT %(queue)s, %(minute)s, outcome, count
+FROM unnest(%(outcomes)s::text[], %(counts)s::bigint[]) AS counted (outcome, count)
+ON CONFLICT (queue, minute, outcome) DO UPDATE SET count = bucket.count + excluded.count"""
+# The minute counted into is never among those deleted (one statement must not
+# modify a row twice). Engines adding to one minute take its rows in one order
+# (OUTCOMES'), so they wait for each other at most, never deadlock.
+
+_OUTCOMES = """\
+SELECT minute, outcome, count FROM {outcomes}
+WHERE queue = %(queue)s AND minute >= %(since)s::float8 ORDER BY minute, outcome"""
 
 _EXISTING = """\
 SELECT to_regclass(%(table)s) IS NOT NULL AND to_regclass(%(rejected)s) IS NOT NULL
@@ -546,6 +681,7 @@ SELECT to_regclass(%(table)s) IS NOT NULL AND to_regclass(%(rejected)s) IS NOT N
    AND to_regclass(%(fired)s) IS NOT NULL AND to_regclass(%(old_index)s) IS NULL
    AND to_regclass(%(failed)s) IS NOT NULL AND to_regclass(%(failed_index)s) IS NOT NULL
    AND to_regclass(%(results)s) IS NOT NULL AND to_regclass(%(results_index)s) IS NOT NULL
+   AND to_regclass(%(engines)s) IS NOT NULL AND to_regclass(%(outcomes)s) IS NOT NULL
    AND (SELECT count(*) = 6 FROM pg_attribute
         WHERE attrelid IN (to_regclass(%(table)s), to_regclass(%(scheduled)s))
           AND attname IN ('attempts', 'first_failed_at', 'result_ttl') AND NOT attisdropped)"""
@@ -699,7 +835,15 @@ def _names(table: str) -> dict[str, str]:
             "leased_index": f"{table}_leased", "scheduled": f"{table}_scheduled",
             "scheduled_index": f"{table}_scheduled_due", "fired": f"{table}_fired",
             "failed": f"{table}_failed", "failed_index": f"{table}_failed_latest",
-            "results": f"{table}_results", "results_index": f"{table}_results_expiry"}
+            "results": f"{table}_results", "results_index": f"{table}_results_expiry",
+            "engines": f"{table}_engines", "outcomes": f"{table}_outcomes"}
+
+
+def _listed(body: str) -> Any:
+    """A stored body as inspection lists it: the message, or the body raw (as ``dequeue``
+    hands it out)."""
+    message = protocol.decode(body)
+    return _Raw(body) if message is body else message
 
 
 def _positive(action: str, argument: str, value: object) -> float:
@@ -722,10 +866,11 @@ def _check_table(table: object) -> str:
 def schema_sql(table: str = "tempest_messages") -> str:
     """The SQL that creates *table*, the tables beside it and their indexes (idempotent).
 
-    Beside it: ``_rejected``, ``_scheduled``, ``_fired``, ``_failed`` and
-    ``_results``; tables made by an older version gain the columns they lack. For a migration, or a
-    DBA's ``psql``; PostgresQueue runs the same statements itself on first use
-    when anything is missing.
+    Beside it: ``_rejected``, ``_scheduled``, ``_fired``, ``_failed``,
+    ``_results``, ``_engines`` and ``_outcomes``; tables made by an older version
+    gain the columns they lack. For a migration, or a DBA's ``psql``;
+    PostgresQueue runs the same statements itself on first use when anything
+    is missing.
     """
     names = _names(_check_table(table))
     return _SCHEMA.format(**{key: f'"{name}"' for key, name in names.items()})
@@ -1048,7 +1193,11 @@ class PostgresQueue:
             ("retry_failed_all", _RETRY_FAILED.replace("{which}", _EVERY)),
             ("delete_failed", _DELETE_FAILED.replace("{which}", _ONE)),
             ("purge_failed", _DELETE_FAILED.replace("{which}", _EVERY)),
-            ("store_result", _STORE_RESULT), ("result", _RESULT))}
+            ("store_result", _STORE_RESULT), ("result", _RESULT),
+            ("rejected_count", _REJECTED_COUNT), ("peek", _PEEK),
+            ("peek_scheduled", _PEEK_SCHEDULED), ("find", _FIND), ("announce", _ANNOUNCE),
+            ("engines", _ENGINES), ("forget_engine", _FORGET_ENGINE),
+            ("add_outcomes", _ADD_OUTCOMES), ("outcomes", _OUTCOMES))}
         self._sql["listen"] = sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_bytes(None)
         # Results have a channel of their own, so that a store never wakes a waiting
         # dequeue (a claim for nothing), nor an enqueue a waiting result(). "/" is in
@@ -1513,11 +1662,120 @@ class PostgresQueue:
             if listener.add(task_id, event):
                 return listener
 
-    def rejected(self) -> list[tuple[Any, str]]:
-        """The rejected messages of this queue, oldest first, as (message or raw, reason)."""
+    def rejected(self, limit: int | None = None, offset: int = 0) -> list[tuple[Any, str]]:
+        """The rejected messages of this queue, oldest first, as (message or raw, reason):
+        all of them, or *limit* (None: no limit) from *offset*."""
+        limit, offset = protocol.page_or_all("PostgresQueue.rejected", limit, offset)
         with self._connection() as conn:
-            rows = conn.execute(self._sql["rejected"], {"queue": self.name}).fetchall()
+            rows = conn.execute(self._sql["rejected"], {
+                "queue": self.name, "limit": limit, "offset": offset}).fetchall()
         return [(protocol.decode(body), reason) for body, reason in rows]
+
+    def rejected_count(self) -> int:
+        """How many messages ``rejected()`` lists."""
+        return self._one("rejected_count", {"queue": self.name})
+
+    # -- inspection (read-only: see "Engines, outcomes and inspection") -------------
+
+    def peek(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Ready messages, in the order claims would take them, left in place:
+        ``{"message", "priority", "attempts"}`` each, *limit* from *offset*."""
+        limit, offset = protocol.page("PostgresQueue.peek", limit, offset)
+        if not limit:
+            return []
+        with self._connection() as conn:
+            rows = conn.execute(self._sql["peek"], {
+                "queue": self.name, "max_deliveries": self.max_deliveries,
+                "window": offset + limit, "limit": limit, "offset": offset}).fetchall()
+        return [protocol.inspected(_listed(body), priority, attempts)
+                for body, priority, attempts, *_ in rows]
+
+    def peek_scheduled(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Messages waiting for their time (the database's clock), the soonest first,
+        with ``"at"``: *limit* from *offset*."""
+        limit, offset = protocol.page("PostgresQueue.peek_scheduled", limit, offset)
+        with self._connection() as conn:
+            rows = conn.execute(self._sql["peek_scheduled"], {
+                "queue": self.name, "limit": limit, "offset": offset}).fetchall()
+        return [protocol.inspected(_listed(body), priority, attempts, at)
+                for body, priority, attempts, at in rows]
+
+    def find(self, task_id: str) -> dict[str, Any] | None:
+        """Where the message of *task_id* is now (``leased``, ``waiting`` or
+        ``scheduled``), or None; one scan of this queue's rows."""
+        task_id = protocol.task_id_of("PostgresQueue.find", task_id)
+        prefix = protocol.task_prefix(task_id)
+        with self._connection() as conn:
+            rows = conn.execute(self._sql["find"], {
+                "queue": self.name, "prefix": prefix, "length": len(prefix)}).fetchall()
+        found: dict[str, dict[str, Any]] = {}
+        for body, priority, attempts, at, status in rows:
+            message = protocol.decode(body)
+            if isinstance(message, list) and message and message[0] == task_id:
+                found.setdefault(status, protocol.inspected(
+                    message, priority, attempts, at if status == "scheduled" else None, status))
+        for status in ("leased", "waiting", "scheduled"):
+            if status in found:
+                return found[status]
+        return None
+
+    # -- engines and outcomes ---------------------------------------------------------
+
+    def announce(self, engine_id: str, record: dict[str, Any], ttl: float) -> None:
+        """Store or replace *engine_id*'s record, expiring *ttl* seconds from now (the
+        database's clock); expired records go in the same statement."""
+        engine_id, text, seconds = protocol.announcement(
+            "PostgresQueue.announce", engine_id, record, ttl)
+        with self._connection() as conn:
+            conn.execute(self._sql["announce"], {
+                "queue": self.name, "engine_id": engine_id, "record": text,
+                "ttl": min(seconds, _RESULT_TTL_MAX)})
+
+    def engines(self) -> list[dict[str, Any]]:
+        """The records of the engines announced and not expired, by engine id; expired
+        ones are deleted by the same statement."""
+        with self._connection() as conn:
+            rows = conn.execute(self._sql["engines"],
+                                {"queue": self.name, "engine_id": ""}).fetchall()
+        return [json.loads(text) for (text,) in rows]
+
+    def forget_engine(self, engine_id: str) -> None:
+        """Drop *engine_id*'s record now."""
+        if not isinstance(engine_id, str):
+            raise TypeError(f"PostgresQueue.forget_engine: engine_id must be a str, "
+                            f"not {engine_id!r}")
+        with self._connection() as conn:
+            conn.execute(self._sql["forget_engine"],
+                         {"queue": self.name, "engine_id": engine_id})
+
+    def add_outcomes(self, minute: int, counts: dict[str, int]) -> None:
+        """Add *counts* to the bucket of POSIX *minute*, in one statement that also
+        deletes the buckets more than two hours old (the database's clock)."""
+        checked = protocol.outcome_counts("PostgresQueue.add_outcomes", minute, counts)
+        if not checked:
+            return
+        outcomes = [outcome for outcome in protocol.OUTCOMES if outcome in checked]
+        with self._connection() as conn:
+            conn.execute(self._sql["add_outcomes"], {
+                "queue": self.name, "minute": minute, "kept": _OUTCOMES_KEPT,
+                "outcomes": outcomes, "counts": [checked[o] for o in outcomes]})
+
+    def outcomes(self, since: int) -> dict[int, dict[str, int]]:
+        """The buckets of the minutes from *since* on: ``{minute: {outcome: count}}``."""
+        start = protocol.since_minute("PostgresQueue.outcomes", since)
+        with self._connection() as conn:
+            rows = conn.execute(self._sql["outcomes"],
+                                {"queue": self.name, "since": start}).fetchall()
+        buckets: dict[int, dict[str, int]] = {}
+        for minute, outcome, count in rows:
+            buckets.setdefault(int(minute), {})[outcome] = int(count)
+        return buckets
+
+    def _one(self, statement: str, params: dict[str, Any]) -> int:
+        """The one number *statement* selects."""
+        with self._connection() as conn:
+            row = conn.execute(self._sql[statement], params).fetchone()
+        return int(row[0]) if row else 0
 
     def __len__(self) -> int:
         """Messages waiting: available now and not leased."""

@@ -77,15 +77,32 @@ table ``tempest_messages`` they are::
     );
     CREATE INDEX IF NOT EXISTS "tempest_messages_results_expiry"
         ON "tempest_messages_results" (queue, expires_at);
+    CREATE TABLE IF NOT EXISTS "tempest_messages_engines" (
+        queue TEXT NOT NULL,
+        engine_id TEXT NOT NULL,
+        record TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (queue, engine_id)
+    );
+    CREATE TABLE IF NOT EXISTS "tempest_messages_outcomes" (
+        queue TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (queue, minute, outcome)
+    );
 
 Delayed messages wait in ``<table>_scheduled`` until their time; the slots
 that periodic tasks fired are remembered in ``<table>_fired``; messages that
 failed for good are kept in ``<table>_failed``, one entry per queue and task
 id; task results in ``<table>_results``, one record per queue and task id
-(see "Results"). ``attempts`` and ``first_failed_at`` are a message's failed
+(see "Results"); the records of live engines in ``<table>_engines`` and the
+outcome counts per minute in ``<table>_outcomes`` (see "Engines, outcomes and
+inspection"). ``attempts`` and ``first_failed_at`` are a message's failed
 attempts and the time of its first failure; ``result_ttl`` the seconds its
 result is to be kept (NULL: it asks for none). A database made by an earlier
-version gains these tables and indexes, the three columns (of the table and
+version gains these tables and indexes (on first use, as it gained each
+one before), the three columns (of the table and
 ``<table>_scheduled``, with ``ALTER TABLE ... ADD COLUMN``: no row rewritten,
 existing messages ask for no result) and the ``_ready`` index on first use
 (its ``_dequeue`` index is dropped).
@@ -193,11 +210,35 @@ waits never hold the claims' lock), then waits for the bell or its next look
 of the file: a record stored by another process is seen 5 ms after the wait
 began at first, then every ``_RESULT_POLL_MAX`` (50 ms) at most. Results are
 one per queue name: two names sharing a table keep theirs apart.
+
+Engines, outcomes and inspection
+--------------------------------
+``announce`` replaces the engine's row of ``<table>_engines`` (its record as
+JSON, ``expires_at`` this machine's clock + *ttl*) and deletes the expired rows
+of the queue, in one transaction; ``engines()`` deletes them too and reads the
+rest in one transaction, so an expired record is never listed. ``add_outcomes``
+adds each count to its row (queue, minute, outcome) of ``<table>_outcomes`` and
+deletes the rows of minutes more than two hours old, in one transaction; an
+engine calls it once per announce, never per task. None of it touches the
+message tables, and the enqueue, claim and ack statements are the same as
+without it.
+
+``peek`` reads, in one read transaction (no write lock: claims go on), the
+available rows of the table down the ``_ready`` index and the delayed rows whose
+time has come (which the next claim moves in) down ``_scheduled_due``, and
+merges them as the claim would take them: by priority, then the time each
+became ready, the rows already in the table first. Rows a claim would set aside
+as poison are left out. ``peek_scheduled`` reads ``_scheduled_due`` in order;
+``find`` reads the rows whose body starts with the id's JSON (``["<id>"``), a
+scan of the queue's rows in both tables, in one read transaction: a row leased
+and not expired is ``leased``. Nothing is written: no lease, no delivery.
 """
 
 from __future__ import annotations
 
 import copy
+import heapq
+import itertools
 import json
 import math
 import operator
@@ -324,7 +365,21 @@ CREATE TABLE IF NOT EXISTS {results} (
     PRIMARY KEY (queue, task_id)
 );
 CREATE INDEX IF NOT EXISTS {results_index}
-    ON {results} (queue, expires_at);"""
+    ON {results} (queue, expires_at);
+CREATE TABLE IF NOT EXISTS {engines} (
+    queue TEXT NOT NULL,
+    engine_id TEXT NOT NULL,
+    record TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (queue, engine_id)
+);
+CREATE TABLE IF NOT EXISTS {outcomes} (
+    queue TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (queue, minute, outcome)
+);"""
 # The index the claims read in order: by priority, then by the time each row
 # became ready (available_at: its enqueue, or the time a delayed message was
 # due), then by id.
@@ -346,6 +401,9 @@ first two) or before results (``result_ttl``) lack: added on first use, in this 
 _AVAILABLE = """\
 queue = :queue AND (available_at <= :now OR available_at <= enqueued_at)
 AND (lease_until IS NULL OR lease_until < :now)"""
+
+_OUTCOMES_KEPT = 7200
+"""Seconds of outcome buckets kept (the protocol promises one hour at least)."""
 
 _RESULT_SWEEP = 100
 """Expired results deleted per store_result at most (the oldest first), so the write lock
@@ -408,7 +466,39 @@ _SQL = {
                "deliveries = max(deliveries - 1, 0) WHERE id = :id AND leased_by = :consumer",
     "waiting": "SELECT count(*) FROM {table} WHERE " + _AVAILABLE,
     "rejected": "SELECT CAST(body AS BLOB), reason FROM {rejected} "
-                "WHERE queue = :queue ORDER BY id",
+                "WHERE queue = :queue ORDER BY id LIMIT :limit OFFSET :offset",
+    "rejected_count": "SELECT count(*) FROM {rejected} WHERE queue = :queue",
+    # inspection (see "Engines, outcomes and inspection"): reads only
+    "ready_rows": "SELECT priority, available_at, id, CAST(body AS BLOB), attempts "
+                  "FROM {table} WHERE " + _AVAILABLE + " AND deliveries < :max_deliveries "
+                  "ORDER BY priority DESC, available_at, id LIMIT :limit",
+    "due_rows": "SELECT priority, available_at, id, CAST(body AS BLOB), attempts "
+                "FROM {scheduled} WHERE queue = :queue AND available_at <= :now "
+                "ORDER BY available_at, id LIMIT :limit",
+    "later_rows": "SELECT priority, available_at, CAST(body AS BLOB), attempts "
+                  "FROM {scheduled} WHERE queue = :queue AND available_at > :now "
+                  "ORDER BY available_at, id LIMIT :limit OFFSET :offset",
+    "find_in_table": "SELECT priority, NULL, CAST(body AS BLOB), attempts, "
+                     "leased_by IS NOT NULL AND lease_until >= :now FROM {table} "
+                     "WHERE queue = :queue AND substr(body, 1, :length) = :prefix",
+    "find_in_scheduled": "SELECT priority, available_at, CAST(body AS BLOB), attempts, 0 "
+                         "FROM {scheduled} "
+                         "WHERE queue = :queue AND substr(body, 1, :length) = :prefix "
+                         "ORDER BY available_at, id",
+    # engines and outcomes
+    "forget_expired": "DELETE FROM {engines} WHERE queue = :queue AND expires_at <= :now",
+    "announce": "INSERT OR REPLACE INTO {engines} (queue, engine_id, record, expires_at) "
+                "VALUES (:queue, :engine_id, :record, :expires_at)",
+    "engines": "SELECT record FROM {engines} WHERE queue = :queue AND expires_at > :now "
+               "ORDER BY engine_id",
+    "forget_engine": "DELETE FROM {engines} WHERE queue = :queue AND engine_id = :engine_id",
+    "forget_outcomes": "DELETE FROM {outcomes} WHERE queue = :queue AND minute < :oldest",
+    "outcome_row": "INSERT OR IGNORE INTO {outcomes} (queue, minute, outcome, count) "
+                   "VALUES (:queue, :minute, :outcome, 0)",
+    "add_outcome": "UPDATE {outcomes} SET count = count + :count "
+                   "WHERE queue = :queue AND minute = :minute AND outcome = :outcome",
+    "outcomes": "SELECT minute, outcome, count FROM {outcomes} "
+                "WHERE queue = :queue AND minute >= :since ORDER BY minute, outcome",
     # retry(), fail() and the failed store (see "Retries and the failed store")
     "retry_ready": "INSERT INTO {table} (queue, body, priority, available_at, enqueued_at, "
                    "attempts, first_failed_at, result_ttl) "
@@ -466,7 +556,8 @@ def _names(table: str) -> dict[str, str]:
             "scheduled": f"{table}_scheduled", "scheduled_index": f"{table}_scheduled_due",
             "fired": f"{table}_fired", "failed": f"{table}_failed",
             "failed_index": f"{table}_failed_latest", "results": f"{table}_results",
-            "results_index": f"{table}_results_expiry"}
+            "results_index": f"{table}_results_expiry", "engines": f"{table}_engines",
+            "outcomes": f"{table}_outcomes"}
 
 
 class _Raw(str):
@@ -1212,11 +1303,134 @@ class SQLiteQueue:
         record: dict[str, Any] = json.loads(rows[0][0])
         return record
 
-    def rejected(self) -> list[tuple[Any, str]]:
-        """The rejected messages of this queue, oldest first, as (message or raw, reason)."""
+    def rejected(self, limit: int | None = None, offset: int = 0) -> list[tuple[Any, str]]:
+        """The rejected messages of this queue, oldest first, as (message or raw, reason):
+        all of them, or *limit* (None: no limit) from *offset*."""
+        limit, offset = protocol.page_or_all("SQLiteQueue.rejected", limit, offset)
+        params = {"queue": self.name, "limit": -1 if limit is None else limit,
+                  "offset": offset}
         with self._connection() as conn:
-            rows = conn.execute(self._sql["rejected"], {"queue": self.name}).fetchall()
+            rows = conn.execute(self._sql["rejected"], params).fetchall()
         return [(_stored(body), reason) for body, reason in rows]
+
+    def rejected_count(self) -> int:
+        """How many messages ``rejected()`` lists."""
+        return self._count("rejected_count")
+
+    # -- inspection (read-only: see "Engines, outcomes and inspection") -------------
+
+    def peek(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Ready messages, in the order claims would take them, left in place:
+        ``{"message", "priority", "attempts"}`` each, *limit* from *offset*."""
+        limit, offset = protocol.page("SQLiteQueue.peek", limit, offset)
+        if not limit:
+            return []
+        params = {"queue": self.name, "now": time.time(), "limit": offset + limit,
+                  "max_deliveries": self.max_deliveries}
+        rows = self._read("ready_rows", "due_rows", params=params)
+        # In the table first, then (at the same priority and time) those the next
+        # claim moves in, which get later ids.
+        ready = heapq.merge(((-p, at, 0, row, body, n) for p, at, row, body, n in rows[0]),
+                            ((-p, at, 1, row, body, n) for p, at, row, body, n in rows[1]))
+        return [protocol.inspected(_stored(body), -neg, attempts)
+                for neg, _, _, _, body, attempts in
+                itertools.islice(ready, offset, offset + limit)]
+
+    def peek_scheduled(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Messages waiting for their time, the soonest first, with ``"at"``: *limit*
+        from *offset*."""
+        limit, offset = protocol.page("SQLiteQueue.peek_scheduled", limit, offset)
+        params = {"queue": self.name, "now": time.time(), "limit": limit, "offset": offset}
+        (rows,) = self._read("later_rows", params=params)
+        return [protocol.inspected(_stored(body), priority, attempts, at)
+                for priority, at, body, attempts in rows]
+
+    def find(self, task_id: str) -> dict[str, Any] | None:
+        """Where the message of *task_id* is now (``leased``, ``waiting`` or
+        ``scheduled``), or None; a scan of this queue's rows, in one read."""
+        task_id = protocol.task_id_of("SQLiteQueue.find", task_id)
+        prefix = protocol.task_prefix(task_id)
+        now = time.time()
+        params = {"queue": self.name, "now": now, "prefix": prefix, "length": len(prefix)}
+        in_table, in_scheduled = self._read("find_in_table", "find_in_scheduled",
+                                            params=params)
+        found: dict[str, dict[str, Any]] = {}
+        for rows in (in_table, in_scheduled):
+            for priority, at, body, attempts, leased in rows:
+                message = _stored(body)
+                if not (isinstance(message, list) and message and message[0] == task_id):
+                    continue
+                status = ("leased" if leased else "scheduled" if at is not None and at > now
+                          else "waiting")
+                found.setdefault(status, protocol.inspected(
+                    message, priority, attempts, at if status == "scheduled" else None, status))
+        for status in ("leased", "waiting", "scheduled"):
+            if status in found:
+                return found[status]
+        return None
+
+    def _read(self, *queries: str, params: dict[str, Any]) -> list[list[Any]]:
+        """The rows of each of *queries*, in one read transaction (one snapshot)."""
+        with self._connection() as conn:
+            conn.execute("BEGIN")
+            rows = [conn.execute(self._sql[query], params).fetchall() for query in queries]
+            conn.execute("COMMIT")
+        return rows
+
+    # -- engines and outcomes ---------------------------------------------------------
+
+    def announce(self, engine_id: str, record: dict[str, Any], ttl: float) -> None:
+        """Store or replace *engine_id*'s record, expiring *ttl* seconds from now (this
+        machine's clock); expired records go in the same transaction."""
+        engine_id, text, seconds = protocol.announcement(
+            "SQLiteQueue.announce", engine_id, record, ttl)
+        now = time.time()
+        params = {"queue": self.name, "now": now, "engine_id": engine_id, "record": text,
+                  "expires_at": now + seconds}
+        with self._connection() as conn, self._transaction(conn):
+            conn.execute(self._sql["forget_expired"], params)
+            conn.execute(self._sql["announce"], params)
+
+    def engines(self) -> list[dict[str, Any]]:
+        """The records of the engines announced and not expired, by engine id; expired
+        ones are deleted in the same transaction."""
+        params = {"queue": self.name, "now": time.time()}
+        with self._connection() as conn, self._transaction(conn):
+            conn.execute(self._sql["forget_expired"], params)
+            rows = conn.execute(self._sql["engines"], params).fetchall()
+        return [json.loads(text) for (text,) in rows]
+
+    def forget_engine(self, engine_id: str) -> None:
+        """Drop *engine_id*'s record now."""
+        if not isinstance(engine_id, str):
+            raise TypeError(f"SQLiteQueue.forget_engine: engine_id must be a str, "
+                            f"not {engine_id!r}")
+        with self._connection() as conn:
+            conn.execute(self._sql["forget_engine"],
+                         {"queue": self.name, "engine_id": engine_id})
+
+    def add_outcomes(self, minute: int, counts: dict[str, int]) -> None:
+        """Add *counts* to the bucket of POSIX *minute*, in one transaction that also
+        deletes the buckets more than two hours old."""
+        checked = protocol.outcome_counts("SQLiteQueue.add_outcomes", minute, counts)
+        rows = [{"queue": self.name, "minute": minute, "outcome": outcome, "count": count}
+                for outcome, count in checked.items()]
+        with self._connection() as conn, self._transaction(conn):
+            conn.execute(self._sql["forget_outcomes"],
+                         {"queue": self.name, "oldest": time.time() - _OUTCOMES_KEPT})
+            conn.executemany(self._sql["outcome_row"], rows)
+            conn.executemany(self._sql["add_outcome"], rows)
+
+    def outcomes(self, since: int) -> dict[int, dict[str, int]]:
+        """The buckets of the minutes from *since* on: ``{minute: {outcome: count}}``."""
+        start = protocol.since_minute("SQLiteQueue.outcomes", since)
+        with self._connection() as conn:
+            rows = conn.execute(self._sql["outcomes"],
+                                {"queue": self.name, "since": start}).fetchall()
+        buckets: dict[int, dict[str, int]] = {}
+        for minute, outcome, count in rows:
+            buckets.setdefault(int(minute), {})[outcome] = int(count)
+        return buckets
 
     def __len__(self) -> int:
         """Messages waiting: ready now (delayed ones whose time has come too) and not leased."""

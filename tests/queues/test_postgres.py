@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 def drop_tables(dsn: str, table: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_rejected, {table}_scheduled, "
-                     f"{table}_fired, {table}_failed, {table}_results")
+                     f"{table}_fired, {table}_failed, {table}_results, {table}_engines, "
+                     f"{table}_outcomes")
 
 
 def rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -1448,3 +1449,69 @@ def test_ack_and_dequeue_on_a_terminated_connection_acks_on_a_new_one(postgres_d
     assert list(again) == ["id-1", "Task", 1]  # id-0 never comes back
     other.ack(again)
     assert other.dequeue(timeout=1.0) is None
+
+
+# -- engine records, outcomes and inspection --------------------------------------------
+
+
+def test_a_table_made_before_engine_records_gains_their_tables(postgres_dsn, table, queues):
+    """Tables without <table>_engines and <table>_outcomes get them on first use."""
+    first = queues()
+    first.enqueue(["id-old", "T"])
+    first.close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {table}_engines, {table}_outcomes")
+        stale = conn.execute(postgres_module._EXISTING, postgres_module._names(table))
+        assert stale.fetchone() == (False,)
+    queue = queues()
+    queue.announce("e-1", {"engine_id": "e-1", "threads": 4}, 60)
+    queue.add_outcomes(120, {"succeeded": 1})
+    assert queue.engines() == [{"engine_id": "e-1", "threads": 4}]
+    assert queue.peek() == [{"message": ["id-old", "T"], "priority": 0, "attempts": 0}]
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        current = conn.execute(postgres_module._EXISTING, postgres_module._names(table))
+        assert current.fetchone() == (True,)
+
+
+def test_expired_engine_records_and_old_outcomes_are_deleted(postgres_dsn, table, queues):
+    """announce and engines() delete expired records; add_outcomes deletes buckets more
+    than two hours old: in the statement that does the rest."""
+    queue = queues()
+    queue.announce("e-old", {"engine_id": "e-old"}, 60)
+    queue.announce("e-other", {"engine_id": "e-other"}, 60)
+    rows(postgres_dsn, f"UPDATE {table}_engines SET expires_at = now() - interval '1 s' "
+                       f"RETURNING 1")
+    queue.announce("e-new", {"engine_id": "e-new"}, 60)
+    assert rows(postgres_dsn, f"SELECT engine_id FROM {table}_engines") == [("e-new",)]
+    rows(postgres_dsn, f"UPDATE {table}_engines SET expires_at = now() RETURNING 1")
+    assert queue.engines() == []
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {table}_engines") == [(0,)]
+    minute = int(time.time() // 60) * 60
+    queue.add_outcomes(minute - 3 * 3600, {"failed": 1})
+    queue.add_outcomes(minute, {"failed": 2, "succeeded": 1})
+    queue.add_outcomes(minute, {"failed": 3})
+    assert rows(postgres_dsn, f"SELECT minute, outcome, count FROM {table}_outcomes "
+                              f"ORDER BY outcome") == [(minute, "failed", 5),
+                                                       (minute, "succeeded", 1)]
+
+
+def test_peek_walks_the_ready_index(postgres_dsn, table, queues):
+    """With 20,000 ready rows, peek reads the first ones down the ready index (no sort of
+    the table), as the claim does."""
+    queue = queues()
+    len(queue)
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {table} (queue, body, priority) SELECT 'tempest', "
+                     f"'[\"id-' || i || '\",\"T\"]', i % 3 FROM generate_series(1, 20000) i")
+        conn.execute(f"ANALYZE {table}")
+        statement = queue._sql["peek"].decode()
+        for name, value in (("queue", "'tempest'"), ("max_deliveries", "5"),
+                            ("window", "100"), ("limit", "100"), ("offset", "0")):
+            statement = statement.replace(f"%({name})s", value)
+        conn.execute("SET enable_bitmapscan = off")  # as the queue's connections
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + statement))
+    assert f"Index Scan using {table}_ready" in plan, plan
+    listed = queue.peek(limit=3)
+    assert [e["message"][0] for e in listed] == ["id-2", "id-5", "id-8"]
+    assert queue.find("id-19999") == {"status": "waiting", "message": ["id-19999", "T"],
+                                      "priority": 1, "attempts": 0}

@@ -860,6 +860,53 @@ def test_claims_read_the_ready_index(path, queues):
     assert "tempest_messages_ready" in text and "TEMP B-TREE" not in text, text
 
 
+def test_peek_reads_the_indexes_in_order(path, queues):
+    """peek's and peek_scheduled's reads walk the indexes in the take order: no sort."""
+    queue = queues()
+    len(queue)
+    for key in ("ready_rows", "due_rows", "later_rows"):
+        text = queue._sql[key]
+        for name in ("now", "limit", "offset", "max_deliveries"):
+            text = text.replace(f":{name}", "1")
+        plan = sql(path, "EXPLAIN QUERY PLAN " + text.replace(":queue", "'q'"))
+        steps = " ".join(str(row[-1]) for row in plan)
+        assert "USING INDEX" in steps and "TEMP B-TREE" not in steps, (key, steps)
+
+
+def test_a_file_made_before_engine_records_gains_their_tables(tmp_path):
+    """A file without the engines and outcomes tables gets them on first use; rows stay."""
+    path = tmp_path / "old.db"
+    queue = SQLiteQueue(path)
+    queue.enqueue(["id-old", "T"])
+    queue.close()
+    sql(path, 'DROP TABLE "tempest_messages_engines"')
+    sql(path, 'DROP TABLE "tempest_messages_outcomes"')
+    reopened = SQLiteQueue(path)
+    try:
+        reopened.announce("e-1", {"engine_id": "e-1"}, 60)
+        reopened.add_outcomes(120, {"succeeded": 1})
+        assert reopened.engines() == [{"engine_id": "e-1"}]
+        assert reopened.peek() == [{"message": ["id-old", "T"], "priority": 0, "attempts": 0}]
+        names = {name for (name,) in sql(path, "SELECT name FROM sqlite_master")}
+        assert {"tempest_messages_engines", "tempest_messages_outcomes"} <= names
+    finally:
+        reopened.close()
+
+
+def test_old_outcomes_and_expired_engines_are_deleted(path, queues):
+    """add_outcomes deletes buckets over two hours old; announce and engines() delete
+    expired records, in the same transaction."""
+    queue = queues()
+    now = int(time.time() // 60) * 60
+    queue.add_outcomes(now - 3 * 3600, {"failed": 1})
+    queue.announce("e-old", {"engine_id": "e-old"}, 60)
+    sql(path, "UPDATE tempest_messages_engines SET expires_at = 1")
+    queue.add_outcomes(now, {"failed": 2})
+    assert sql(path, "SELECT minute, count FROM tempest_messages_outcomes") == [(now, 2)]
+    queue.announce("e-new", {"engine_id": "e-new"}, 60)
+    assert sql(path, "SELECT engine_id FROM tempest_messages_engines") == [("e-new",)]
+
+
 def test_fired_slots_are_forgotten_after_keep(path, queues):
     """fire() deletes the slots of its schedule recorded more than keep seconds ago."""
     queue = queues()
