@@ -494,6 +494,12 @@ class Coroutines:
                 hint="blocking code in an async def task holds every coroutine up; "
                      "await it, or run it with asyncio.to_thread")
 
+    def running(self) -> list[tuple[Task, float]]:
+        """(task, started: monotonic seconds) of each coroutine message running now."""
+        with self._lock:
+            return [(run.task, run.started) for run in self._runs
+                    if run.claim is None or run.claim == TIMEOUT]
+
     def stats(self) -> dict[str, Any]:
         """The coroutine counters for Runtime.stats()."""
         return {"coroutines": self.limit, "swallowed": self.swallowed,

@@ -180,6 +180,27 @@ def periodic(value: Any) -> Any:
     return periodic_schedules.check(value)
 
 
+def port_or_none(value: Any) -> int | None:
+    """None, or a TCP port number (0: any free port, chosen when the engine starts)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigurationError(
+            f"must be a TCP port number from 0 to 65535 (0: any free port) or None, "
+            f"not {value!r}"
+        )
+    return value
+
+
+def host(value: Any) -> str:
+    """A host name or IP address to listen on (a non-empty str without spaces)."""
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ConfigurationError(
+            f"must be a host name or IP address such as '127.0.0.1', not {value!r}"
+        )
+    return value
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 

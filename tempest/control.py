@@ -28,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 from tempest.runtime import Runtime
+from tempest.stats import SAMPLE_EVERY, StatsLine
 from tempest.systemd import Notifier
 
 __all__ = ["Control"]
@@ -139,15 +140,21 @@ class Control:
         now = time.monotonic()
         report = self.report_every
         next_report = now + report if report else float("inf")
+        line = StatsLine(runtime) if report else None
+        next_sample = now + SAMPLE_EVERY if report else float("inf")
         ping = notifier.watchdog_interval
         next_ping = now + ping if ping else float("inf")
         next_status = now + STATUS_EVERY if notifier.enabled else float("inf")
         while not runtime.stopping:
-            self._sleep(min(next_report, next_ping, next_status) - time.monotonic())
+            self._sleep(min(next_report, next_sample, next_ping, next_status)
+                        - time.monotonic())
             self._handle_signals()
             now = time.monotonic()
-            if now >= next_report:
-                runtime.logs.main.info("stats", **runtime.stats())
+            if line is not None and now >= next_sample:
+                line.sample()
+                next_sample = now + SAMPLE_EVERY
+            if line is not None and now >= next_report:
+                runtime.logs.main.info("stats", **runtime.stats(), **line.fields())
                 next_report = now + report  # type: ignore[operator]
             if now >= next_ping:
                 # Ping only while the dispatcher makes progress: a wedged engine

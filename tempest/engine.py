@@ -54,6 +54,9 @@ class Engine:
             config.Option("log_format", "text", config.log_format),
             config.Option("shutdown_timeout", 30.0, config.non_negative_seconds),
             config.Option("report_every", 60.0, config.seconds_or_none),
+            config.Option("announce_every", 5.0, config.seconds_or_none),
+            config.Option("metrics_port", None, config.port_or_none),
+            config.Option("metrics_host", "127.0.0.1", config.host),
             config.Option("max_abandoned", 10, config.non_negative_int),
             config.Option("before_initialize", None, config.callable_or_none),
             config.Option("after_initialize", None, config.callable_or_none),
@@ -375,6 +378,12 @@ class Engine:
             stats.update(queue_counts(cls._options["queue"]))
             return stats
         return runtime.stats()
+
+    @classmethod
+    def _current_runtime(cls) -> Runtime | None:
+        """The run in progress in this process, or None."""
+        control = cls._state.control
+        return control.runtime if control is not None else None
 
     # -- the failed store ----------------------------------------------------------------
 

@@ -85,8 +85,9 @@ from logging import DEBUG, ERROR, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tempest import config
+from tempest import config, metrics
 from tempest.aio import Coroutines, is_awaitable
+from tempest.announce import ENGINE_METHODS, Announcer, new_engine_id
 from tempest.exceptions import ConfigurationError, TaskTimeout, TooManyAbandoned
 from tempest.logs import Logs, install_capture, task_scope, uninstall_capture
 from tempest.messages import BadMessage, new_task_id, parse, shown
@@ -100,6 +101,7 @@ from tempest.queues.protocol import (
 )
 from tempest.results import failure, json_value, success
 from tempest.retries import Policy, failed_record, thread_stack
+from tempest.tally import FAILED, REJECTED, RETRIED, SUCCEEDED, TIMED_OUT, Tallies
 from tempest.task import UNSET, Task, _registry, registered_kinds
 
 if TYPE_CHECKING:
@@ -120,7 +122,11 @@ ERROR_MIN, ERROR_MAX = 0.1, 5.0
 """Backoff after a dequeue raised (doubles per consecutive failure)."""
 
 HEARTBEAT_JOIN = 5.0
-"""Seconds finish() waits for a heartbeat in progress before closing the logs."""
+"""Seconds finish() waits for a heartbeat (or an announce) in progress before closing
+the logs."""
+
+UNKNOWN_TASK = "<unknown>"
+"""The task name a rejected message is counted under when it names no registered task."""
 
 ABANDON_GRACE = 1.0
 """Seconds after its deadline a task's thread has to unwind before it is abandoned."""
@@ -212,6 +218,17 @@ class Runtime:
         self.heartbeat_interval = _heartbeat_interval(self.queue)
         self._heartbeat_thread: threading.Thread | None = None
         self._scheduler: Scheduler | None = None
+        self.engine_id = new_engine_id(self.name)
+        """This run's id in the queue's engine registry (see tempest.announce)."""
+        lacking = missing(self.queue, ENGINE_METHODS)
+        self._announcer: Announcer | None = None
+        if options["announce_every"] is not None and not lacking:
+            self._announcer = Announcer(self, options["announce_every"])
+        self._registry_lacking = lacking if len(lacking) < len(ENGINE_METHODS) else []
+        if options["metrics_port"] is not None:
+            metrics.require(f"{engine.__name__}.configure.metrics_port = "
+                            f"{options['metrics_port']}")
+        self._metrics: metrics.MetricsServer | None = None
 
         # Lock order: a Slot's lock may be held while taking _lock (the timeout
         # is counted under the slot lock), never the other way round.
@@ -228,11 +245,13 @@ class Runtime:
         self.error: BaseException | None = None
 
         self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        """When the run started, in POSIX seconds (the engine record's ``started_at``)."""
         self.stopped_at: float | None = None  # set by finish(): uptime stops growing
         self.last_progress = self.started_at
-        self.processed = self.succeeded = self.failed = self.timed_out = 0
-        self.rejected = self.running = self.abandoned = 0
-        self.retried = self.failed_dropped = 0
+        # Outcomes are counted per thread, without a lock (see tempest.tally).
+        self.tallies = Tallies()
+        self.running = self.abandoned = self.failed_dropped = 0
         self.slots: list[Slot] = []
         self.supervisor = Supervisor(self._on_timeout, self._on_abandon, ABANDON_GRACE)
 
@@ -269,13 +288,25 @@ class Runtime:
                 log_dir=str(Path(os.fspath(log_dir)).resolve()), log_level=level)
             if options["after_initialize"] is not None:
                 options["after_initialize"](self.engine)
+            if options["metrics_port"] is not None:
+                self._metrics = metrics.MetricsServer(
+                    self.engine, options["metrics_host"], options["metrics_port"])
         except BaseException as exc:
             self.logs.always.error("start-up failed", error=_describe(exc), exc_info=exc)
             self.finish()
             raise
         self.started_at = self.last_progress = time.monotonic()
+        self.started_wall = time.time()
         self.logs.always.info("started", engine=self.name, threads=self.threads,
-                              queue=type(self.queue).__name__, guarantee=self.guarantee)
+                              queue=type(self.queue).__name__, guarantee=self.guarantee,
+                              engine_id=self.engine_id)
+        if self._metrics is not None:
+            self.logs.always.info("metrics served", url=self._metrics.url)
+        if self._registry_lacking and self.options["announce_every"] is not None:
+            self.logs.always.warning(
+                "engine record unavailable", queue=type(self.queue).__name__,
+                missing=self._registry_lacking,
+                effect="this engine is not listed among the queue's engines")
         if self._retry is None:
             cannot = sorted(name for name, cls in list(_registry.items())
                             if self._policy(cls).retries)
@@ -303,6 +334,8 @@ class Runtime:
             self._scheduler = Scheduler(options["periodic"], self.queue, self.logs,
                                         self._stop_event, self.name)
             self._scheduler.start()
+        if self._announcer is not None:
+            self._announcer.start()
         for _ in range(self.threads):
             self._spawn(Slot())
 
@@ -318,6 +351,8 @@ class Runtime:
             if immediate:
                 self.immediate = True
         self._stop_event.set()
+        if self._announcer is not None:
+            self._announcer.wake()  # the record says "stopping" at once
         self.wake()
 
     def workers_done(self) -> bool:
@@ -349,6 +384,11 @@ class Runtime:
             # exit (the thread is a daemon; the leases simply run out).
             self._heartbeat_thread.join(HEARTBEAT_JOIN)
         self.stopped_at = time.monotonic()
+        if self._announcer is not None:
+            # The last counts added and the record forgotten, bounded like a heartbeat.
+            self._announcer.finish(HEARTBEAT_JOIN)
+        if self._metrics is not None:
+            self._metrics.close()
         logs = self.logs
         if logs is not None:
             logs.always.info("stopped", engine=self.name, reason=self.stop_reason or None,
@@ -660,7 +700,7 @@ class Runtime:
         counted there once sent (see "Acks with the next dequeue").
         """
         name = task.task_name
-        outcome = "succeeded"
+        outcome = SUCCEEDED
         keep, value = self._keeps_result(task, message), None
         if error is None and keep is not None:
             try:
@@ -672,7 +712,7 @@ class Runtime:
             self._callback(task, "after_success", result)
             if keep is None or self._keep_result(task, success(task, value), keep):
                 if slot is not None and self._ack_and_dequeue is not None:
-                    slot.settling = (task.task_id, message, outcome)
+                    slot.settling = (task.task_id, message, name, duration)
                     return
                 self._acknowledge(task.task_id, message)
         else:
@@ -680,7 +720,7 @@ class Runtime:
             fields = {"task_id": task.task_id, "task": name, "outcome": "failure",
                       "duration": round(duration, 6), "attempt": task.attempt}
             if delay is not None:
-                outcome = "retried"
+                outcome = RETRIED
                 self.logs.main_line(WARNING, "task ended", **fields, retry_in=round(delay, 3),
                                     error=_describe(error))
                 task.task_logger.warning("failed, will retry", attempt=task.attempt,
@@ -689,31 +729,30 @@ class Runtime:
                 self._callback(task, "after_retry", error, delay)
                 self._send_retry(task, message, delay)
             else:
-                outcome = "failed"
+                outcome = FAILED
                 self.logs.main_line(ERROR, "task ended", **fields, error=_describe(error))
                 task.task_logger.error("failed", attempt=task.attempt, error=_describe(error),
                                        exc_info=error)
                 self._callback(task, "after_failure", error)
                 if keep is None or self._keep_result(task, failure(task, error), keep):
                     self._final_failure(task, message, error)
-        self._count_settled(outcome)
+        self._count_settled(outcome, name, duration)
 
-    def _count_settled(self, outcome: str) -> None:
-        """Count a message settled with *outcome*.
+    def _count_settled(self, outcome: int, name: str, duration: float) -> None:
+        """Count a message of task *name* settled with *outcome* (see tempest.tally).
 
         Counted once everything about the message is done, so that a stats()
         reader never sees it processed while its callbacks still run or its
-        ack is unsent.
+        ack is unsent: a reader that sees it no longer running sees it counted.
         """
+        self.tallies.mine().count(name, outcome, duration)
         with self._lock:
-            self.processed += 1
-            setattr(self, outcome, getattr(self, outcome) + 1)
             self.running -= 1
 
     def _settle(self, slot: Slot, take: int = 0) -> list[Any]:
         """Send the ack *slot* kept, with a take of up to *take* messages; what it took
         (not yet counted running: see _hand_out)."""
-        task_id, message, outcome = slot.settling
+        task_id, message, name, duration = slot.settling
         slot.settling = None
         taken: list[Any] = []
         if take <= 0:
@@ -724,7 +763,7 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001
                 # Left leased: it runs again after its lease (what a take leased too).
                 self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
-        self._count_settled(outcome)
+        self._count_settled(SUCCEEDED, name, duration)
         return taken
 
     # -- results ----------------------------------------------------------------------------
@@ -840,7 +879,8 @@ class Runtime:
         task._retry_delay = delay
         if delay is None:
             task._stack = stack
-        self._count("timed_out" if delay is None else "retried")
+        self.tallies.mine().count(task.task_name, TIMED_OUT if delay is None else RETRIED,
+                                   duration)
         retry = {} if delay is None else {"retry_in": round(delay, 3)}
         self.logs.main_line(WARNING, "task ended", task_id=task.task_id, task=task.task_name,
                             outcome="timeout", duration=duration, attempt=task.attempt,
@@ -900,7 +940,7 @@ class Runtime:
         self._done()
 
     def _reject(self, message: Any, reason: str, detail: str) -> None:
-        self._count("rejected")
+        self.tallies.mine().count(_rejected_name(message), REJECTED, None)
         self.logs.main.error("rejected", reason=reason, detail=detail, message=shown(message))
         # Kept aside by the queue's reject where it has one. A queue that acks
         # but cannot reject gets an ack: the message is logged whole above, and
@@ -964,12 +1004,6 @@ class Runtime:
                              callback=label, error=_describe(exc))
         task.task_logger.error("callback failed", callback=label, exc_info=exc)
 
-    def _count(self, outcome: str) -> None:
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + 1)
-            if outcome != "rejected":
-                self.processed += 1
-
     def _done(self) -> None:
         with self._lock:
             self.running -= 1
@@ -984,21 +1018,58 @@ class Runtime:
     # -- stats ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """The counters; see Engine.stats."""
-        with self._lock:
-            stats: dict[str, Any] = {
-                "processed": self.processed, "succeeded": self.succeeded,
-                "failed": self.failed, "timed_out": self.timed_out,
-                # Taken in a batch but not yet popped by a worker: not running
-                # yet (a stop gives them back), so not shown as running.
-                "rejected": self.rejected, "running": self.running - len(self._taken),
-                "retried": self.retried, "failed_dropped": self.failed_dropped,
-                "threads": self.threads, "abandoned": self.abandoned,
-                **self.coroutines.stats(),
-                "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
-            }
+        """The counters and the queue's counts; see Engine.stats."""
+        stats = self.counters()
         stats.update(queue_counts(self.queue))
         return stats
+
+    def counters(self) -> dict[str, Any]:
+        """The counters of stats(), without asking the queue anything."""
+        with self._lock:
+            # Taken in a batch but not yet popped by a worker: not running
+            # yet (a stop gives them back), so not shown as running.
+            running = self.running - len(self._taken)
+            abandoned, failed_dropped = self.abandoned, self.failed_dropped
+        # Read after running: a message no longer running is counted already.
+        totals = self.tallies.totals()
+        return {
+            "processed": totals["processed"], "succeeded": totals["succeeded"],
+            "failed": totals["failed"], "timed_out": totals["timed_out"],
+            "rejected": totals["rejected"], "running": running,
+            "retried": totals["retried"], "failed_dropped": failed_dropped,
+            "threads": self.threads, "abandoned": abandoned,
+            **self.coroutines.stats(),
+            "uptime": round((self.stopped_at or time.monotonic()) - self.started_at, 3),
+        }
+
+    def busy_threads(self) -> int:
+        """Worker threads running a task's code now (a sample for the stats line)."""
+        return sum(1 for slot in list(self.slots) if slot.busy)
+
+    def running_tasks(self, limit: int) -> list[dict[str, Any]]:
+        """Up to *limit* tasks running now, the oldest first: ``task_id``, ``task`` and
+        ``started_at`` (POSIX seconds)."""
+        offset = time.time() - time.monotonic()
+        found: list[tuple[float, str, str]] = []
+        for slot in list(self.slots):
+            with slot.lock:
+                if slot.busy and slot.task is not None:
+                    found.append((slot.started, slot.task.task_id, slot.task.task_name))
+        found.extend((started, task.task_id, task.task_name)
+                     for task, started in self.coroutines.running())
+        found.sort()
+        return [{"task_id": task_id, "task": name, "started_at": round(started + offset, 6)}
+                for started, task_id, name in found[:limit]]
+
+
+def _rejected_name(message: Any) -> str:
+    """The task a rejected *message* is counted under: the registered task it names, else
+    UNKNOWN_TASK (so that made-up names cannot grow the metrics without bound)."""
+    if isinstance(message, (list, tuple)) and len(message) >= 2:
+        name = message[1]
+        if type(name) is str and name in _registry:
+            return name
+    return UNKNOWN_TASK
 
 
 def _fill_id(message: Any, task_id: str) -> None:
