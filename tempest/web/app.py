@@ -10,15 +10,12 @@ by task id (or acts on all of them).
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import jinja2
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -34,7 +31,7 @@ from starlette.routing import Route
 
 from tempest.engine import Engine
 from tempest.exceptions import Unsupported
-from tempest.runtime import queue_counts
+from tempest.metrics import EngineCollector
 from tempest.web import views
 from tempest.web._checks import parse_auth
 from tempest.web.security import CSRF_COOKIE, BasicAuth, Csrf, SecurityHeaders
@@ -108,7 +105,7 @@ class _Dashboard:
             autoescape=True, undefined=jinja2.StrictUndefined)
         self.static_files = {name: (HERE / "static" / name).read_bytes() for name in STATIC}
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_collector(engine))
+        self.registry.register(EngineCollector(engine))
 
     # -- pages -----------------------------------------------------------------------------
 
@@ -241,36 +238,6 @@ class _Dashboard:
             response.set_cookie(CSRF_COOKIE, nonce, httponly=True, samesite="strict",
                                 path=root or "/")
         return response
-
-
-def _collector(engine: type[Engine]) -> Collector:
-    """``tempest.metrics.EngineCollector(engine)`` where that module exists, else the
-    queue-depth gauges alone."""
-    try:
-        module = importlib.import_module("tempest.metrics")
-    except ImportError:
-        return _DepthCollector(engine)
-    collector: Collector = module.EngineCollector(engine)
-    return collector
-
-
-class _DepthCollector(Collector):
-    """``tempest_queue_depth{engine, state}`` read from the queue at scrape time."""
-
-    def __init__(self, engine: type[Engine]) -> None:
-        self.engine = engine
-
-    def collect(self) -> Any:
-        """Yield the gauge family."""
-        depth = GaugeMetricFamily("tempest_queue_depth", "Messages in the queue, by state",
-                                  labels=["engine", "state"])
-        counts = queue_counts(self.engine._options["queue"])
-        name = self.engine._options["name"]
-        for state, key in (("ready", "queued"), ("scheduled", "scheduled"),
-                           ("failed", "failed_stored")):
-            if counts.get(key) is not None:
-                depth.add_metric([name, state], counts[key])
-        yield depth
 
 
 def _root(request: Request) -> str:

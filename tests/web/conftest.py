@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,8 +89,7 @@ def page(browser: Any) -> Iterator[Any]:
 
 def announcing(**options: Any) -> dict[str, Any]:
     """Engine options that make a started engine announce itself often."""
-    if "announce_every" in Engine._OPTIONS:
-        options.setdefault("announce_every", 0.2)
+    options.setdefault("announce_every", 0.2)
     return options
 
 
@@ -99,19 +97,7 @@ def start_and_wait_announced(engine: type[Engine]) -> dict[str, Any]:
     """Start *engine* and return its record once its queue lists it."""
     engine.start()
     queue = engine._options["queue"]
-    if "announce_every" not in Engine._OPTIONS:  # an engine that cannot announce itself yet
-        stats = engine.stats()
-        name = engine._options["name"]
-        queue.announce(f"{socket.gethostname()}:{os.getpid()}:{name}:0", {
-            "engine_id": f"{socket.gethostname()}:{os.getpid()}:{name}:0", "name": name,
-            "host": socket.gethostname(), "pid": os.getpid(), "threads": stats["threads"],
-            "uptime": stats["uptime"], "processed": stats["processed"],
-            "busy": stats["running"], "version": "0.1.0", "stopping": False,
-            "announced_at": time.time(), "running": [], "periodic": []}, 60)
     return wait_for(lambda: next((r for r in queue.engines()
                                   if r["name"] == engine._options["name"]), None))
 
 
-def now() -> float:
-    """The wall clock, as the queue's records use it."""
-    return time.time()

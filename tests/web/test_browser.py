@@ -211,14 +211,24 @@ def test_auth_is_required_when_set(make_engine, serve, browser):
 
 
 def test_metrics_of_a_running_engine(make_engine, serve, page):
-    """/metrics, read by a browser, parses as Prometheus text with the queue's depths."""
+    """/metrics, read by a browser, parses as Prometheus text: the in-process engine's
+    counters and the queue's depths."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    engine = make_engine()
+    engine = make_engine(**announcing())
     engine.submit(BrowserOk, 1, delay=600)
+    failed_ids(engine, ["m"])
+    engine.start()
+    engine.submit(BrowserOk, 2)
+    wait_for(lambda: engine.stats()["succeeded"] == 1)
     base = serve(dashboard_of(engine))
     response = page.request.get(base + "/metrics")
     assert response.status == 200
     families = {f.name: f for f in text_string_to_metric_families(response.text())}
     depth = {s.labels["state"]: s.value for s in families["tempest_queue_depth"].samples}
-    assert depth["scheduled"] == 1 and depth["ready"] == 0
+    assert depth == {"ready": 0, "scheduled": 1, "failed": 1}
+    tasks = {(s.labels["task"], s.labels["outcome"]): s.value
+             for s in families["tempest_tasks"].samples if s.name == "tempest_tasks_total"}
+    assert tasks[("BrowserOk", "succeeded")] == 1
+    assert {s.labels["engine"] for s in families["tempest_running"].samples} == {
+        engine._options["name"]}
