@@ -61,7 +61,7 @@ ARGS_WIDTH = 160
 """Characters of a message's arguments that a list shows (the task page shows them all)."""
 
 CHART_MINUTES = 60
-CHART_WIDTH, CHART_HEIGHT = 720, 160
+CHART_WIDTH, CHART_HEIGHT = 1200, 200
 
 
 class Page:
@@ -407,7 +407,7 @@ def chart(buckets: dict[int, dict[str, int]], now: float) -> dict[str, Any]:
         bars.append({"x": round(n * step + 1, 2), "w": round(step - 2, 2),
                      "segments": segments,
                      "title": f"{label} UTC: {detail or 'nothing'}"})
-    labels = [{"x": round(n * step + step / 2, 2), "y": CHART_HEIGHT - 5,
+    labels = [{"x": round(n * step + 1, 2), "y": CHART_HEIGHT - 5,
                "text": datetime.datetime.fromtimestamp(
                    minutes[n], datetime.timezone.utc).strftime("%H:%M")}
               for n in range(0, CHART_MINUTES, 10)]
