@@ -432,3 +432,28 @@ def test_pages_answer_while_tasks_run(make_engine, client_for):
     finally:
         release.set()
 
+
+
+def test_processes_sharing_a_secret_accept_each_others_tokens(make_engine, monkeypatch):
+    """With TEMPEST_WEB_SECRET, a token from one app (process) is good in another."""
+    need_web()
+    from starlette.testclient import TestClient
+
+    from tempest.web import dashboard
+
+    engine = make_engine()
+    (task_id,) = fail_tasks(engine, [1])
+    monkeypatch.setenv("TEMPEST_WEB_SECRET", "one secret for every worker")
+    first, second = TestClient(dashboard(engine)), TestClient(dashboard(engine))
+    monkeypatch.delenv("TEMPEST_WEB_SECRET")
+    other = TestClient(dashboard(engine))
+    csrf = token(first)
+    for client in (second, other):
+        client.cookies.update(first.cookies)
+    assert other.post("/failed/retry", data={"task_id": task_id, "csrf": csrf}
+                      ).status_code == 403
+    done = second.post("/failed/retry", data={"task_id": task_id, "csrf": csrf},
+                       follow_redirects=False)
+    assert done.status_code == 303
+    for client in (first, second, other):
+        client.close()
