@@ -1104,6 +1104,13 @@ class PostgresQueue:
         ``<table>_results`` and notifies in one statement; ``result()`` waits
         on a listener that every waiting thread of the queue object shares
         (one connection, a thread reading it), woken by that notification.
+    Engines and inspection
+        ``announce()``, ``engines()``, ``forget_engine()``, ``add_outcomes()``,
+        ``outcomes()`` keep engine records and outcome counts in
+        ``<table>_engines`` and ``<table>_outcomes``, expired rows deleted in
+        the same statement; ``peek()``, ``peek_scheduled()``, ``rejected(limit,
+        offset)``, ``rejected_count()`` and ``find()`` only read (see "Engines,
+        outcomes and inspection" in the module docstring).
 
     Connections are opened lazily and kept in a small pool that every method
     borrows from for one statement, so any number of threads may share the

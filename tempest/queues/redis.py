@@ -46,6 +46,13 @@ key                                   type    holds
                                               ``<id>`` (its JSON, ``expires_at``
                                               included); the list expires with it
                                               (``PEXPIRE``): see "Results"
+``tempest:{NAME}:engine:<id>``        string  the record of live engine ``<id>`` (its JSON),
+                                              expiring with it (``PX``)
+``tempest:{NAME}:engines``            zset    engine id -> when its record expires (ms,
+                                              server); readers prune it
+``tempest:{NAME}:outcomes:<minute>``  hash    outcome -> count in POSIX minute ``<minute>``;
+                                              expires 3900 s after its last count
+``tempest:{NAME}:outcomes``           zset    minute -> when its hash expires (ms, server)
 ====================================  ======  ================================================
 
 A message is stored as its compact JSON (``["id","Task",1,2]``), so any client
@@ -211,6 +218,31 @@ the wait (not the dequeue's nor the acks' own). Redis drops an expired
 record itself: none past its ``expires_at`` is returned, and nothing needs
 cleaning up. Results are one per queue name, like the failed store.
 
+Engines, outcomes and inspection
+--------------------------------
+``announce`` is one script: it prunes ``engines`` of the expired ids, sets
+``engine:<id>`` with ``PX`` and scores the id with its expiry; ``engines()`` is
+one script that prunes the index the same way and reads the records still there
+(a record that expired is gone with its key, pruned yet or not).
+``add_outcomes`` is one script of ``HINCRBY`` on ``outcomes:<minute>`` and
+``EXPIRE 3900``, noting the minute in the ``outcomes`` index, which
+``outcomes()`` reads (and prunes) to find the buckets without a scan. None of
+them touches a message key, and the enqueue, dequeue and ack paths are the
+same as without them.
+
+``peek`` is one script per 1000 messages, reading only: the ready lists from
+their taking end, highest priority first (positive ones, ``waiting``, negative
+ones), each followed by the ``scheduled`` members whose time came and that no
+script made ready yet (the next script pushes them at the back of their list,
+in due order). Wake tokens are skipped; ``LPOS ... MAXLEN`` counts those in the
+entries an *offset* passes over, so a page deep in the queue costs no copy of
+what it skips. ``peek_scheduled`` is a ``ZRANGE ... BYSCORE`` of the members
+not due yet (the server's clock). ``find`` looks through ``scheduled``, the
+ready lists and the in-flight lists of the registered consumers, in the order
+messages travel, with a script that reads 1000 entries per call and returns
+only those whose message starts with the id's JSON: a search never holds
+Redis for long, and a message moving on during it is met again further on.
+
 Where a message can be lost or run twice
 ----------------------------------------
 Nothing is lost while Redis keeps its data; every case below errs towards
@@ -291,6 +323,7 @@ from __future__ import annotations
 
 import collections
 import decimal
+import itertools
 import json
 import logging
 import math
@@ -354,6 +387,13 @@ prioritised and due messages again (a wake token makes it look at once)."""
 _PRECISE = 0.2
 """Seconds before a delayed message's time within which a waiting dequeue polls
 instead of blocking: BLMOVE's timeout is only as precise as the server's ``hz``."""
+
+_TTL_MAX = 1e11
+"""The longest an engine record is kept, in seconds (about 3,000 years): ``PX`` takes
+a 64-bit number of ms."""
+
+_OUTCOMES_KEPT = 3900
+"""Seconds an outcome bucket lives after its last count (the protocol promises one hour)."""
 
 _POLL = 0.01
 """Seconds between two polls in that last stretch (an enqueue waits that long at most)."""
@@ -971,6 +1011,210 @@ forget({ARGV[2]})
 return was and 1 or 0
 """
 
+_PEEK = _COMMON + """\
+-- KEYS: waiting, scheduled, priorities    ARGV: prefix, limit, offset, due limit
+-- Returns the entries of the ready messages in the order the takes hand them out,
+-- *offset* skipped, *limit* at most: by priority (positive ones, 'waiting', negative
+-- ones), each list from its taking end, then the due members of 'scheduled' that no
+-- script made ready yet (the next one pushes them, in due order, at the back of their
+-- list). Wake tokens are skipped. Reads only.
+local _, now = clock()
+local want, skip = tonumber(ARGV[2]), tonumber(ARGV[3])
+local reply = {}
+local due_of, seen, order = {}, {['0'] = true}, {0}
+local function note(p)
+    if not seen[p] then
+        seen[p] = true
+        order[#order + 1] = tonumber(p)
+    end
+end
+for _, p in ipairs(redis.call('ZRANGE', priorities, 0, -1)) do
+    note(p)
+end
+local due = redis.call('ZRANGE', scheduled, '-inf', num(now), 'BYSCORE', 'LIMIT', 0,
+                       tonumber(ARGV[4]))
+for _, member in ipairs(due) do
+    local entry = string.sub(member, 17)
+    local p = priority_of(entry) or '0'
+    note(p)
+    due_of[p] = due_of[p] or {}
+    table.insert(due_of[p], entry)
+end
+table.sort(order, function(a, b) return a > b end)
+local function tokens_within(list, n)  -- wake tokens among the n entries at the taking end
+    return #redis.call('LPOS', list, TOKEN, 'RANK', -1, 'COUNT', 0, 'MAXLEN', n)
+end
+local function from_list(list, tokens)
+    local length = redis.call('LLEN', list)
+    local index = 0  -- entries from the taking end passed over so far
+    if skip > 0 and length > 0 then
+        if not tokens then
+            index = math.min(skip, length)
+            skip = skip - index
+        else
+            -- The fewest entries from the taking end that hold *skip* messages:
+            -- LPOS counts the tokens among them, in C, without copying any.
+            local span = math.min(skip, length)
+            local found = tokens_within(list, span)
+            while span - found < skip and span < length do
+                span = math.min(skip + found, length)
+                found = tokens_within(list, span)
+            end
+            index = span
+            skip = skip - (span - found)
+        end
+    end
+    while want > 0 and index < length do
+        local chunk = math.min(want + 64, length - index)
+        local items = redis.call('LRANGE', list, -(index + chunk), -(index + 1))
+        for i = #items, 1, -1 do
+            if items[i] ~= TOKEN then
+                if skip > 0 then
+                    skip = skip - 1
+                else
+                    reply[#reply + 1] = items[i]
+                    want = want - 1
+                    if want == 0 then
+                        return
+                    end
+                end
+            end
+        end
+        index = index + chunk
+    end
+end
+for _, p in ipairs(order) do
+    if want == 0 then
+        break
+    end
+    if p == 0 then
+        from_list(waiting, true)
+    else
+        from_list(prefix .. 'waiting:' .. p, false)
+    end
+    for _, entry in ipairs(due_of[tostring(p)] or {}) do
+        if want == 0 then
+            break
+        end
+        if skip > 0 then
+            skip = skip - 1
+        else
+            reply[#reply + 1] = entry
+            want = want - 1
+        end
+    end
+end
+return reply
+"""
+
+_PEEK_SCHEDULED = _COMMON + """\
+-- KEYS: scheduled    ARGV: prefix, limit, offset
+-- Returns member, score (due, ms), ... of the members whose time has not come, the
+-- soonest first. Reads only.
+local _, now = clock()
+return redis.call('ZRANGE', scheduled, '(' .. num(now), '+inf', 'BYSCORE', 'LIMIT',
+                  tonumber(ARGV[3]), tonumber(ARGV[2]), 'WITHSCORES')
+"""
+
+_FIND = _COMMON + """\
+-- KEYS: a list or zset of this queue    ARGV: prefix, 'list' | 'zset', start, count,
+--       needle (the JSON a message of the id starts with: ["<id>")
+-- Looks at *count* entries from *start*: returns {the next start (-1 at the end), the
+-- server's clock (ms), entry, score, ...} of those whose message starts with the needle
+-- (score 0 for a list). Reads only, a bounded number: a search takes many calls, and
+-- other commands run between them.
+local _, now = clock()
+local start, count, needle = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local items
+if ARGV[2] == 'zset' then
+    items = redis.call('ZRANGE', KEYS[1], start, start + count - 1, 'WITHSCORES')
+else
+    items = redis.call('LRANGE', KEYS[1], start, start + count - 1)
+end
+local reply = {0, now}
+local step = ARGV[2] == 'zset' and 2 or 1
+local seen = 0
+for i = 1, #items, step do
+    seen = seen + 1
+    local entry = items[i]
+    if step == 2 then
+        entry = string.sub(entry, 17)
+    end
+    local body = body_of(entry)
+    local next = string.sub(body, #needle + 1, #needle + 1)
+    if string.sub(body, 1, #needle) == needle and (next == ',' or next == ']') then
+        reply[#reply + 1] = entry
+        reply[#reply + 1] = step == 2 and items[i + 1] or '0'
+    end
+end
+reply[1] = seen < count and -1 or start + count
+return reply
+"""
+
+_ANNOUNCE = """\
+-- KEYS: engines (the index), engine:<id>    ARGV: engine id, record, ttl (ms)
+-- The record, expiring by itself (PX), and its expiry in the index, which readers
+-- prune of the engines that expired.
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
+_ENGINES = """\
+-- KEYS: engines (the index)    ARGV: prefix
+-- Returns engine id, record, ... of the live engines (the index pruned first).
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local reply = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local record = redis.call('GET', ARGV[1] .. 'engine:' .. id)
+    if record then
+        reply[#reply + 1] = id
+        reply[#reply + 1] = record
+    end
+end
+return reply
+"""
+
+_ADD_OUTCOMES = """\
+-- KEYS: outcomes:<minute>, outcomes (the index)
+-- ARGV: minute, keep (s), outcome, count, ...
+-- Adds to the minute's hash, which expires *keep* seconds after its last count; the
+-- index (minute -> that expiry, ms) lets readers find the hashes without a scan.
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+for i = 3, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]) * 1000, ARGV[1])
+return 1
+"""
+
+_OUTCOMES = """\
+-- KEYS: outcomes (the index)    ARGV: prefix, since (POSIX seconds)
+-- Returns minute, {outcome, count, ...}, ... of the live buckets from *since* on.
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local reply = {}
+for _, minute in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if tonumber(minute) >= tonumber(ARGV[2]) then
+        local counts = redis.call('HGETALL', ARGV[1] .. 'outcomes:' .. minute)
+        if #counts > 0 then
+            reply[#reply + 1] = minute
+            reply[#reply + 1] = counts
+        end
+    end
+end
+return reply
+"""
+
 
 class _Raw(bytes):
     """A stored message that is not a JSON list, handed to the engine as stored.
@@ -1031,6 +1275,12 @@ class RedisQueue:
         script, and a waiting ``result`` blocks in ``BLMOVE`` on the task's
         wake list, woken the moment the record is stored (see "Results" in the
         module docstring).
+    Engines and inspection
+        ``announce()``, ``engines()``, ``forget_engine()``, ``add_outcomes()``,
+        ``outcomes()``; ``peek()``, ``peek_scheduled()``, ``rejected(limit,
+        offset)``, ``rejected_count()`` and ``find()`` (see
+        :mod:`tempest.queues.protocol`): read-only scripts and keys of their own
+        (see "Engines, outcomes and inspection" in the module docstring).
     Batches
         ``dequeue_many(n, timeout=...)`` takes up to *n* messages in one round
         trip (the engine asks for one per free worker): the first as
@@ -1118,6 +1368,8 @@ class RedisQueue:
         self._scheduled = self.prefix + "scheduled"
         self._priorities = self.prefix + "priorities"
         self._sequence = self.prefix + "sequence"
+        self._engines = self.prefix + "engines"
+        self._outcomes = self.prefix + "outcomes"
         self._failed_keys = [self.prefix + "failed", self.prefix + "failed:by_time",
                              self.prefix + "failed:expires"]
         # Registered once: redis-py runs them by SHA and loads them again when a
@@ -1138,6 +1390,13 @@ class RedisQueue:
         self._retry_failed_script = client.register_script(_RETRY_FAILED)
         self._delete_failed_script = client.register_script(_DELETE_FAILED)
         self._store_result_script = client.register_script(_STORE_RESULT)
+        self._peek_script = client.register_script(_PEEK)
+        self._peek_scheduled_script = client.register_script(_PEEK_SCHEDULED)
+        self._find_script = client.register_script(_FIND)
+        self._announce_script = client.register_script(_ANNOUNCE)
+        self._engines_script = client.register_script(_ENGINES)
+        self._add_outcomes_script = client.register_script(_ADD_OUTCOMES)
+        self._outcomes_script = client.register_script(_OUTCOMES)
         self._new_identity()
 
     def _new_identity(self) -> None:
@@ -1582,13 +1841,152 @@ class RedisQueue:
             self._settle_deferred()
         self._give_back_strays()
 
-    def rejected(self) -> list[tuple[Any, str]]:
-        """The rejected messages of this queue, oldest first, as (message or raw, reason)."""
+    def rejected(self, limit: int | None = None, offset: int = 0) -> list[tuple[Any, str]]:
+        """The rejected messages of this queue, oldest first, as (message or raw, reason):
+        all of them, or *limit* (None: no limit) from *offset* (one ``LRANGE``)."""
+        limit, offset = protocol.page_or_all("RedisQueue.rejected", limit, offset)
+        if limit == 0:
+            return []
         out = []
-        for entry in self._client.lrange(self._rejected, 0, -1):
+        last = -1 if limit is None else offset + limit - 1
+        for entry in self._client.lrange(self._rejected, offset, last):
             reason, _, body = bytes(entry).partition(b"\n")
             out.append((protocol.decode(body), reason.decode("utf-8", "replace")))
         return out
+
+    def rejected_count(self) -> int:
+        """How many messages ``rejected()`` lists (``LLEN``)."""
+        return int(self._client.llen(self._rejected))
+
+    # -- inspection (read-only: see "Engines, outcomes and inspection") -------------
+
+    def peek(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Ready messages, in the order the takes would hand them out, left in place:
+        ``{"message", "priority", "attempts"}`` each, *limit* from *offset*.
+
+        One script per 1000 messages (each reads only); wake tokens are skipped.
+        """
+        limit, offset = protocol.page("RedisQueue.peek", limit, offset)
+        self._check_fork()
+        entries: list[bytes] = []
+        while len(entries) < limit:
+            want = min(limit - len(entries), _BATCH_LIMIT)
+            got = self._peek_script(
+                keys=[self._waiting, self._scheduled, self._priorities],
+                args=[self.prefix, want, offset + len(entries), _PROMOTE_LIMIT])
+            entries += got
+            if len(got) < want:
+                break
+        return [_listed(entry) for entry in entries]
+
+    def peek_scheduled(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Messages waiting for their time (the server's clock), the soonest first, with
+        ``"at"``: *limit* from *offset*."""
+        limit, offset = protocol.page("RedisQueue.peek_scheduled", limit, offset)
+        if not limit:
+            return []
+        self._check_fork()
+        reply = self._peek_scheduled_script(keys=[self._scheduled],
+                                            args=[self.prefix, limit, offset])
+        return [_listed(bytes(member)[16:], at=float(due) / 1000)
+                for member, due in zip(reply[::2], reply[1::2], strict=True)]
+
+    def find(self, task_id: str) -> dict[str, Any] | None:
+        """Where the message of *task_id* is now (``leased``, ``waiting`` or
+        ``scheduled``), or None.
+
+        Looks through ``scheduled``, the ready lists and the in-flight lists, in
+        the order messages travel (so one moving on meanwhile is met again
+        further on), 1000 entries per script: other commands run in between.
+        """
+        task_id = protocol.task_id_of("RedisQueue.find", task_id)
+        self._check_fork()
+        needle = protocol.task_prefix(task_id).encode()
+        found: dict[str, dict[str, Any]] = {}
+        for entry, due, now in self._search(self._scheduled, "zset", needle):
+            status = "scheduled" if due > now else "waiting"
+            found.setdefault(status, _listed(entry, at=due / 1000 if due > now else None,
+                                             status=status))
+        lists = [f"{self.prefix}waiting:{p.decode()}"
+                 for p in self._client.zrange(self._priorities, 0, -1)]
+        for key in [self._waiting, *lists]:
+            for entry, _, _ in self._search(key, "list", needle):
+                found.setdefault("waiting", _listed(entry, status="waiting"))
+        for consumer in self._client.zrange(self._consumers, 0, -1):
+            key = f"{self.prefix}inflight:{consumer.decode()}"
+            for entry, _, _ in self._search(key, "list", needle):
+                found.setdefault("leased", _listed(entry, status="leased"))
+        for status in ("leased", "waiting", "scheduled"):
+            if status in found and _is_of(found[status]["message"], task_id):
+                return found[status]
+        return None
+
+    def _search(self, key: str, kind: str, needle: bytes
+                ) -> Iterator[tuple[bytes, float, float]]:
+        """(entry, score, the server's clock in ms) of the entries of *key* whose message
+        starts with *needle*, 1000 entries per script."""
+        start = 0
+        while start >= 0:
+            reply = self._find_script(keys=[key],
+                                      args=[self.prefix, kind, start, _BATCH_LIMIT, needle])
+            start, now = int(reply[0]), float(reply[1])
+            for entry, score in zip(reply[2::2], reply[3::2], strict=True):
+                yield bytes(entry), float(score), now
+
+    # -- engines and outcomes ---------------------------------------------------------
+
+    def announce(self, engine_id: str, record: dict[str, Any], ttl: float) -> None:
+        """Store or replace *engine_id*'s record, expiring *ttl* seconds from now (the
+        server's clock): a key ``engine:<id>`` with ``PX`` and its place in the index
+        ``engines``, in one script that prunes the index."""
+        engine_id, text, seconds = protocol.announcement(
+            "RedisQueue.announce", engine_id, record, ttl)
+        self._check_fork()
+        self._announce_script(keys=[self._engines, f"{self.prefix}engine:{engine_id}"],
+                              args=[engine_id, text,
+                                    max(1, math.ceil(min(seconds, _TTL_MAX) * 1000))])
+
+    def engines(self) -> list[dict[str, Any]]:
+        """The records of the engines announced and not expired, by engine id; the
+        index is pruned of the expired ones by the same script."""
+        self._check_fork()
+        reply = self._engines_script(keys=[self._engines], args=[self.prefix])
+        records = sorted(zip(
+            (bytes(i).decode() for i in reply[::2]), reply[1::2], strict=True))
+        return [json.loads(text) for _, text in records]
+
+    def forget_engine(self, engine_id: str) -> None:
+        """Drop *engine_id*'s record now."""
+        if not isinstance(engine_id, str):
+            raise TypeError(f"RedisQueue.forget_engine: engine_id must be a str, "
+                            f"not {engine_id!r}")
+        self._check_fork()
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(f"{self.prefix}engine:{engine_id}")
+        pipe.zrem(self._engines, engine_id)
+        pipe.execute()
+
+    def add_outcomes(self, minute: int, counts: dict[str, int]) -> None:
+        """Add *counts* to the hash ``outcomes:<minute>`` (``HINCRBY``), which expires
+        65 minutes after its last count (``EXPIRE``), in one script."""
+        checked = protocol.outcome_counts("RedisQueue.add_outcomes", minute, counts)
+        if not checked:
+            return
+        self._check_fork()
+        self._add_outcomes_script(
+            keys=[f"{self.prefix}outcomes:{minute}", self._outcomes],
+            args=[minute, _OUTCOMES_KEPT, *itertools.chain.from_iterable(checked.items())])
+
+    def outcomes(self, since: int) -> dict[int, dict[str, int]]:
+        """The buckets of the minutes from *since* on: ``{minute: {outcome: count}}``."""
+        start = protocol.since_minute("RedisQueue.outcomes", since)
+        self._check_fork()
+        reply = self._outcomes_script(keys=[self._outcomes], args=[self.prefix, repr(start)])
+        buckets: dict[int, dict[str, int]] = {}
+        for minute, counts in zip(reply[::2], reply[1::2], strict=True):
+            buckets[int(minute)] = {bytes(k).decode(): int(v)
+                                    for k, v in zip(counts[::2], counts[1::2], strict=True)}
+        return dict(sorted(buckets.items()))
 
     def __len__(self) -> int:
         """Messages ready (any priority; delayed ones whose time came) and not taken."""
@@ -2055,6 +2453,22 @@ def _entry(message: Any, priority: int, attempts: int = 0,
         entry = b"%s%d,%s\n%s" % (_FAILED_MARK, attempts, repr(first_failed_at).encode(),
                                   entry)
     return entry
+
+
+def _listed(entry: bytes, *, at: float | None = None, status: str | None = None
+            ) -> dict[str, Any]:
+    """A stored *entry* as inspection lists it: its message as ``dequeue`` hands it out,
+    its priority and attempts from its headers."""
+    attempts, _, priority, body = _header(bytes(entry))
+    message = protocol.decode(body)
+    if message is body:
+        message = _Raw(body)
+    return protocol.inspected(message, priority, attempts, at, status)
+
+
+def _is_of(message: Any, task_id: str) -> bool:
+    """Whether *message* is a message of *task_id*."""
+    return isinstance(message, list) and bool(message) and message[0] == task_id
 
 
 def _ttl_seconds(action: str, argument: str, value: object) -> float:

@@ -231,7 +231,9 @@ became ready, the rows already in the table first. Rows a claim would set aside
 as poison are left out. ``peek_scheduled`` reads ``_scheduled_due`` in order;
 ``find`` reads the rows whose body starts with the id's JSON (``["<id>"``), a
 scan of the queue's rows in both tables, in one read transaction: a row leased
-and not expired is ``leased``. Nothing is written: no lease, no delivery.
+and not expired is ``leased``. Nothing is written: no lease, no delivery. These
+reads go through the queue object's second connection (the one ``result()``
+reads with), so even a long scan never holds up its claims and acks.
 """
 
 from __future__ import annotations
@@ -471,7 +473,7 @@ _SQL = {
     # inspection (see "Engines, outcomes and inspection"): reads only
     "ready_rows": "SELECT priority, available_at, id, CAST(body AS BLOB), attempts "
                   "FROM {table} WHERE " + _AVAILABLE + " AND deliveries < :max_deliveries "
-                  "ORDER BY priority DESC, available_at, id LIMIT :limit",
+                  "ORDER BY priority DESC, available_at, id LIMIT :limit OFFSET :offset",
     "due_rows": "SELECT priority, available_at, id, CAST(body AS BLOB), attempts "
                 "FROM {scheduled} WHERE queue = :queue AND available_at <= :now "
                 "ORDER BY available_at, id LIMIT :limit",
@@ -794,6 +796,13 @@ class SQLiteQueue:
         record in ``<table>_results`` and wakes the ``result()`` calls waiting
         in this process at once; those in other processes look at the file
         every 5 to 50 ms while they wait (see "Results" in the module docstring).
+    Engines and inspection
+        ``announce()``, ``engines()``, ``forget_engine()``, ``add_outcomes()``,
+        ``outcomes()`` keep engine records and outcome counts in
+        ``<table>_engines`` and ``<table>_outcomes``, expired rows deleted in
+        the same transaction; ``peek()``, ``peek_scheduled()``, ``rejected(limit,
+        offset)``, ``rejected_count()`` and ``find()`` only read (see "Engines,
+        outcomes and inspection" in the module docstring).
 
     Each queue object opens one connection (lazily), shared by its threads under
     a lock: SQLite admits one writer at a time anyway, so threads queueing on
@@ -1315,7 +1324,8 @@ class SQLiteQueue:
 
     def rejected_count(self) -> int:
         """How many messages ``rejected()`` lists."""
-        return self._count("rejected_count")
+        (rows,) = self._read("rejected_count", params={"queue": self.name})
+        return int(rows[0][0])
 
     # -- inspection (read-only: see "Engines, outcomes and inspection") -------------
 
@@ -1326,15 +1336,23 @@ class SQLiteQueue:
         if not limit:
             return []
         params = {"queue": self.name, "now": time.time(), "limit": offset + limit,
-                  "max_deliveries": self.max_deliveries}
-        rows = self._read("ready_rows", "due_rows", params=params)
-        # In the table first, then (at the same priority and time) those the next
-        # claim moves in, which get later ids.
-        ready = heapq.merge(((-p, at, 0, row, body, n) for p, at, row, body, n in rows[0]),
-                            ((-p, at, 1, row, body, n) for p, at, row, body, n in rows[1]))
+                  "offset": 0, "max_deliveries": self.max_deliveries}
+        with self._reading() as conn:
+            due = conn.execute(self._sql["due_rows"], params).fetchall()
+            if not due:  # the common case: the page is the table's alone, from the offset
+                params.update(limit=limit, offset=offset)
+            in_table = conn.execute(self._sql["ready_rows"], params).fetchall()
+        ready: Iterator[tuple[Any, ...]] = (
+            (-p, at, 0, row, body, n) for p, at, row, body, n in in_table)
+        if due:
+            # In the table first, then (at the same priority and time) those the next
+            # claim moves in, which get later ids.
+            # (Read in the order of their index: few, sorted here.)
+            ready = itertools.islice(heapq.merge(
+                ready, sorted((-p, at, 1, row, body, n) for p, at, row, body, n in due)),
+                offset, offset + limit)
         return [protocol.inspected(_stored(body), -neg, attempts)
-                for neg, _, _, _, body, attempts in
-                itertools.islice(ready, offset, offset + limit)]
+                for neg, _, _, _, body, attempts in ready]
 
     def peek_scheduled(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Messages waiting for their time, the soonest first, with ``"at"``: *limit*
@@ -1371,11 +1389,27 @@ class SQLiteQueue:
 
     def _read(self, *queries: str, params: dict[str, Any]) -> list[list[Any]]:
         """The rows of each of *queries*, in one read transaction (one snapshot)."""
-        with self._connection() as conn:
-            conn.execute("BEGIN")
-            rows = [conn.execute(self._sql[query], params).fetchall() for query in queries]
-            conn.execute("COMMIT")
-        return rows
+        with self._reading() as conn:
+            return [conn.execute(self._sql[query], params).fetchall() for query in queries]
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction (one snapshot) on the connection ``result()`` reads with:
+        a long read (``find`` scans) never holds the lock that this object's claims
+        and acks need, nor the file's write lock."""
+        self._check_fork()
+        with self._reader_lock:
+            conn = self._reader
+            if conn is None:
+                conn = self._reader = self._connect()
+            try:
+                conn.execute("BEGIN")
+                yield conn
+                conn.execute("COMMIT")  # no read transaction stays open to hold checkpoints
+            except BaseException:
+                self._reader = None
+                conn.close()
+                raise
 
     # -- engines and outcomes ---------------------------------------------------------
 

@@ -1515,3 +1515,30 @@ def test_peek_walks_the_ready_index(postgres_dsn, table, queues):
     assert [e["message"][0] for e in listed] == ["id-2", "id-5", "id-8"]
     assert queue.find("id-19999") == {"status": "waiting", "message": ["id-19999", "T"],
                                       "priority": 1, "attempts": 0}
+
+
+def test_peek_lists_due_rows_where_the_next_claim_puts_them(postgres_dsn, table, queues):
+    """Delayed rows whose time came, not moved in yet, are listed among the ready ones
+    where the next claim takes them (their due time is when they became ready); every
+    page agrees with the takes."""
+    queue = queues()
+    queue.enqueue(["id-plain", "T"])
+    queue.schedule(["id-high", "T"], priority=2)
+    for task_id, priority, back in (("id-due-high", 2, 10), ("id-due-plain", 0, 11),
+                                    ("id-due-low", -1, 10)):
+        rows(postgres_dsn, f"INSERT INTO {table}_scheduled (queue, body, priority, "
+                           f"available_at) VALUES ('tempest', %s, %s, "
+                           f"now() - make_interval(secs => %s)) RETURNING 1",
+             f'["{task_id}","T"]', priority, back)
+    order = ["id-due-high", "id-high", "id-due-plain", "id-plain", "id-due-low"]
+    assert [e["message"][0] for e in queue.peek()] == order
+    for offset in range(6):
+        page = [e["message"][0] for e in queue.peek(limit=2, offset=offset)]
+        assert page == order[offset:offset + 2]
+    assert queue.peek_scheduled() == []
+    assert queue.find("id-due-low")["status"] == "waiting"
+    taken = []
+    while (message := queue.dequeue()) is not None:
+        taken.append(message[0])
+        queue.ack(message)
+    assert taken == order

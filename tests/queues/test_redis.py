@@ -1367,3 +1367,107 @@ def test_a_result_stored_by_another_process_wakes_a_waiter_here(redis_url, queue
     stored = float(done.stdout.split()[-1])  # CLOCK_MONOTONIC: shared by processes here
     assert waiter.join()["value"] == "from afar"
     assert waiter.woke_at - stored < 1.0
+
+
+# -- engine records, outcomes and inspection --------------------------------------------
+
+
+def drained(queue: RedisQueue) -> list[str]:
+    """The task ids *queue* dequeues (and acks) until it is empty."""
+    ids = []
+    while (message := queue.dequeue()) is not None:
+        ids.append(message[0])
+        queue.ack(message)
+    return ids
+
+
+def test_peek_skips_wake_tokens_and_pages_past_them(queues, client, name):
+    """Wake tokens anywhere in ``waiting`` are neither listed nor counted by the pages."""
+    queue = queues()
+    waiting = f"tempest:{{{name}}}:waiting"
+    for i in range(6):
+        client.lpush(waiting, f'["id-{i}","T"]')
+        if i % 2:
+            client.lpush(waiting, b"\xffwake")
+    client.rpush(waiting, b"\xffwake", b"\xffwake")  # at the taking end too
+    order = [f"id-{i}" for i in range(6)]
+    assert [e["message"][0] for e in queue.peek()] == order
+    for offset in range(8):
+        for limit in (1, 2, 5):
+            page = [e["message"][0] for e in queue.peek(limit, offset)]
+            assert page == order[offset:offset + limit], (limit, offset)
+    assert drained(queue) == order
+
+
+def test_peek_lists_due_messages_where_the_next_script_puts_them(queues, client, name):
+    """Delayed messages whose time came, not yet made ready by a script, are listed at
+    the back of their priority's list, as the next take will find them."""
+    queue = queues()
+    prefix = f"tempest:{{{name}}}:"
+    queue.enqueue(["id-plain", "T"])
+    queue.schedule(["id-high", "T"], priority=2)
+    past = (time.time() - 10) * 1000
+    client.zadd(f"{prefix}scheduled", {b"%016d" % 1 + b'\xffp2\n["id-due-high","T"]': past,
+                                       b"%016d" % 2 + b'["id-due-plain","T"]': past + 1})
+    order = ["id-high", "id-due-high", "id-plain", "id-due-plain"]
+    assert [e["message"][0] for e in queue.peek()] == order
+    assert [e["priority"] for e in queue.peek()] == [2, 2, 0, 0]
+    assert [e["message"][0] for e in queue.peek(2, 1)] == order[1:3]
+    assert queue.peek_scheduled() == []
+    assert queue.find("id-due-high")["status"] == "waiting"
+    assert drained(queue) == order
+
+
+def test_inspection_changes_no_key(queues, client, name):
+    """peek, peek_scheduled, find and the rejected listing write nothing."""
+    queue = queues()
+    queue.enqueue(["id-leased", "T"])
+    held = queue.dequeue()
+    queue.schedule(["id-later", "T"], delay=60, priority=3)
+    queue.schedule(["id-ready", "T"], priority=-2)
+    queue.enqueue(["id-plain", "T"])
+    queue.reject(queue.dequeue(), "Nope")  # the priority 0 one: id-plain
+    keys = sorted(client.scan_iter(match=f"tempest:{{{name}}}:*", count=1000))
+    before = {key: client.dump(key) for key in keys}
+    assert [e["message"][0] for e in queue.peek()] == ["id-ready"]
+    assert [e["message"][0] for e in queue.peek_scheduled()] == ["id-later"]
+    assert queue.find("id-leased")["status"] == "leased"
+    assert queue.find("id-later")["status"] == "scheduled"
+    assert queue.rejected(1) == [(["id-plain", "T"], "Nope")] and queue.rejected_count() == 1
+    after = sorted(client.scan_iter(match=f"tempest:{{{name}}}:*", count=1000))
+    assert after == keys and {key: client.dump(key) for key in keys} == before
+    queue.ack(held)
+
+
+def test_peek_pages_through_more_than_a_script_takes(queues, client, name):
+    """A page of more than 1000 messages comes from several scripts, in order."""
+    queue = queues()
+    pipe = client.pipeline()
+    for i in range(2500):
+        pipe.lpush(f"tempest:{{{name}}}:waiting", f'["id-{i}","T"]')
+    pipe.execute()
+    listed = queue.peek(limit=2100, offset=200)
+    assert [e["message"][0] for e in listed] == [f"id-{i}" for i in range(200, 2300)]
+    assert queue.find("id-2499")["message"] == ["id-2499", "T"]
+
+
+def test_engine_records_and_outcomes_are_keys_that_expire(queues, client, name):
+    """An engine's record is a key with PX beside an index pruned by readers; an outcome
+    bucket is a hash per minute that expires 3900 s after its last count."""
+    queue = queues()
+    prefix = f"tempest:{{{name}}}:"
+    queue.announce("e-1", {"engine_id": "e-1"}, 30)
+    assert 29_000 < client.pttl(f"{prefix}engine:e-1") <= 30_000
+    assert client.zrange(f"{prefix}engines", 0, -1) == [b"e-1"]
+    queue.announce("e-2", {"engine_id": "e-2"}, 0.2)
+    wait_for(lambda: [e["engine_id"] for e in queue.engines()] == ["e-1"], 10)
+    assert client.zrange(f"{prefix}engines", 0, -1) == [b"e-1"]  # pruned by the read
+    queue.forget_engine("e-1")
+    assert client.exists(f"{prefix}engine:e-1", f"{prefix}engines") == 0
+    minute = int(time.time() // 60) * 60
+    queue.add_outcomes(minute, {"succeeded": 2, "timed_out": 1})
+    assert client.hgetall(f"{prefix}outcomes:{minute}") == {b"succeeded": b"2",
+                                                            b"timed_out": b"1"}
+    assert 3800 < client.ttl(f"{prefix}outcomes:{minute}") <= 3900
+    client.delete(f"{prefix}outcomes:{minute}")  # expired: gone from the listing too
+    assert queue.outcomes(0) == {}

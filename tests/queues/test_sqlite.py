@@ -873,6 +873,33 @@ def test_peek_reads_the_indexes_in_order(path, queues):
         assert "USING INDEX" in steps and "TEMP B-TREE" not in steps, (key, steps)
 
 
+def test_peek_lists_due_rows_where_the_next_claim_puts_them(path, queues):
+    """Delayed rows whose time came, not moved in yet, are listed among the ready ones
+    where the next claim takes them (their due time is when they became ready); every
+    page agrees with the takes."""
+    queue = queues()
+    queue.enqueue(["id-plain", "T"])
+    queue.schedule(["id-high", "T"], priority=2)
+    past = time.time() - 10
+    for task_id, priority, at in (("id-due-high", 2, past), ("id-due-plain", 0, past - 1),
+                                  ("id-due-low", -1, past)):
+        sql(path, "INSERT INTO tempest_messages_scheduled (queue, body, priority, "
+                  "available_at) VALUES ('tempest', ?, ?, ?)",
+            f'["{task_id}","T"]', priority, at)
+    # By priority, then by the time each became ready: a due row's time is its due time.
+    order = ["id-due-high", "id-high", "id-due-plain", "id-plain", "id-due-low"]
+    assert [e["message"][0] for e in queue.peek()] == order
+    for offset in range(6):
+        page = [e["message"][0] for e in queue.peek(limit=2, offset=offset)]
+        assert page == order[offset:offset + 2]
+    assert queue.peek_scheduled() == []
+    taken = []
+    while (message := queue.dequeue()) is not None:
+        taken.append(message[0])
+        queue.ack(message)
+    assert taken == order
+
+
 def test_a_file_made_before_engine_records_gains_their_tables(tmp_path):
     """A file without the engines and outcomes tables gets them on first use; rows stay."""
     path = tmp_path / "old.db"
