@@ -92,6 +92,7 @@ class Slot:
         "scheduled",
         "settling",
         "started",
+        "tally",
         "task",
         "thread",
     )
@@ -116,6 +117,8 @@ class Slot:
         self.settling: Any = None
         """A finished run whose ack waits for this thread's next dequeue, to travel with
         it (see "Acks with the next dequeue" in tempest.runtime); only its thread uses it."""
+        self.tally: Any = None
+        """The outcome counts of this slot's thread (a tempest.tally.Tally, set by it)."""
 
     def begin(self, task: Any, message: Any, timeout: float | None, engine: Any
               ) -> int | None:

@@ -432,6 +432,7 @@ class Runtime:
 
     def _work(self, slot: Slot) -> None:
         slot.ident = threading.get_ident()
+        slot.tally = self.tallies.mine()
         try:
             if slot.handover is not None:
                 task, message = slot.handover
@@ -736,16 +737,18 @@ class Runtime:
                 self._callback(task, "after_failure", error)
                 if keep is None or self._keep_result(task, failure(task, error), keep):
                     self._final_failure(task, message, error)
-        self._count_settled(outcome, name, duration)
+        self._count_settled(outcome, name, duration, slot)
 
-    def _count_settled(self, outcome: int, name: str, duration: float) -> None:
-        """Count a message of task *name* settled with *outcome* (see tempest.tally).
+    def _count_settled(self, outcome: int, name: str, duration: float,
+                       slot: Slot | None = None) -> None:
+        """Count a message of task *name* settled with *outcome* (see tempest.tally), in
+        the tally of *slot* (this worker thread's), else of the calling thread.
 
         Counted once everything about the message is done, so that a stats()
         reader never sees it processed while its callbacks still run or its
         ack is unsent: a reader that sees it no longer running sees it counted.
         """
-        self.tallies.mine().count(name, outcome, duration)
+        (self.tallies.mine() if slot is None else slot.tally).count(name, outcome, duration)
         with self._lock:
             self.running -= 1
 
@@ -763,7 +766,7 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001
                 # Left leased: it runs again after its lease (what a take leased too).
                 self.logs.main.error("ack failed", task_id=task_id, error=_describe(exc))
-        self._count_settled(SUCCEEDED, name, duration)
+        self._count_settled(SUCCEEDED, name, duration, slot)
         return taken
 
     # -- results ----------------------------------------------------------------------------

@@ -8,16 +8,15 @@ the interval since the previous line (or the start):
 field                  what
 =====================  ==================================================================
 ``interval``           seconds the figures below cover
-``succeeded_per_s``    throughput per outcome: outcomes in the interval / its length
-(and ``failed_``,      (``processed_per_s``: every attempt that ended, rejected messages
-``timed_out_``,        aside)
-``rejected_``,
-``retried_``,
-``processed_per_s``)
-``duration_min``,      seconds an attempt ran: shortest, mean, longest, over the attempts
-``_avg``, ``_max``     that ended in the interval (None: none did)
-``busy_min``,          worker threads running a task, sampled every :data:`SAMPLE_EVERY`
-``_avg``, ``_max``     seconds (and at the line)
+``<outcome>_per_s``    outcomes in the interval / its length, for each of ``succeeded``,
+                       ``failed``, ``timed_out``, ``rejected``, ``retried`` and
+                       ``processed`` (every attempt that ended)
+``duration_min``       seconds the shortest attempt that ended in the interval ran
+                       (None: none ended); ``duration_avg`` their mean,
+                       ``duration_max`` the longest
+``busy_min``           the fewest worker threads running a task, sampled every
+                       :data:`SAMPLE_EVERY` seconds and at the line; ``busy_avg``
+                       their mean, ``busy_max`` the most
 ``rss``                the process's resident memory now, bytes (None without /proc)
 ``open_files``         file descriptors the process has open now (None without /proc)
 =====================  ==================================================================

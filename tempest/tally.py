@@ -55,12 +55,14 @@ _bisect = bisect.bisect_left
 class Tally:
     """One thread's counts: written by that thread only."""
 
-    __slots__ = ("extremes", "tasks")
+    __slots__ = ("high", "low", "tasks")
 
     def __init__(self) -> None:
         self.tasks: dict[str, list[Any]] = {}
-        self.extremes: list[float] = [float("inf"), 0.0]
-        """Shortest and longest duration since the stats line last took them."""
+        self.low = float("inf")
+        """The shortest duration since the stats line last took it."""
+        self.high = 0.0
+        """The longest duration since the stats line last took it."""
 
     def count(self, name: str, outcome: int, duration: float | None) -> None:
         """Count one *outcome* (an index into OUTCOMES) of task *name*; *duration*
@@ -75,12 +77,11 @@ class Tally:
                 row[BUCKET] += 1
             else:
                 row[BUCKET + _bisect(BOUNDS, duration)] += 1
-            extremes = self.extremes
             # Compared, not min()/max(): a builtin call per task costs more.
-            if duration < extremes[0]:  # noqa: PLR1730
-                extremes[0] = duration
-            if duration > extremes[1]:  # noqa: PLR1730
-                extremes[1] = duration
+            if duration < self.low:  # noqa: PLR1730
+                self.low = duration
+            if duration > self.high:  # noqa: PLR1730
+                self.high = duration
 
 
 class Tallies:
@@ -133,11 +134,12 @@ class Tallies:
 
     def take_extremes(self) -> tuple[float, float] | None:
         """The shortest and longest duration since the last call; None if no attempt
-        ended meanwhile. An attempt ending just as this runs may be left out."""
+        ended meanwhile. An attempt ending just as this runs may count in the next
+        interval's instead (its owner compares with the values being reset)."""
         with self._lock:
             tallies = list(self._all)
         low, high = float("inf"), 0.0
         for tally in tallies:
-            taken, tally.extremes = tally.extremes, [float("inf"), 0.0]
-            low, high = min(low, taken[0]), max(high, taken[1])
+            low, high = min(low, tally.low), max(high, tally.high)
+            tally.low, tally.high = float("inf"), 0.0
         return None if low == float("inf") else (low, high)
