@@ -1,12 +1,14 @@
-"""Outcome counts per task, kept per thread so that counting takes no lock.
+"""Outcome counts per task, kept per thread so that counting needs no lock of its own.
 
 Every thread that ends a task's attempt (a worker, a coroutine task's settler,
 the supervisor or the event loop for a timeout) counts it in a :class:`Tally`
 of its own, created the first time it counts. Only that thread writes it, so
-an increment is a few list operations under the GIL and no lock; a reader
-(``stats()``, the stats line, the engine record, a metrics scrape) sums every
-tally of the run. A reader may see one thread's latest count a moment late:
-never a count lost, never a count twice.
+an increment is a few list operations under the GIL; a reader (``stats()``,
+the stats line, the engine record, a metrics scrape) sums every tally of the
+run. A reader may see one thread's latest count a moment late: never a count
+lost, never a count twice. (The runtime counts a settled message inside the
+lock section in which it already lowers its running count, and ``stats()``
+sums under that lock, so that it sees both change together.)
 
 Per task name a tally holds one row: a count per outcome, the sum of the
 attempts' durations and a duration histogram (Prometheus buckets, not
@@ -22,14 +24,19 @@ from typing import Any
 
 __all__ = [
     "BOUNDS",
+    "BUCKET",
     "FAILED",
+    "FIRST_BOUND",
     "OUTCOMES",
     "REJECTED",
     "RETRIED",
+    "ROW",
     "SUCCEEDED",
+    "SUM",
     "TIMED_OUT",
     "Tallies",
     "Tally",
+    "bucket",
 ]
 
 OUTCOMES = ("succeeded", "failed", "timed_out", "rejected", "retried")
@@ -48,8 +55,14 @@ BUCKET = SUM + 1
 
 ROW = BUCKET + len(BOUNDS) + 1
 
-_FIRST = BOUNDS[0]
-_bisect = bisect.bisect_left
+FIRST_BOUND = BOUNDS[0]
+"""The first bucket's bound: most attempts of short tasks fall in it."""
+
+
+def bucket(duration: float) -> int:
+    """The histogram bucket of *duration*: an index from 0 (``<= BOUNDS[0]``) to
+    ``len(BOUNDS)`` (longer than every bound)."""
+    return bisect.bisect_left(BOUNDS, duration)
 
 
 class Tally:
@@ -64,19 +77,24 @@ class Tally:
         self.high = 0.0
         """The longest duration since the stats line last took it."""
 
+    def add(self, name: str) -> list[Any]:
+        """A new row of zeros for task *name*."""
+        row = self.tasks[name] = [0] * SUM + [0.0] + [0] * (ROW - BUCKET)
+        return row
+
     def count(self, name: str, outcome: int, duration: float | None) -> None:
         """Count one *outcome* (an index into OUTCOMES) of task *name*; *duration*
         (seconds) for an attempt that ran, None for a rejected message."""
         row = self.tasks.get(name)
         if row is None:
-            row = self.tasks[name] = [0] * SUM + [0.0] + [0] * (ROW - BUCKET)
+            row = self.add(name)
         row[outcome] += 1
         if duration is not None:
             row[SUM] += duration
-            if duration <= _FIRST:  # most attempts, where counting must cost least
+            if duration <= FIRST_BOUND:  # most attempts, where counting must cost least
                 row[BUCKET] += 1
             else:
-                row[BUCKET + _bisect(BOUNDS, duration)] += 1
+                row[BUCKET + bucket(duration)] += 1
             # Compared, not min()/max(): a builtin call per task costs more.
             if duration < self.low:  # noqa: PLR1730
                 self.low = duration

@@ -104,7 +104,8 @@ def test_counts_per_task_and_outcome_match_what_ran(make_engine):
     engine._options["queue"].enqueue(["bad2", "MetOk"])  # no argument: rejected
     engine.start()
     try:
-        wait_for(lambda: engine.stats()["processed"] == 12 and engine.stats()["rejected"] == 2)
+        wait_for(lambda: engine.stats()["processed"] == 12 and engine.stats()["rejected"] == 2
+                 and engine.stats()["running"] == 0)
         families = scrape(collector)
     finally:
         assert engine.stop(timeout=10)

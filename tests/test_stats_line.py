@@ -82,10 +82,10 @@ def test_the_line_covers_the_interval_since_the_previous_one(make_engine):
     def ended(key: str) -> float:
         return sum(line[f"{key}_per_s"] * line["interval"] for line in lines)
 
-    assert ended("succeeded") == pytest.approx(4, abs=0.01)
-    assert ended("failed") == pytest.approx(1, abs=0.01)
-    assert ended("processed") == pytest.approx(5, abs=0.01)
-    assert ended("timed_out") == ended("rejected") == ended("retried") == 0
+    assert ended("succeeded") == pytest.approx(4, abs=0.1)
+    assert ended("failed") == pytest.approx(1, abs=0.1)
+    assert ended("processed") == pytest.approx(5, abs=0.1)
+    assert ended("timed_out") == ended("rejected") == ended("retried") == 0  # exactly
     with_tasks = [line for line in lines if line["processed_per_s"]]
     for line in with_tasks:
         assert 0 <= line["duration_min"] <= line["duration_avg"] <= line["duration_max"]
