@@ -5,6 +5,8 @@
     tempest run MODULE:ENGINE [--threads N] [--coroutines N] [--burst]
                               [--log-dir DIR] [--log-level LEVEL]
     tempest failed list|show|retry|delete MODULE:ENGINE ...   (see tempest.cli_failed)
+    tempest web MODULE:ENGINE [--host 127.0.0.1] [--port 8100]
+                              [--auth USER:PASSWORD] [--read-only]
     python -m tempest run ...          # the same
 
 ``MODULE`` is imported with the current directory first on the import path;
@@ -25,6 +27,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -64,7 +68,8 @@ exit codes:
   2    bad arguments
   3    MODULE cannot be imported, or ENGINE is missing or not an Engine subclass
   4    configuration error: a configure block, --threads, --log-level, --log-dir;
-       or (failed) the engine's queue keeps no failed tasks
+       or (failed) the engine's queue keeps no failed tasks; or (web) the web
+       extra is missing, or --host/--port cannot be listened on
   5    too many abandoned threads (max_abandoned): restart for a clean process
   6    (failed show, retry, delete) a task id that the failed store does not hold
   130  interrupted (Ctrl-C) before the engine was running
@@ -80,6 +85,19 @@ running then is logged as interrupted and not acknowledged, so a reliable queue
 delivers it again. SIGHUP reopens both log files (logrotate). Under systemd
 (NOTIFY_SOCKET) it sends READY=1, STATUS=, WATCHDOG=1 and STOPPING=1.
 """
+
+WEB_DESCRIPTION = """\
+Import MODULE like 'run' does and serve the web dashboard of its Engine
+subclass ENGINE: its queue's engines, depths, messages, failed tasks (with
+retry and delete buttons), rejected messages and periodic schedules, live.
+It runs no engine: it reads the queue that the engines share.
+
+It listens on 127.0.0.1 unless --host says otherwise; a --host reachable from
+other machines needs --auth (or TEMPEST_WEB_AUTH=user:password). Stop it with
+SIGTERM or Ctrl-C. Needs the web extra: pip install 'task-tempest[web]'.
+"""
+
+AUTH_ENV = "TEMPEST_WEB_AUTH"
 
 
 class _Failure(Exception):
@@ -136,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", metavar="LEVEL",
                      help=f"one of {', '.join(LOG_LEVELS)} (overrides configure.log_level)")
     cli_failed.add_parsers(commands, _target, EXIT_CODES)
+    web = commands.add_parser(
+        "web", help="serve the web dashboard of an engine's queue",
+        description=WEB_DESCRIPTION, epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    web.add_argument("target", metavar="MODULE:ENGINE", type=_target,
+                     help="the module to import and the Engine subclass in it")
+    web.add_argument("--host", default="127.0.0.1",
+                     help="the address to listen on (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=_port, default=8100, help="the port (default 8100)")
+    web.add_argument("--auth", metavar="USER:PASSWORD",
+                     help=f"require HTTP Basic auth with these (or set {AUTH_ENV})")
+    web.add_argument("--read-only", action="store_true",
+                     help="show everything, change nothing: no retry or delete")
     return parser
 
 
@@ -173,7 +205,81 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"run": _run, "failed": _failed}
+def _web(args: argparse.Namespace) -> int:
+    from tempest.web._checks import is_loopback, parse_auth  # noqa: PLC0415 - web only
+
+    auth = args.auth if args.auth is not None else os.environ.get(AUTH_ENV) or None
+    if auth is not None:
+        try:
+            parse_auth(auth)
+        except ValueError as exc:
+            source = "--auth" if args.auth is not None else AUTH_ENV
+            raise _Failure(EXIT_USAGE, f"{source}: {exc}") from None
+    if auth is None and not is_loopback(args.host):
+        raise _Failure(EXIT_USAGE, f"--host {args.host} lets other machines in: give "
+                                   f"--auth user:password (or set {AUTH_ENV}) to serve "
+                                   f"the dashboard there, or leave --host at 127.0.0.1")
+    engine = _load_engine(*args.target)
+    from tempest.web import dashboard  # noqa: PLC0415 - the extra may be missing
+
+    app = dashboard(engine, read_only=args.read_only, auth=auth)
+    try:
+        import uvicorn  # noqa: PLC0415 - the extra may be missing
+    except ImportError:
+        raise _Failure(EXIT_CONFIG, "tempest web needs uvicorn, of the web extra: "
+                                    "pip install 'task-tempest[web]'") from None
+    listener = _listen(args.host, args.port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"tempest web: the {engine.__name__} dashboard on http://{host}:"
+          f"{listener.getsockname()[1]}/{' (read-only)' if args.read_only else ''}",
+          flush=True)
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again
+    # for the handler it found: with these in place that ends in exit code 0,
+    # as for 'tempest run', rather than in death by the signal.
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[listener])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """A signal handler that does nothing (see _web)."""
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on *host*:*port*, or a one-line failure."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
+    except OSError as exc:
+        raise _Failure(EXIT_CONFIG, f"cannot listen on {host}:{port}: "
+                                    f"{exc.strerror or exc}") from None
+    return listener
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, not {value!r}")
+    return port
+
+
+_COMMANDS = {"run": _run, "failed": _failed, "web": _web}
 
 
 # -- finding the engine ----------------------------------------------------------------
