@@ -1,7 +1,8 @@
 """The engine record: a running engine tells its queue that it lives, and what it does.
 
 Where the queue has the engine registry methods
-(:data:`tempest.queues.protocol.ENGINE_METHODS`), a running engine stores a record of itself every ``announce_every`` seconds
+(:data:`tempest.queues.protocol.ENGINE_METHODS`), a running engine stores a
+record of itself every ``announce_every`` seconds
 (``announce(engine_id, record, ttl)``, ttl three times the period), so that
 anyone reading the queue (``engines()``: the dashboard, a script) sees every
 engine alive on it, on any machine. A record not renewed expires: an engine

@@ -443,7 +443,7 @@ def _drop_redis(client: Any, name: str) -> None:
         client.delete(*keys)
 
 
-@settings(FUZZ)
+@settings(FUZZ, max_examples=25)  # each example a fresh queue and engine: ~0.5 s on Redis
 @given(batch=batches(redis_entries()))
 def test_redis_entries(make_engine, redis_url, redis_client, batch):
     """Any entry LPUSH-ed onto a RedisQueue's waiting list, headers included, is run or
