@@ -125,8 +125,11 @@ class Page:
         fields[f"{field}_note"] = ""
         return int(value)
 
-    def pager(self, total: int | None) -> None:
-        """The paging links of a list of *total* rows (None: unknown)."""
+    def pager(self, total: int | None, shown: int) -> None:
+        """The paging links of a list of *total* rows (None: unknown), *shown* of them on
+        this page; the range shown is a field, so that a refresh updates it too."""
+        self.view["fields"]["range"] = (f"{self.offset + 1}\u2013{self.offset + shown}" if shown
+                                        else "none")
         self.view["pager"] = {
             "offset": self.offset, "limit": self.limit, "total": total,
             "first": self.offset + 1,
@@ -184,11 +187,11 @@ def queued(page: Page) -> dict[str, Any]:
     """Ready messages, in the order the queue hands them out, a page at a time."""
     page.view["title"] = "Queued"
     total = page.count("total", "__len__")
-    page.section("messages", "no message is waiting", ("peek",), lambda: [
+    section = page.section("messages", "no message is waiting", ("peek",), lambda: [
         [*_message_cells(page, entry.get("message")), str(entry.get("priority", "")),
          str(entry.get("attempts", ""))]
         for entry in page.queue.peek(page.limit, page.offset)])
-    page.pager(total)
+    page.pager(total, len(section["rows"]))
     return page.view
 
 
@@ -196,12 +199,12 @@ def scheduled(page: Page) -> dict[str, Any]:
     """Messages waiting for their time, the soonest first, a page at a time."""
     page.view["title"] = "Scheduled"
     total = page.count("total", "scheduled_count")
-    page.section("messages", "no message is scheduled", ("peek_scheduled",), lambda: [
+    section = page.section("messages", "no message is scheduled", ("peek_scheduled",), lambda: [
         [*_message_cells(page, entry.get("message")), _when(entry.get("at")),
          _until(page.now, entry.get("at")), str(entry.get("priority", "")),
          str(entry.get("attempts", ""))]
         for entry in page.queue.peek_scheduled(page.limit, page.offset)])
-    page.pager(total)
+    page.pager(total, len(section["rows"]))
     return page.view
 
 
@@ -243,8 +246,8 @@ def failed(page: Page) -> dict[str, Any]:
             out.append(row)
         return out
 
-    page.section("failed", "no failed task", ("failed", "failed_count"), rows)
-    page.pager(total)
+    section = page.section("failed", "no failed task", ("failed", "failed_count"), rows)
+    page.pager(total, len(section["rows"]))
     return page.view
 
 
@@ -262,8 +265,8 @@ def rejected(page: Page) -> dict[str, Any]:
         return [[str(start + n + 1), *_message_cells(page, message), str(reason)]
                 for n, (message, reason) in reversed(list(enumerate(entries)))]
 
-    page.section("rejected", "no rejected message", ("rejected", "rejected_count"), rows)
-    page.pager(total)
+    section = page.section("rejected", "no rejected message", ("rejected", "rejected_count"), rows)
+    page.pager(total, len(section["rows"]))
     return page.view
 
 

@@ -179,11 +179,16 @@ def test_queued_and_scheduled_pages_page_through_the_messages(make_engine, clien
     last = client.get("/api/queued?offset=100").json()
     assert [r[0]["text"] for r in last["sections"]["messages"]["rows"]] == ids[100:]
     assert last["pager"]["next"] is None and last["pager"]["previous"] == 50
+    # The range shown is a live field: a refresh after more came updates it too.
+    assert first["fields"]["range"] == "1\u201350" and last["fields"]["range"] == "101\u2013120"
+    engine.submit(WebOk, "one more")
+    assert client.get("/api/queued?offset=100").json()["fields"]["range"] == "101\u2013121"
+    assert 'data-field="range">101\u2013121<' in client.get("/queued?offset=100").text
     assert 'href="?offset=50&amp;limit=50"' in client.get("/queued?offset=100").text
     rows = client.get("/api/scheduled").json()["sections"]["messages"]["rows"]
     assert [r[0]["text"] for r in rows] == [soon, later]
     assert rows[0][4].startswith("in ") and rows[0][2] == '["soon"]'
-    assert len(engine._options["queue"]) == 120  # looking took nothing
+    assert len(engine._options["queue"]) == 121  # looking took nothing
 
 
 def test_rejected_lists_the_latest_first(make_engine, client_for):
