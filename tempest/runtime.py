@@ -44,9 +44,10 @@ task succeeded keeps its ack (``Slot.settling``) for its next dequeue:
   handed ack waits at most for the call in progress: there is always a next
   holder, the worker that handed it at the latest. Under load one round trip
   then carries the acks of several workers and the take for all of them.
-- The leader waits on an empty queue (``_idle_wait``), the engine is stopping,
-  or a batch message is left for it: it acks alone, as a worker that cannot
-  know when the next call goes. A leader about to wait sends what was handed
+- The leader waits on an empty queue, backs off after an error or waits for
+  a free coroutine slot (``_idle_wait``), the engine is stopping, or a batch
+  message is left for it: it acks alone, as a worker that cannot know when
+  the next call goes. A leader about to wait sends what was handed
   first; a worker that handed its ack as the wait began takes it back
   (whoever pops an entry from ``_handed`` sends it: never twice, never not).
 
@@ -560,7 +561,7 @@ class Runtime:
                 return message
             self.last_progress = time.monotonic()
             threads, coroutines = registered_kinds()
-            if coroutines and not self.coroutines.wait_free(DEQUEUE_WAIT):
+            if coroutines and not self._idle(slot, self.coroutines.wait_free, DEQUEUE_WAIT):
                 # Every coroutine slot is busy: what came now might not start.
                 continue
             idle = self.running == 0
@@ -582,14 +583,7 @@ class Runtime:
                 # A backoff is progress (healthy() must not stop the watchdog
                 # during a queue outage): the dispatcher is due back after it.
                 self.last_progress = time.monotonic() + delay
-                self._idle_wait = True  # no call for a while: acks are not handed
-                try:
-                    handed = self._take_handed()
-                    if handed:
-                        self._settle_all(handed, 0, slot)
-                    self._stop_event.wait(delay)
-                finally:
-                    self._idle_wait = False
+                self._idle(slot, self._stop_event.wait, delay)
                 continue
             if self._errors:
                 self.logs.main.info("dequeue recovered", attempts=self._errors)
@@ -609,6 +603,19 @@ class Runtime:
                 return message
         self._give_back_taken()
         return None
+
+    def _idle(self, slot: Slot, wait: Callable[[float], bool], seconds: float) -> bool:
+        """``wait(seconds)`` as a leader that makes no queue call meanwhile (a backoff,
+        every coroutine slot busy): the acks handed to it are sent first, and none
+        is handed while it waits (see _hand)."""
+        self._idle_wait = True
+        try:
+            handed = self._take_handed()
+            if handed:
+                self._settle_all(handed, 0, slot)
+            return wait(seconds)
+        finally:
+            self._idle_wait = False
 
     def _take_handed(self) -> list[Any]:
         """The acks handed to this leader (see _hand): popped, so sent by it alone."""

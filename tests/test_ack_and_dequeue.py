@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
@@ -227,4 +228,46 @@ def test_an_ack_is_sent_at_once_while_the_leader_waits_on_an_empty_queue(make_en
         assert queue.acked == [task_id]
         assert queue.acked_in_wait == [True] and queue.combined == 0
     finally:
+        engine.stop(timeout=10)
+
+
+GATES = {name: threading.Event() for name in ("q1", "q2", "slow", "slow_started")}
+
+
+class AdGated(Task):
+    def process(self, gate):
+        assert GATES[gate].wait(20)
+
+
+class AdSlowAsync(Task):
+    async def process(self):
+        GATES["slow_started"].set()
+        for _ in range(2000):  # bounded: 20 s
+            if GATES["slow"].is_set():
+                return
+            await asyncio.sleep(0.01)
+
+
+def test_an_ack_is_sent_at_once_while_every_coroutine_slot_is_busy(make_engine):
+    """A leader waiting for a free coroutine slot makes no queue call: a worker that
+    ends meanwhile acks alone instead of handing its ack to it."""
+    for gate in GATES.values():
+        gate.clear()
+    queue = AckingQueue()
+    engine = make_engine(threads=2, coroutines=1, queue=queue)
+    first = engine.submit(AdGated, "q1")
+    second = engine.submit(AdGated, "q2")
+    engine.submit(AdSlowAsync)
+    engine.start()
+    try:
+        GATES["q1"].set()  # its worker leads next, takes the coroutine task, then waits
+        assert GATES["slow_started"].wait(10)
+        GATES["q2"].set()
+        deadline = time.monotonic() + 5
+        while second not in queue.acked and time.monotonic() < deadline:
+            GATES["slow"].wait(0.02)  # bounded poll; "slow" stays unset meanwhile
+        assert first in queue.acked and second in queue.acked
+        assert not GATES["slow"].is_set()  # acked while the coroutine still ran
+    finally:
+        GATES["slow"].set()
         engine.stop(timeout=10)
