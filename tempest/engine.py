@@ -465,7 +465,9 @@ class Engine:
         try:
             runtime.start()
         except BaseException:
-            control.discard()
+            control.discard()  # the gate opened: workers already started see the stop
+            if runtime.half_started:
+                runtime.abort()
             with state.lock:
                 state.control = None
             raise

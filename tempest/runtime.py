@@ -152,6 +152,9 @@ the logs."""
 UNKNOWN_TASK = "<unknown>"
 """The task name a rejected message is counted under when it names no registered task."""
 
+START_FAILED_WAIT = 10.0
+"""Seconds a start that failed half-way waits for the workers it started to exit."""
+
 ABANDON_GRACE = 1.0
 """Seconds after its deadline a task's thread has to unwind before it is abandoned."""
 
@@ -274,6 +277,8 @@ class Runtime:
         self.immediate = False
         self.closed = False
         self.error: BaseException | None = None
+        self.half_started = False
+        """Set by start() when it failed after starting threads: see abort()."""
 
         self.started_at = time.monotonic()
         self.started_wall = time.time()
@@ -355,6 +360,28 @@ class Runtime:
                     "results unavailable", tasks=cannot, queue=type(self.queue).__name__,
                     missing=missing(self.queue, RESULT_METHODS),
                     effect="their return values are not kept on this engine")
+        try:
+            self._start_threads()
+        except BaseException as exc:
+            # A thread that could not start (the process is at its limit): what did
+            # start is stopped by abort(), once the caller opened the gate.
+            self.logs.always.error("start-up failed", error=_describe(exc), exc_info=exc)
+            self.request_stop("start-up failed", immediate=True, error=exc)
+            self.half_started = True
+            raise
+
+    def abort(self) -> None:
+        """After a start that failed half-way (``half_started``), the dispatcher's gate
+        open again: wait for the workers started to see the stop, then finish, so
+        that no announcer, metrics port or worker outlives the failed start."""
+        deadline = time.monotonic() + START_FAILED_WAIT
+        while not self.workers_done() and time.monotonic() < deadline:
+            self._heartbeat_stop.wait(0.01)  # bounded: they see the stop within a take
+        self.finish()
+
+    def _start_threads(self) -> None:
+        """The supervisor, the event loop (if needed), heartbeat, scheduler, announcer,
+        then the workers."""
         self.supervisor.start()
         if registered_kinds()[1]:
             self.coroutines.ensure_started()  # else at the first coroutine message
@@ -362,8 +389,8 @@ class Runtime:
             self._heartbeat_thread = threading.Thread(
                 target=self._beat, daemon=True, name=f"tempest-heartbeat:{self.name}")
             self._heartbeat_thread.start()
-        if options["periodic"]:
-            self._scheduler = Scheduler(options["periodic"], self.queue, self.logs,
+        if self.options["periodic"]:
+            self._scheduler = Scheduler(self.options["periodic"], self.queue, self.logs,
                                         self._stop_event, self.name)
             self._scheduler.start()
         if self._announcer is not None:

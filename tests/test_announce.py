@@ -362,3 +362,38 @@ def test_started_line_names_the_engine_id(make_engine):
         assert f"engine_id={record['engine_id']}" in main_log(engine)
     finally:
         assert engine.stop(timeout=10)
+
+
+def test_a_start_that_fails_half_way_stops_what_it_started(make_engine, monkeypatch):
+    """A worker thread that cannot start (the process is at its thread limit): start()
+    raises, and the metrics port, the announcer and the workers started are gone; the
+    engine record is forgotten, and the engine can start again."""
+    queue = MemoryQueue()
+    engine = make_engine(queue=queue, threads=3, metrics_port=0, announce_every=0.05)
+    real_start = threading.Thread.start
+    started: list[str] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("tempest-worker:") and len(started) == 2:
+            raise RuntimeError("can't start new thread")
+        if thread.name.startswith("tempest-worker:"):
+            started.append(thread.name)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        engine.start()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    log = main_log(engine)
+    assert "start-up failed" in log
+    url = re.search(r"metrics served url=(\S+)", log).group(1)  # type: ignore[union-attr]
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port),
+                                                                         timeout=2):
+        pass
+    name = engine.__name__
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.endswith(f":{name}")])
+    assert queue.engines() == []
+    engine.submit(AnnOk, 1)
+    engine.run(burst=True)  # a clean start after the failed one
+    assert engine.stats()["succeeded"] == 1
