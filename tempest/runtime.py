@@ -869,7 +869,7 @@ class Runtime:
                     self._final_failure(task, message, error)
         self._count_settled(outcome, name, duration, slot)
 
-    def _count_settled(self, outcome: int, name: str, duration: float,
+    def _count_settled(self, outcome: int, name: str, duration: float | None,
                        slot: Slot | None = None) -> None:
         """Count a message of task *name* settled with *outcome* (see tempest.tally), in
         the tally of *slot* (this worker thread's), else of the calling thread.
@@ -886,15 +886,16 @@ class Runtime:
         row = tally.tasks.get(name)
         if row is None:
             row = tally.add(name)
-        row[SUM] += duration
-        if duration <= FIRST_BOUND:
-            row[BUCKET] += 1
-        else:
-            row[BUCKET + bucket(duration)] += 1
-        if duration < tally.low:  # noqa: PLR1730 - compared: no builtin call
-            tally.low = duration
-        if duration > tally.high:  # noqa: PLR1730
-            tally.high = duration
+        if duration is not None:  # None: a rejected message, which did not run
+            row[SUM] += duration
+            if duration <= FIRST_BOUND:
+                row[BUCKET] += 1
+            else:
+                row[BUCKET + bucket(duration)] += 1
+            if duration < tally.low:  # noqa: PLR1730 - compared: no builtin call
+                tally.low = duration
+            if duration > tally.high:  # noqa: PLR1730
+                tally.high = duration
         with self._lock:
             row[outcome] += 1
             self.running -= 1
@@ -1039,8 +1040,8 @@ class Runtime:
         task._retry_delay = delay
         if delay is None:
             task._stack = stack
-        self.tallies.mine().count(task.task_name, TIMED_OUT if delay is None else RETRIED,
-                                   duration)
+        # Counted once settled (_after_timeout), with the running count, as a success.
+        task._timed_out_as = (TIMED_OUT if delay is None else RETRIED, duration)
         retry = {} if delay is None else {"retry_in": round(delay, 3)}
         self.logs.main_line(WARNING, "task ended", task_id=task.task_id, task=task.task_name,
                             outcome="timeout", duration=duration, attempt=task.attempt,
@@ -1058,7 +1059,8 @@ class Runtime:
             keep = self._keeps_result(task, message)
             if keep is None or self._keep_result(task, failure(task, error, task._stack), keep):
                 self._final_failure(task, message, error, task._stack)
-        self._done()
+        outcome, duration = task._timed_out_as
+        self._count_settled(outcome, task.task_name, duration)
 
     def _on_abandon(self, slot: Slot, task: Task, message: Any) -> None:
         """Supervisor thread: *slot*'s thread ignored its TaskTimeout."""
@@ -1100,7 +1102,6 @@ class Runtime:
         self._done()
 
     def _reject(self, message: Any, reason: str, detail: str) -> None:
-        self.tallies.mine().count(_rejected_name(message), REJECTED, None)
         self.logs.main.error("rejected", reason=reason, detail=detail, message=shown(message))
         # Kept aside by the queue's reject where it has one. A queue that acks
         # but cannot reject gets an ack: the message is logged whole above, and
@@ -1114,7 +1115,7 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001
                 self.logs.main.error("reject failed", reason=reason, error=_describe(exc),
                                      message=shown(message))
-        self._done()
+        self._count_settled(REJECTED, _rejected_name(message), None)
 
     def _give_back(self, message: Any) -> str:
         """Return an unstarted or interrupted message to the queue; say how."""

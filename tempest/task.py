@@ -133,6 +133,7 @@ class Task:
     _timeout: BaseException | None = None
     _retry_delay: float | None = None
     _stack: str | None = None
+    _timed_out_as: tuple[int, float] = (0, 0.0)  # the outcome counted once it is settled
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -591,3 +591,40 @@ def test_supervisor_moving_a_look_never_arms_a_run_still_before_its_try():
     finally:
         proceed.set()
         supervisor.stop()
+
+
+IN_CALLBACK = threading.Event()
+CALLBACK_GO = threading.Event()
+
+
+class ToCountedLate(Task):
+    class configure:
+        timeout = 0.1
+
+    def process(self):
+        _spin(5.0)
+
+    def after_timeout(self):
+        IN_CALLBACK.set()
+        assert CALLBACK_GO.wait(10)
+
+
+def test_a_timeout_counts_as_processed_only_once_settled(make_engine):
+    """While after_timeout runs (before the failed store has it), stats() shows the
+    message running, not processed; both change together once it is settled."""
+    IN_CALLBACK.clear()
+    CALLBACK_GO.clear()
+    engine = make_engine(threads=1)
+    engine.submit(ToCountedLate)
+    engine.start()
+    try:
+        assert IN_CALLBACK.wait(10)
+        during = engine.stats()
+        assert (during["processed"], during["timed_out"], during["running"]) == (0, 0, 1)
+        CALLBACK_GO.set()
+        wait_for(lambda: engine.stats()["processed"] == 1)
+        after = engine.stats()
+        assert (after["timed_out"], after["running"]) == (1, 0)
+    finally:
+        CALLBACK_GO.set()
+        assert engine.stop(timeout=10)
