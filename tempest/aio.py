@@ -58,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
-import sys
 import threading
 import time
 import traceback
@@ -68,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from tempest.exceptions import TaskTimeout
 from tempest.logs import task_scope
+from tempest.retries import thread_frame
 
 if TYPE_CHECKING:
     from tempest.runtime import Runtime
@@ -518,7 +518,7 @@ def _coroutine_stack(atask: asyncio.Task[Any]) -> str:
 
 def _where(ident: int | None) -> str:
     """The innermost line the thread *ident* runs: ``file:line in function``."""
-    frame = sys._current_frames().get(ident) if ident is not None else None
+    frame = thread_frame(ident)
     if frame is None:
         return ""
     return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"

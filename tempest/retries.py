@@ -20,6 +20,7 @@ gives the delay itself.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import sys
@@ -33,7 +34,8 @@ from tempest.exceptions import ConfigurationError, Retry, TaskTimeout
 if TYPE_CHECKING:
     from tempest.task import Task
 
-__all__ = ["Policy", "backoff", "failed_record", "retry_delay", "retry_on", "thread_stack"]
+__all__ = ["Policy", "backoff", "failed_record", "retry_delay", "retry_on", "thread_frame",
+           "thread_stack"]
 
 JITTER = 1.5
 """The largest random factor a backoff delay is multiplied by (the smallest is 1)."""
@@ -140,8 +142,28 @@ def failed_record(task: Task, exc: BaseException, stack: str | None = None
 
 def thread_stack(ident: int | None) -> str:
     """The Python stack of thread *ident* right now, as traceback text ("" if gone)."""
-    frame = sys._current_frames().get(ident) if ident is not None else None
+    frame = thread_frame(ident)
     if frame is None:
         return ""
     return "Stack of the task's thread when its time ran out:\n" + "".join(
         traceback.format_stack(frame))
+
+
+def thread_frame(ident: int | None) -> Any:
+    """The frame thread *ident* runs now, or None (no such thread)."""
+    if ident is None:
+        return None
+    # CPython before 3.11.9 and 3.12.3 can deadlock the whole process here: the
+    # dict sys._current_frames() builds may start a garbage collection while the
+    # interpreter's thread-list lock is held, and a finalizer or a thread exiting
+    # meanwhile needs that lock (python/cpython#106883, seen in this project's
+    # tests with a timeout firing as threads came and went). The fix CPython
+    # made: no collection during the call.
+    collecting = gc.isenabled()
+    if collecting:
+        gc.disable()
+    try:
+        return sys._current_frames().get(ident)
+    finally:
+        if collecting:
+            gc.enable()
