@@ -191,14 +191,16 @@ Engines, outcomes and inspection
 --------------------------------
 ``announce`` upserts the engine's row of ``<table>_engines`` (its record as
 ``json``, ``expires_at`` the database's ``now()`` + *ttl*) and deletes the
-queue's expired rows in the same statement; ``engines()`` deletes them too and
-reads the rest in one statement, so an expired record is never listed. The
-deletes skip rows another statement holds (``SKIP LOCKED``): they never wait.
-``add_outcomes`` upserts (queue, minute, outcome) rows of
-``<table>_outcomes``, adding to their ``count``, and deletes the queue's rows
-of minutes more than two hours old, in one statement. The engine calls them
-once per announce (every few seconds), never per task; the message tables and
-their statements are untouched.
+queue's expired rows in the same statement. ``add_outcomes`` upserts (queue,
+minute, outcome) rows of ``<table>_outcomes``, adding to their ``count``, and
+deletes the queue's rows of minutes more than two hours old, in one
+statement. The deletes skip rows another statement holds (``SKIP LOCKED``):
+they never wait. The engine calls them once per announce (every few
+seconds), never per task; the message tables and their statements are
+untouched. ``engines()`` and ``outcomes()`` are one ``SELECT`` each, writing
+nothing (a dashboard may read through a read-only replica or role): the rows
+with ``expires_at`` after ``now()``, so an expired record is never listed,
+deleted yet or not; the minutes from *since* on.
 
 ``peek`` is one read: the available rows of the table down the ``_ready``
 index, and the delayed rows whose time has come (the next claim moves them in,
@@ -645,12 +647,12 @@ ON CONFLICT (queue, engine_id) DO UPDATE SET
     record = excluded.record, expires_at = excluded.expires_at"""
 
 _ENGINES = """\
-WITH expired AS (""" + _EXPIRED_ENGINES + """)
 SELECT record::text FROM {engines} WHERE queue = %(queue)s AND expires_at > now()
 ORDER BY engine_id COLLATE "C"
 """
-# The snapshot of the SELECT does not see the DELETE: "expires_at > now()" leaves out
-# what it deletes. COLLATE "C": by code point, as Python sorts.
+# Only a read (announce deletes the expired rows), so it runs on a read-only
+# replica or role: "expires_at > now()" leaves out what is not deleted yet.
+# COLLATE "C": by code point, as Python sorts.
 
 _FORGET_ENGINE = "DELETE FROM {engines} WHERE queue = %(queue)s AND engine_id = %(engine_id)s"
 
@@ -1107,10 +1109,11 @@ class PostgresQueue:
     Engines and inspection
         ``announce()``, ``engines()``, ``forget_engine()``, ``add_outcomes()``,
         ``outcomes()`` keep engine records and outcome counts in
-        ``<table>_engines`` and ``<table>_outcomes``, expired rows deleted in
-        the same statement; ``peek()``, ``peek_scheduled()``, ``rejected(limit,
-        offset)``, ``rejected_count()`` and ``find()`` only read (see "Engines,
-        outcomes and inspection" in the module docstring).
+        ``<table>_engines`` and ``<table>_outcomes``, expired rows deleted by
+        the writers' statements; ``engines()``, ``outcomes()``, ``peek()``,
+        ``peek_scheduled()``, ``rejected(limit, offset)``, ``rejected_count()``
+        and ``find()`` only read (see "Engines, outcomes and inspection" in the
+        module docstring).
 
     Connections are opened lazily and kept in a small pool that every method
     borrows from for one statement, so any number of threads may share the
@@ -1759,11 +1762,10 @@ class PostgresQueue:
                 "ttl": min(seconds, _RESULT_TTL_MAX)})
 
     def engines(self) -> list[dict[str, Any]]:
-        """The records of the engines announced and not expired, by engine id; expired
-        ones are deleted by the same statement."""
+        """The records of the engines announced and not expired, by engine id: one
+        SELECT (``announce`` deletes the expired ones)."""
         with self._connection() as conn:
-            rows = conn.execute(self._sql["engines"],
-                                {"queue": self.name, "engine_id": ""}).fetchall()
+            rows = conn.execute(self._sql["engines"], {"queue": self.name}).fetchall()
         return [json.loads(text) for (text,) in rows]
 
     def forget_engine(self, engine_id: str) -> None:

@@ -49,10 +49,11 @@ key                                   type    holds
 ``tempest:{NAME}:engine:<id>``        string  the record of live engine ``<id>`` (its JSON),
                                               expiring with it (``PX``)
 ``tempest:{NAME}:engines``            zset    engine id -> when its record expires (ms,
-                                              server); readers prune it
+                                              server); ``announce`` prunes it
 ``tempest:{NAME}:outcomes:<minute>``  hash    outcome -> count in POSIX minute ``<minute>``;
                                               expires 3900 s after its last count
-``tempest:{NAME}:outcomes``           zset    minute -> when its hash expires (ms, server)
+``tempest:{NAME}:outcomes``           zset    minute -> when its hash expires (ms, server);
+                                              ``add_outcomes`` prunes it
 ====================================  ======  ================================================
 
 A message is stored as its compact JSON (``["id","Task",1,2]``), so any client
@@ -221,14 +222,16 @@ cleaning up. Results are one per queue name, like the failed store.
 Engines, outcomes and inspection
 --------------------------------
 ``announce`` is one script: it prunes ``engines`` of the expired ids, sets
-``engine:<id>`` with ``PX`` and scores the id with its expiry; ``engines()`` is
-one script that prunes the index the same way and reads the records still there
-(a record that expired is gone with its key, pruned yet or not).
-``add_outcomes`` is one script of ``HINCRBY`` on ``outcomes:<minute>`` and
-``EXPIRE 3900``, noting the minute in the ``outcomes`` index, which
-``outcomes()`` reads (and prunes) to find the buckets without a scan. None of
-them touches a message key, and the enqueue, dequeue and ack paths are the
-same as without them.
+``engine:<id>`` with ``PX``, scores the id with its expiry and sets the index
+to expire with its last member (``PEXPIREAT``), so the index of engines that
+all stopped is gone with them. ``add_outcomes`` is one script of ``HINCRBY`` on
+``outcomes:<minute>`` and ``EXPIRE 3900``, noting the minute in the
+``outcomes`` index, pruned and expiring the same way. ``engines()`` and
+``outcomes()`` are one script each that only reads (so it may run on a
+read-only replica): the index members scored after the server's now
+(``ZRANGE ... BYSCORE``), then their keys -- a record that expired is gone with
+its key, its member pruned yet or not. None of them touches a message key, and
+the enqueue, dequeue and ack paths are the same as without them.
 
 ``peek`` is one script per 1000 messages, reading only: the ready lists from
 their taking end, highest priority first (positive ones, ``waiting``, negative
@@ -1153,24 +1156,26 @@ return reply
 
 _ANNOUNCE = """\
 -- KEYS: engines (the index), engine:<id>    ARGV: engine id, record, ttl (ms)
--- The record, expiring by itself (PX), and its expiry in the index, which readers
--- prune of the engines that expired.
+-- The record, expiring by itself (PX), and its expiry in the index, pruned here of
+-- the engines that expired (readers only read) and expiring with its last member.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2])
 return 1
 """
 
 _ENGINES = """\
 -- KEYS: engines (the index)    ARGV: prefix
--- Returns engine id, record, ... of the live engines (the index pruned first).
+-- Returns engine id, record, ... of the live engines. Only reads: the members that
+-- expired (announce prunes them) are left out by their score.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local reply = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+local live = redis.call('ZRANGE', KEYS[1], string.format('(%d', now), '+inf', 'BYSCORE')
+for _, id in ipairs(live) do
     local record = redis.call('GET', ARGV[1] .. 'engine:' .. id)
     if record then
         reply[#reply + 1] = id
@@ -1193,17 +1198,19 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]) * 1000, ARGV[1])
+redis.call('PEXPIREAT', KEYS[2], redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')[2])
 return 1
 """
 
 _OUTCOMES = """\
 -- KEYS: outcomes (the index)    ARGV: prefix, since (POSIX seconds)
 -- Returns minute, {outcome, count, ...}, ... of the live buckets from *since* on.
+-- Only reads: the minutes that expired (add_outcomes prunes them) are left out.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local reply = {}
-for _, minute in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+local live = redis.call('ZRANGE', KEYS[1], string.format('(%d', now), '+inf', 'BYSCORE')
+for _, minute in ipairs(live) do
     if tonumber(minute) >= tonumber(ARGV[2]) then
         local counts = redis.call('HGETALL', ARGV[1] .. 'outcomes:' .. minute)
         if #counts > 0 then
@@ -1279,8 +1286,9 @@ class RedisQueue:
         ``announce()``, ``engines()``, ``forget_engine()``, ``add_outcomes()``,
         ``outcomes()``; ``peek()``, ``peek_scheduled()``, ``rejected(limit,
         offset)``, ``rejected_count()`` and ``find()`` (see
-        :mod:`tempest.queues.protocol`): read-only scripts and keys of their own
-        (see "Engines, outcomes and inspection" in the module docstring).
+        :mod:`tempest.queues.protocol`): keys of their own, read by read-only
+        scripts (only ``announce`` and ``add_outcomes`` prune them; see
+        "Engines, outcomes and inspection" in the module docstring).
     Batches
         ``dequeue_many(n, timeout=...)`` takes up to *n* messages in one round
         trip (the engine asks for one per free worker): the first as
@@ -1953,7 +1961,7 @@ class RedisQueue:
     def announce(self, engine_id: str, record: dict[str, Any], ttl: float) -> None:
         """Store or replace *engine_id*'s record, expiring *ttl* seconds from now (the
         server's clock): a key ``engine:<id>`` with ``PX`` and its place in the index
-        ``engines``, in one script that prunes the index."""
+        ``engines``, in one script that prunes the index of the expired engines."""
         engine_id, text, seconds = protocol.announcement(
             "RedisQueue.announce", engine_id, record, ttl)
         self._check_fork()
@@ -1962,8 +1970,8 @@ class RedisQueue:
                                     max(1, math.ceil(min(seconds, _TTL_MAX) * 1000))])
 
     def engines(self) -> list[dict[str, Any]]:
-        """The records of the engines announced and not expired, by engine id; the
-        index is pruned of the expired ones by the same script."""
+        """The records of the engines announced and not expired, by engine id, from a
+        script that only reads (``announce`` prunes the index)."""
         self._check_fork()
         reply = self._engines_script(keys=[self._engines], args=[self.prefix])
         records = sorted(zip(

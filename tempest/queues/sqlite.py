@@ -215,11 +215,14 @@ Engines, outcomes and inspection
 --------------------------------
 ``announce`` replaces the engine's row of ``<table>_engines`` (its record as
 JSON, ``expires_at`` this machine's clock + *ttl*) and deletes the expired rows
-of the queue, in one transaction; ``engines()`` deletes them too and reads the
-rest in one transaction, so an expired record is never listed. ``add_outcomes``
-adds each count to its row (queue, minute, outcome) of ``<table>_outcomes`` and
-deletes the rows of minutes more than two hours old, in one transaction; an
-engine calls it once per announce, never per task. None of it touches the
+of the queue, in one transaction. ``add_outcomes`` adds each count to its row
+(queue, minute, outcome) of ``<table>_outcomes`` and deletes the rows of minutes
+more than two hours old, in one transaction; an engine calls it once per
+announce, never per task. ``engines()`` and ``outcomes()`` only read, in one
+read transaction on the second connection (as ``peek`` below): the rows not
+expired (``expires_at`` after now), the minutes from *since* on. So a dashboard
+refreshing never takes the file's write lock nor the claims' lock, and an
+expired record is never listed, deleted yet or not. None of it touches the
 message tables, and the enqueue, claim and ack statements are the same as
 without it.
 
@@ -799,10 +802,11 @@ class SQLiteQueue:
     Engines and inspection
         ``announce()``, ``engines()``, ``forget_engine()``, ``add_outcomes()``,
         ``outcomes()`` keep engine records and outcome counts in
-        ``<table>_engines`` and ``<table>_outcomes``, expired rows deleted in
-        the same transaction; ``peek()``, ``peek_scheduled()``, ``rejected(limit,
-        offset)``, ``rejected_count()`` and ``find()`` only read (see "Engines,
-        outcomes and inspection" in the module docstring).
+        ``<table>_engines`` and ``<table>_outcomes``, expired rows deleted by
+        the writers' transactions; ``engines()``, ``outcomes()``, ``peek()``,
+        ``peek_scheduled()``, ``rejected(limit, offset)``, ``rejected_count()``
+        and ``find()`` only read (see "Engines, outcomes and inspection" in the
+        module docstring).
 
     Each queue object opens one connection (lazily), shared by its threads under
     a lock: SQLite admits one writer at a time anyway, so threads queueing on
@@ -1318,8 +1322,7 @@ class SQLiteQueue:
         limit, offset = protocol.page_or_all("SQLiteQueue.rejected", limit, offset)
         params = {"queue": self.name, "limit": -1 if limit is None else limit,
                   "offset": offset}
-        with self._connection() as conn:
-            rows = conn.execute(self._sql["rejected"], params).fetchall()
+        (rows,) = self._read("rejected", params=params)
         return [(_stored(body), reason) for body, reason in rows]
 
     def rejected_count(self) -> int:
@@ -1426,12 +1429,9 @@ class SQLiteQueue:
             conn.execute(self._sql["announce"], params)
 
     def engines(self) -> list[dict[str, Any]]:
-        """The records of the engines announced and not expired, by engine id; expired
-        ones are deleted in the same transaction."""
-        params = {"queue": self.name, "now": time.time()}
-        with self._connection() as conn, self._transaction(conn):
-            conn.execute(self._sql["forget_expired"], params)
-            rows = conn.execute(self._sql["engines"], params).fetchall()
+        """The records of the engines announced and not expired, by engine id: one read
+        (``announce`` deletes the expired ones), no write lock taken."""
+        (rows,) = self._read("engines", params={"queue": self.name, "now": time.time()})
         return [json.loads(text) for (text,) in rows]
 
     def forget_engine(self, engine_id: str) -> None:
@@ -1458,9 +1458,7 @@ class SQLiteQueue:
     def outcomes(self, since: int) -> dict[int, dict[str, int]]:
         """The buckets of the minutes from *since* on: ``{minute: {outcome: count}}``."""
         start = protocol.since_minute("SQLiteQueue.outcomes", since)
-        with self._connection() as conn:
-            rows = conn.execute(self._sql["outcomes"],
-                                {"queue": self.name, "since": start}).fetchall()
+        (rows,) = self._read("outcomes", params={"queue": self.name, "since": start})
         buckets: dict[int, dict[str, int]] = {}
         for minute, outcome, count in rows:
             buckets.setdefault(int(minute), {})[outcome] = int(count)

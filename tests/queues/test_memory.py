@@ -286,3 +286,55 @@ def test_engine_uses_memory_queue_end_to_end(make_engine):
     assert len(queue) == 0
     assert engine.stats()["succeeded"] == 5
     assert "guarantee=at-most-once" in main_log(engine)
+
+
+# -- inspection does not hold up dequeues --------------------------------------------------
+
+
+class _TimedLock:
+    """Stands in for a MemoryQueue's lock, recording how long each hold lasted."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock, self.held = lock, []
+        self._since = 0.0
+
+    def __enter__(self) -> _TimedLock:
+        self._lock.acquire()
+        self._since = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.held.append(time.perf_counter() - self._since)
+        self._lock.release()
+
+
+def _long_queue(count: int) -> MemoryQueue:
+    """A ranked queue of *count* ready messages of mixed priorities and *count* delayed."""
+    queue = MemoryQueue()
+    for i in range(count):
+        queue.schedule([f"id-{i}", "T"], priority=i % 3)
+        queue.schedule([f"later-{i}", "T"], delay=600, priority=i % 2)
+    return queue
+
+
+def test_inspecting_a_long_queue_holds_its_lock_only_to_copy():
+    """peek, peek_scheduled and find of 100,000 messages order them after releasing the
+    lock dequeue needs: each holds it for a small part of the call, and in order."""
+    queue = _long_queue(100_000)
+    timed = queue._lock = _TimedLock(queue._lock)  # type: ignore[assignment]
+    calls = {"peek": lambda: queue.peek(limit=5, offset=10),
+             "peek_scheduled": lambda: queue.peek_scheduled(limit=5, offset=10),
+             "find": lambda: queue.find("later-99999")}
+    for name, call in calls.items():
+        timed.held.clear()
+        started = time.perf_counter()
+        listed = call()
+        took = time.perf_counter() - started
+        assert timed.held and sum(timed.held) < took / 4, (name, timed.held, took)
+        if name == "peek":  # priority 2 first, in the order they became ready
+            assert [e["message"][0] for e in listed] == [f"id-{i}" for i in range(32, 47, 3)]
+        elif name == "peek_scheduled":
+            assert [e["message"][0] for e in listed] == [f"later-{i}" for i in range(10, 15)]
+        else:
+            assert listed["status"] == "scheduled" and listed["priority"] == 1
+

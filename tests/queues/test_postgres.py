@@ -1479,8 +1479,8 @@ def test_a_table_made_before_engine_records_gains_their_tables(postgres_dsn, tab
 
 
 def test_expired_engine_records_and_old_outcomes_are_deleted(postgres_dsn, table, queues):
-    """announce and engines() delete expired records; add_outcomes deletes buckets more
-    than two hours old: in the statement that does the rest."""
+    """announce deletes expired records and add_outcomes buckets more than two hours
+    old, in the statement that does the rest; engines() lists neither."""
     queue = queues()
     queue.announce("e-old", {"engine_id": "e-old"}, 60)
     queue.announce("e-other", {"engine_id": "e-other"}, 60)
@@ -1490,7 +1490,9 @@ def test_expired_engine_records_and_old_outcomes_are_deleted(postgres_dsn, table
     assert rows(postgres_dsn, f"SELECT engine_id FROM {table}_engines") == [("e-new",)]
     rows(postgres_dsn, f"UPDATE {table}_engines SET expires_at = now() RETURNING 1")
     assert queue.engines() == []
-    assert rows(postgres_dsn, f"SELECT count(*) FROM {table}_engines") == [(0,)]
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {table}_engines") == [(1,)]
+    queue.announce("e-next", {"engine_id": "e-next"}, 60)
+    assert rows(postgres_dsn, f"SELECT engine_id FROM {table}_engines") == [("e-next",)]
     minute = int(time.time() // 60) * 60
     queue.add_outcomes(minute - 3 * 3600, {"failed": 1})
     queue.add_outcomes(minute, {"failed": 2, "succeeded": 1})
@@ -1498,6 +1500,26 @@ def test_expired_engine_records_and_old_outcomes_are_deleted(postgres_dsn, table
     assert rows(postgres_dsn, f"SELECT minute, outcome, count FROM {table}_outcomes "
                               f"ORDER BY outcome") == [(minute, "failed", 5),
                                                        (minute, "succeeded", 1)]
+
+
+def test_engines_and_outcomes_read_through_a_read_only_session(postgres_dsn, table,
+                                                                queues):
+    """engines() and outcomes() write nothing: they work on a connection whose
+    transactions are read-only (a replica, a read-only role), expired records left out."""
+    writer = queues()
+    minute = int(time.time() // 60) * 60
+    writer.announce("e-old", {"engine_id": "e-old"}, 60)
+    writer.announce("e-live", {"engine_id": "e-live", "threads": 2}, 60)
+    writer.add_outcomes(minute, {"succeeded": 3})
+    rows(postgres_dsn, f"UPDATE {table}_engines SET expires_at = now() - interval '1 s' "
+                       f"WHERE engine_id = 'e-old' RETURNING 1")
+    reader = queues(psycopg.conninfo.make_conninfo(
+        postgres_dsn, options="-c default_transaction_read_only=on"))
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        reader.forget_engine("e-old")  # the session is read-only indeed
+    assert reader.engines() == [{"engine_id": "e-live", "threads": 2}]
+    assert reader.outcomes(minute) == {minute: {"succeeded": 3}}
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {table}_engines") == [(2,)]
 
 
 def test_peek_walks_the_ready_index(postgres_dsn, table, queues):

@@ -1452,16 +1452,19 @@ def test_peek_pages_through_more_than_a_script_takes(queues, client, name):
 
 
 def test_engine_records_and_outcomes_are_keys_that_expire(queues, client, name):
-    """An engine's record is a key with PX beside an index pruned by readers; an outcome
+    """An engine's record is a key with PX beside an index pruned by announce; an outcome
     bucket is a hash per minute that expires 3900 s after its last count."""
     queue = queues()
     prefix = f"tempest:{{{name}}}:"
     queue.announce("e-1", {"engine_id": "e-1"}, 30)
     assert 29_000 < client.pttl(f"{prefix}engine:e-1") <= 30_000
     assert client.zrange(f"{prefix}engines", 0, -1) == [b"e-1"]
+    assert 29_000 < client.pttl(f"{prefix}engines") <= 30_000  # gone with its last member
     queue.announce("e-2", {"engine_id": "e-2"}, 0.2)
     wait_for(lambda: [e["engine_id"] for e in queue.engines()] == ["e-1"], 10)
-    assert client.zrange(f"{prefix}engines", 0, -1) == [b"e-1"]  # pruned by the read
+    assert client.zrange(f"{prefix}engines", 0, -1) == [b"e-2", b"e-1"]  # reads only read
+    queue.announce("e-1", {"engine_id": "e-1"}, 30)
+    assert client.zrange(f"{prefix}engines", 0, -1) == [b"e-1"]  # pruned by announce
     queue.forget_engine("e-1")
     assert client.exists(f"{prefix}engine:e-1", f"{prefix}engines") == 0
     minute = int(time.time() // 60) * 60
@@ -1471,3 +1474,30 @@ def test_engine_records_and_outcomes_are_keys_that_expire(queues, client, name):
     assert 3800 < client.ttl(f"{prefix}outcomes:{minute}") <= 3900
     client.delete(f"{prefix}outcomes:{minute}")  # expired: gone from the listing too
     assert queue.outcomes(0) == {}
+
+
+def test_engines_and_outcomes_change_no_key(queues, client, name):
+    """engines() and outcomes() only read (they may run on a read-only replica): expired
+    index members are left out, not pruned; announce and add_outcomes prune them."""
+    queue = queues()
+    prefix = f"tempest:{{{name}}}:"
+    minute = int(time.time() // 60) * 60
+    queue.announce("e-live", {"engine_id": "e-live"}, 60)
+    queue.add_outcomes(minute, {"succeeded": 1})
+    # Members whose time passed, their keys still there: the score decides.
+    client.zadd(f"{prefix}engines", {"e-gone": 1})
+    client.set(f"{prefix}engine:e-gone", '{"engine_id": "e-gone"}')
+    client.zadd(f"{prefix}outcomes", {str(minute - 60): 1})
+    client.hset(f"{prefix}outcomes:{minute - 60}", "failed", 4)
+    keys = sorted(client.scan_iter(match=f"{prefix}*", count=1000))
+    before = {key: client.dump(key) for key in keys}
+    assert queue.engines() == [{"engine_id": "e-live"}]
+    assert queue.outcomes(0) == {minute: {"succeeded": 1}}
+    assert sorted(client.scan_iter(match=f"{prefix}*", count=1000)) == keys
+    assert {key: client.dump(key) for key in keys} == before
+    assert client.zcard(f"{prefix}engines") == 2 and client.zcard(f"{prefix}outcomes") == 2
+    queue.announce("e-live", {"engine_id": "e-live"}, 60)
+    assert client.zrange(f"{prefix}engines", 0, -1) == [b"e-live"]
+    queue.add_outcomes(minute, {"succeeded": 1})
+    assert client.zrange(f"{prefix}outcomes", 0, -1) == [str(minute).encode()]
+    assert queue.outcomes(0) == {minute: {"succeeded": 2}}

@@ -921,8 +921,8 @@ def test_a_file_made_before_engine_records_gains_their_tables(tmp_path):
 
 
 def test_old_outcomes_and_expired_engines_are_deleted(path, queues):
-    """add_outcomes deletes buckets over two hours old; announce and engines() delete
-    expired records, in the same transaction."""
+    """add_outcomes deletes buckets over two hours old and announce expired records, in
+    the transaction that does the rest."""
     queue = queues()
     now = int(time.time() // 60) * 60
     queue.add_outcomes(now - 3 * 3600, {"failed": 1})
@@ -1726,3 +1726,31 @@ def test_a_result_stored_by_another_process_wakes_a_waiter_here(path, queues):
     assert got is not None and got["value"] == 42
     assert sqlite_module._RESULT_POLL_MAX == 0.05
     assert woke_at - stored_at < 0.5, woke_at - stored_at
+
+
+def test_engines_and_outcomes_only_read(path, queues):
+    """engines() and outcomes() take no write lock: another connection holding the file's
+    write lock does not hold them up, and the expired record is left for announce."""
+    queue = queues(busy_timeout=2)
+    minute = int(time.time() // 60) * 60
+    queue.add_outcomes(minute, {"succeeded": 2})
+    queue.announce("e-old", {"engine_id": "e-old"}, 60)
+    queue.announce("e-live", {"engine_id": "e-live"}, 60)
+    sql(path, "UPDATE tempest_messages_engines SET expires_at = 1 WHERE engine_id = 'e-old'")
+    queue.enqueue(["id-bad", "T"])
+    queue.reject(queue.dequeue(), "Nope")
+    with closing(sqlite3.connect(path, timeout=10, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # the write lock, held until the ROLLBACK
+        try:
+            started = time.monotonic()
+            assert queue.engines() == [{"engine_id": "e-live"}]
+            assert queue.outcomes(minute) == {minute: {"succeeded": 2}}
+            assert queue.rejected(1) == [(["id-bad", "T"], "Nope")]
+            assert time.monotonic() - started < 1.5  # no wait for the busy timeout
+        finally:
+            writer.execute("ROLLBACK")
+    assert sql(path, "SELECT engine_id FROM tempest_messages_engines ORDER BY engine_id") \
+        == [("e-live",), ("e-old",)]  # the read deleted nothing
+    queue.announce("e-new", {"engine_id": "e-new"}, 60)
+    assert sql(path, "SELECT engine_id FROM tempest_messages_engines ORDER BY engine_id") \
+        == [("e-live",), ("e-new",)]
