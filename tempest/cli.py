@@ -7,6 +7,7 @@
     tempest failed list|show|retry|delete MODULE:ENGINE ...   (see tempest.cli_failed)
     tempest web MODULE:ENGINE [--host 127.0.0.1] [--port 8100]
                               [--auth USER:PASSWORD] [--read-only]
+                              [--allowed-host NAME ...]
     python -m tempest run ...          # the same
 
 ``MODULE`` is imported with the current directory first on the import path;
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"require HTTP Basic auth with these (or set {AUTH_ENV})")
     web.add_argument("--read-only", action="store_true",
                      help="show everything, change nothing: no retry or delete")
+    web.add_argument("--allowed-host", action="append", metavar="NAME", default=None,
+                     help="a Host name the dashboard answers besides loopback ones (a "
+                          "proxy's public name); repeat for more")
     return parser
 
 
@@ -222,7 +226,11 @@ def _web(args: argparse.Namespace) -> int:
     engine = _load_engine(*args.target)
     from tempest.web import dashboard  # noqa: PLC0415 - the extra may be missing
 
-    app = dashboard(engine, read_only=args.read_only, auth=auth)
+    try:
+        app = dashboard(engine, read_only=args.read_only, auth=auth,
+                        allowed_hosts=args.allowed_host)
+    except (TypeError, ValueError) as exc:
+        raise _Failure(EXIT_USAGE, f"--allowed-host: {exc}") from None
     try:
         import uvicorn  # noqa: PLC0415 - the extra may be missing
     except ImportError:

@@ -208,7 +208,7 @@ def _handler(registry: CollectorRegistry) -> type[http.server.BaseHTTPRequestHan
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.partition("?")[0] not in ("/metrics", "/"):
+            if self.path.partition("?")[0] != "/metrics":
                 self.send_error(404, "only /metrics is served here")
                 return
             body = generate_latest(registry)

@@ -231,6 +231,22 @@ def test_metrics_port_zero_takes_a_free_port(make_engine):
         assert engine.stop(timeout=10)
 
 
+def test_metrics_port_answers_metrics_only(make_engine):
+    """Only ``/metrics`` (with or without a query string) answers; ``/`` and the rest: 404."""
+    port = free_port()
+    engine = make_engine(metrics_port=port)
+    engine.start()
+    try:
+        for path in ("/metrics", "/metrics?name[]=tempest_tasks_total"):
+            assert get(f"http://127.0.0.1:{port}{path}")[0] == 200, path
+        for path in ("/", "/?x=1", "/metrics/", "/metricsx", "/favicon.ico"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                get(f"http://127.0.0.1:{port}{path}")
+            assert info.value.code == 404, path
+    finally:
+        assert engine.stop(timeout=10)
+
+
 def test_a_port_in_use_fails_the_start(make_engine):
     """A port that cannot be bound fails run()/start(), which leaves nothing running."""
     with socket.socket() as taken:

@@ -3,16 +3,21 @@
 Each page ``/<name>`` has a twin ``/api/<name>`` returning the same view as
 JSON (see :mod:`tempest.web.views`), which the page's script fetches every
 two seconds to refresh its live parts. The only state-changing requests are
-the POSTs under ``/failed/``: each checks the CSRF token, is refused (403)
-when the dashboard is read-only, and names the failed-store entry it acts on
-by task id (or acts on all of them).
+the POSTs under ``/failed/``: each checks the CSRF token and the browser's word
+on where it comes from (``Origin``, ``Sec-Fetch-Site``), is refused (403) when
+the dashboard is read-only, names the failed-store entry it acts on by task id
+(or acts on all of them), and redirects to a page that says what it did (a
+signed cookie carries the notice: a link cannot make a page say anything).
+Without auth, only requests for this machine's names are answered (see
+:mod:`tempest.web.security`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import jinja2
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,7 +39,17 @@ from tempest.exceptions import Unsupported
 from tempest.metrics import EngineCollector
 from tempest.web import views
 from tempest.web._checks import parse_auth
-from tempest.web.security import CSRF_COOKIE, BasicAuth, Csrf, SecurityHeaders
+from tempest.web.security import (
+    CSRF_COOKIE,
+    NOTICE_COOKIE,
+    BasicAuth,
+    Csrf,
+    Notices,
+    SecurityHeaders,
+    TrustedHosts,
+    from_elsewhere,
+    parse_hosts,
+)
 
 __all__ = ["build"]
 
@@ -54,6 +69,10 @@ NAV = [("overview", "Overview"), ("queued", "Queued"), ("scheduled", "Scheduled"
 MAX_LIMIT = 500
 MAX_TASK_ID = 1000
 
+LOOK_IN_QUEUE_EVERY = 30
+"""The task page's live refresh calls ``queue.find()`` (a scan on most backends) on every
+30th refresh only (once a minute); see :func:`tempest.web.views.task`."""
+
 STATIC = {"dashboard.js": "text/javascript; charset=utf-8",
           "dashboard.css": "text/css; charset=utf-8"}
 
@@ -66,13 +85,14 @@ NOTICES = {
 }
 
 
-def build(engine: type[Engine], *, read_only: bool = False, auth: str | None = None
-          ) -> Starlette:
+def build(engine: type[Engine], *, read_only: bool = False, auth: str | None = None,
+          allowed_hosts: Iterable[str] | None = None) -> Starlette:
     """The dashboard of *engine*; see :func:`tempest.web.dashboard`."""
     if not (isinstance(engine, type) and issubclass(engine, Engine) and engine is not Engine):
         raise TypeError(f"dashboard() takes an Engine subclass, not {engine!r}")
     if auth is not None:
         parse_auth(auth)
+    hosts = None if allowed_hosts is None else parse_hosts(allowed_hosts)
     dash = _Dashboard(engine, read_only=read_only)
     routes = [
         *(Route("/" if name == "overview" else f"/{name}", dash.page(name), name=name)
@@ -86,6 +106,9 @@ def build(engine: type[Engine], *, read_only: bool = False, auth: str | None = N
         Route("/static/{name}", dash.static),
     ]
     middleware = [Middleware(SecurityHeaders)]
+    # Auth keeps a rebinding site out already; allowed_hosts, when given, still applies.
+    if auth is None or hosts is not None:
+        middleware.append(Middleware(TrustedHosts, allowed=hosts or ()))
     if auth is not None:
         middleware.append(Middleware(BasicAuth, auth=auth))
     app = Starlette(routes=routes, middleware=middleware)
@@ -100,6 +123,7 @@ class _Dashboard:
         self.engine = engine
         self.read_only = read_only
         self.csrf = Csrf()
+        self.notices = Notices(self.csrf.secret)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True, undefined=jinja2.StrictUndefined)
@@ -132,9 +156,12 @@ class _Dashboard:
         return self._render(request, "task", view)
 
     async def task_api(self, request: Request) -> Response:
-        """The task page's view as JSON."""
+        """The task page's view as JSON; the script's refreshes (``?live=N``, its Nth) look
+        in the queue on every :data:`LOOK_IN_QUEUE_EVERY`-th one only."""
+        live = request.query_params.get("live")
+        in_queue = live is None or _number(live, 0, None) % LOOK_IN_QUEUE_EVERY == 0
         return _json(await run_in_threadpool(self._task_view, request,
-                                             request.path_params["task_id"]))
+                                             request.path_params["task_id"], in_queue))
 
     async def search(self, request: Request) -> Response:
         """Search by task id: to that task's page."""
@@ -161,11 +188,10 @@ class _Dashboard:
 
     async def act(self, request: Request) -> Response:
         """retry, delete (one entry, by its task id), retry-all, delete-all."""
-        if self.read_only:
-            return PlainTextResponse("this dashboard is read-only\n", status_code=403)
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         action = request.path_params["action"]
-        if action not in ("retry", "delete", "retry-all", "delete-all"):
-            return PlainTextResponse("no such action\n", status_code=404)
         form = await request.form()
         token = form.get("csrf")
         if not self.csrf.valid(request.cookies.get(CSRF_COOKIE),
@@ -186,7 +212,22 @@ class _Dashboard:
             where = f"{root}/task/{quote(task_id, safe='')}"
         else:
             where = f"{root}/failed"
-        return RedirectResponse(f"{where}?{urlencode(notice)}", status_code=303)
+        response = RedirectResponse(where, status_code=303)
+        response.set_cookie(NOTICE_COOKIE, self.notices.seal(notice), max_age=60,
+                            httponly=True, samesite="strict", path=root or "/")
+        return response
+
+    def _refused(self, request: Request) -> Response | None:
+        """The answer to an action refused before its form is read, or None."""
+        if self.read_only:
+            return PlainTextResponse("this dashboard is read-only\n", status_code=403)
+        if from_elsewhere(request):
+            return PlainTextResponse("refused: this request comes from another site's page "
+                                     "(its Origin or Sec-Fetch-Site header says so)\n",
+                                     status_code=403)
+        if request.path_params["action"] not in ("retry", "delete", "retry-all", "delete-all"):
+            return PlainTextResponse("no such action\n", status_code=404)
+        return None
 
     def _act(self, action: str, task_id: Any) -> dict[str, str]:
         engine = self.engine
@@ -214,8 +255,9 @@ class _Dashboard:
         view["page"] = name
         return view
 
-    def _task_view(self, request: Request, task_id: str) -> dict[str, Any]:
-        view = views.task(self._page(request), task_id)
+    def _task_view(self, request: Request, task_id: str, in_queue: bool = True
+                   ) -> dict[str, Any]:
+        view = views.task(self._page(request), task_id, in_queue=in_queue)
         view["page"] = "task"
         return view
 
@@ -228,15 +270,19 @@ class _Dashboard:
         root = _root(request)
         api = (f"{root}/api/task/{quote(view['task_id'], safe='')}" if name == "task"
                else f"{root}/api/{name}")
+        sealed = request.cookies.get(NOTICE_COOKIE)
         html = self.templates.get_template(f"{name}.html").render(
             view=view, fields=view["fields"], sections=view["sections"],
             engine=self.engine.__name__, read_only=self.read_only,
             csrf=self.csrf.token(nonce), root=root, api=api, nav=NAV, current=name,
-            notice=_notice(request), outcomes=views.OUTCOMES)
+            notice=_notice(self.notices.open(sealed)), outcomes=views.OUTCOMES)
         response = HTMLResponse(html, headers={"cache-control": "no-store"})
         if fresh:
             response.set_cookie(CSRF_COOKIE, nonce, httponly=True, samesite="strict",
                                 path=root or "/")
+        if sealed is not None:  # said once, on the page the action led to
+            response.delete_cookie(NOTICE_COOKIE, path=root or "/", httponly=True,
+                                   samesite="strict")
         return response
 
 
@@ -253,12 +299,12 @@ def _number(text: str | None, default: int, most: int | None) -> int:
     return min(value, most) if most is not None else value
 
 
-def _notice(request: Request) -> str:
-    done = request.query_params.get("done")
-    if done not in NOTICES:
+def _notice(notice: dict[str, str] | None) -> str:
+    """The status line of what an action did (from its signed cookie), or ""."""
+    if notice is None or notice.get("done") not in NOTICES:
         return ""
-    return NOTICES[done].format(id=request.query_params.get("id", "")[:MAX_TASK_ID],
-                                n=_number(request.query_params.get("n"), 0, None))
+    return NOTICES[notice["done"]].format(id=notice.get("id", "")[:MAX_TASK_ID],
+                                n=_number(notice.get("n"), 0, None))
 
 
 def _json(view: dict[str, Any]) -> Response:

@@ -297,8 +297,15 @@ def periodic(page: Page) -> dict[str, Any]:
     return page.view
 
 
-def task(page: Page, task_id: str) -> dict[str, Any]:
-    """Everything the queue and the live engines know of one task id."""
+def task(page: Page, task_id: str, *, in_queue: bool = True) -> dict[str, Any]:
+    """Everything the queue and the live engines know of one task id.
+
+    The engines' records, the failed store and the kept result are looked up by
+    id; ``queue.find()`` scans the queue (on Redis, PostgreSQL and SQLite), so
+    *in_queue* False leaves it out: the view then has no ``queue`` section, and
+    no ``status`` field unless one of the other three knows the task, so that a
+    page refreshed from it keeps showing what the queue said last.
+    """
     page.view["title"] = f"Task {task_id}"
     view = page.view
     view["task_id"] = task_id
@@ -324,18 +331,17 @@ def task(page: Page, task_id: str) -> dict[str, Any]:
                                              f"{_when(started)} ({_duration(page.now - started)})"])
                     facts.append(["task", str(item.get("task", ""))])
 
-    def ask_queue() -> None:
+    def queue_rows() -> list[list[Any]]:
         found = page.queue.find(task_id)
-        if found:
-            states.append(str(found.get("status")))
-            message = found.get("message")
-            _task_id, name, args = _split(message)
-            facts.append(["in the queue", str(found.get("status"))
-                          + (f", due {_when(found.get('at'))}" if found.get("at") else "")])
-            facts.append(["task", name])
-            facts.append(["arguments", args])
-            facts.append(["priority", str(found.get("priority", ""))])
-            facts.append(["attempts", str(found.get("attempts", ""))])
+        if not found:
+            return []
+        states.append(str(found.get("status")))
+        _task_id, name, args = _split(found.get("message"))
+        return [["status", str(found.get("status"))
+                 + (f", due {_when(found.get('at'))}" if found.get("at") else "")],
+                ["task", name], ["arguments", args],
+                ["priority", str(found.get("priority", ""))],
+                ["attempts", str(found.get("attempts", ""))]]
 
     def ask_failed() -> None:
         entry = page.queue.find_failed(task_id)
@@ -367,13 +373,18 @@ def task(page: Page, task_id: str) -> dict[str, Any]:
             facts.append(["result kept until", _when(record.get("expires_at"))])
 
     look("engines", ("engines",), ask_running)
-    look("queue", ("find",), ask_queue)
+    if in_queue:
+        page.section("queue", "not in the queue: not waiting, scheduled or leased",
+                     ("find",), queue_rows)
+        view["fields"]["queue_looked"] = _when(page.now)
     look("failed store", ("find_failed",), ask_failed)
     look("results", ("result",), ask_result)
-    view["fields"]["status"] = ", ".join(dict.fromkeys(states)) or (
-        "unknown: not running, not in the queue, not failed, no result kept")
-    view["sections"]["facts"] = {"rows": facts, "empty": "nothing is known of this task id",
-                                 "unavailable": None, "error": None}
+    if in_queue or states:
+        view["fields"]["status"] = ", ".join(dict.fromkeys(states)) or (
+            "unknown: not running, not in the queue, not failed, no result kept")
+    view["sections"]["facts"] = {"rows": facts, "empty": "not running on a live engine, no "
+                                                         "result kept", "unavailable": None,
+                                 "error": None}
     view.setdefault("failed", None)
     return view
 

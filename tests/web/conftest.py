@@ -17,6 +17,9 @@ from ..conftest import service_unavailable, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 
+LOCAL = "http://127.0.0.1:8100"
+"""The test client's base URL: a dashboard without auth answers a loopback Host only."""
+
 try:
     import uvicorn
     from starlette.applications import Starlette

@@ -13,7 +13,7 @@ from tempest import Engine, Task, every
 from tempest.queues import MemoryQueue
 
 from ..conftest import wait_for
-from .conftest import need_web
+from .conftest import LOCAL, need_web
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,7 +49,7 @@ def client_for() -> Any:
     clients: list[Any] = []
 
     def make(engine: type[Engine], **options: Any) -> Any:
-        client = TestClient(dashboard(engine, **options))
+        client = TestClient(dashboard(engine, **options), base_url=LOCAL)
         clients.append(client)
         return client
 
@@ -217,17 +217,20 @@ def test_failed_page_shows_the_traceback_and_retries_by_id(make_engine, client_f
     done = client.post("/failed/retry", data={"task_id": first, "csrf": token(client)},
                        follow_redirects=False)
     assert done.status_code == 303
-    assert done.headers["location"] == f"/failed?done=retried&id={first}"
+    assert done.headers["location"] == "/failed"
     assert f"Retried {first}" in client.get(done.headers["location"]).text
+    assert f"Retried {first}" not in client.get("/failed").text  # said once
     queue = engine._options["queue"]
     assert queue.find_failed(first) is None and queue.find_failed(second) is not None
     assert queue.find(first)["status"] == "waiting"
     missing = client.post("/failed/delete", data={"task_id": first, "csrf": token(client)},
                           follow_redirects=False)
-    assert missing.headers["location"] == f"/failed?done=missing&id={first}"
+    assert missing.headers["location"] == "/failed"
+    assert f"{first} is not in the failed store" in client.get("/failed").text
     deleted = client.post("/failed/delete", data={"task_id": second, "csrf": token(client),
                                                   "back": "task"}, follow_redirects=False)
-    assert deleted.headers["location"] == f"/task/{second}?done=deleted&id={second}"
+    assert deleted.headers["location"] == f"/task/{second}"
+    assert f"Deleted {second} from the failed store" in client.get(f"/task/{second}").text
     assert queue.failed_count() == 0
 
 
@@ -251,6 +254,7 @@ def test_actions_need_the_csrf_token(make_engine, client_for):
     client = client_for(engine)
     good = token(client)
     for data in ({"task_id": task_id}, {"task_id": task_id, "csrf": "0" * 64},
+                 {"task_id": task_id, "csrf": "\u00e9" * 64},
                  {"task_id": task_id, "csrf": good[:-1] + ("0" if good[-1] != "0" else "1")}):
         refused = client.post("/failed/retry", data=data)
         assert refused.status_code == 403, data
@@ -381,7 +385,7 @@ def test_mounted_under_a_prefix(make_engine):
     engine = make_engine()
     (task_id,) = fail_tasks(engine, [1])
     outer = Starlette(routes=[Mount("/tempest", dashboard(engine))])
-    with TestClient(outer) as client:
+    with TestClient(outer, base_url=LOCAL) as client:
         page = client.get("/tempest/failed")
         assert page.status_code == 200
         assert f'href="/tempest/task/{task_id}"' in page.text
@@ -390,7 +394,9 @@ def test_mounted_under_a_prefix(make_engine):
         csrf = re.search(r'name="tempest-csrf" content="([0-9a-f]+)"', page.text).group(1)
         done = client.post("/tempest/failed/retry", data={"task_id": task_id, "csrf": csrf},
                            follow_redirects=False)
-        assert done.headers["location"].startswith("/tempest/failed?done=retried")
+        assert done.headers["location"] == "/tempest/failed"
+        assert "Path=/tempest" in done.headers["set-cookie"]
+        assert f"Retried {task_id}" in client.get("/tempest/failed").text
         assert client.get("/tempest/api/failed").json()["fields"]["total"] == "0"
 
 
@@ -449,9 +455,10 @@ def test_processes_sharing_a_secret_accept_each_others_tokens(make_engine, monke
     engine = make_engine()
     (task_id,) = fail_tasks(engine, [1])
     monkeypatch.setenv("TEMPEST_WEB_SECRET", "one secret for every worker")
-    first, second = TestClient(dashboard(engine)), TestClient(dashboard(engine))
+    first = TestClient(dashboard(engine), base_url=LOCAL)
+    second = TestClient(dashboard(engine), base_url=LOCAL)
     monkeypatch.delenv("TEMPEST_WEB_SECRET")
-    other = TestClient(dashboard(engine))
+    other = TestClient(dashboard(engine), base_url=LOCAL)
     csrf = token(first)
     for client in (second, other):
         client.cookies.update(first.cookies)
@@ -462,3 +469,172 @@ def test_processes_sharing_a_secret_accept_each_others_tokens(make_engine, monke
     assert done.status_code == 303
     for client in (first, second, other):
         client.close()
+
+
+FOREIGN = {"host": "attacker.example:8100"}
+
+
+@pytest.mark.parametrize("path", ["/", "/api/overview", "/task/x", "/metrics",
+                                  "/static/dashboard.js"])
+def test_without_auth_a_foreign_host_is_refused(make_engine, client_for, path):
+    """DNS rebinding: a request naming another site's host gets 400 and nothing of the
+    dashboard, neither a page nor a CSRF cookie."""
+    refused = client_for(make_engine()).get(path, headers=FOREIGN)
+    assert refused.status_code == 400, path
+    assert "allowed_hosts" in refused.text and "tempest-csrf" not in refused.text
+    assert "set-cookie" not in refused.headers
+    assert refused.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8100", "127.0.0.1", "localhost:8100",
+                                  "LocalHost.:8100", "[::1]:8100", "[::1]", "127.0.0.2:9"])
+def test_without_auth_loopback_hosts_are_answered(make_engine, client_for, host):
+    """localhost and the loopback addresses, with any port, are this machine."""
+    assert client_for(make_engine()).get("/", headers={"host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["", "127.0.0.1:80x", "[::1", "::1", "localhost.evil",
+                                  "127.0.0.1.evil:8100", "localhost:8100@evil"])
+def test_without_auth_a_malformed_or_lookalike_host_is_refused(make_engine, client_for, host):
+    """A Host that is not exactly a loopback name (and port) is not one."""
+    assert client_for(make_engine()).get("/", headers={"host": host}).status_code == 400
+
+
+def test_with_auth_any_host_passes_on_to_auth(make_engine, client_for):
+    """With auth, the password keeps a rebinding site out: a foreign Host gets the 401 of
+    auth, and with the password the page."""
+    client = client_for(make_engine(), auth="admin:s3cret")
+    assert client.get("/", headers=FOREIGN).status_code == 401
+    assert client.get("/", headers=FOREIGN, auth=("admin", "s3cret")).status_code == 200
+
+
+def test_allowed_hosts_let_named_hosts_in(make_engine, client_for):
+    """allowed_hosts adds names (any port, any case) to the loopback ones; "*" allows all;
+    with auth as well, the list still applies."""
+    engine = make_engine()
+    client = client_for(engine, allowed_hosts=["Dash.Example.com", "::2"])
+    for host in ("dash.example.com", "DASH.example.com:443", "dash.example.com.", "[::2]:80",
+                 "127.0.0.1:8100"):
+        assert client.get("/", headers={"host": host}).status_code == 200, host
+    for host in ("attacker.example", "evil.dash.example.com", "dash.example.com.evil"):
+        assert client.get("/", headers={"host": host}).status_code == 400, host
+    assert client_for(engine, allowed_hosts=["*"]).get("/", headers=FOREIGN).status_code == 200
+    both = client_for(engine, auth="admin:s3cret", allowed_hosts=["dash.example.com"])
+    assert both.get("/", headers=FOREIGN, auth=("admin", "s3cret")).status_code == 400
+    assert both.get("/", headers={"host": "dash.example.com"},
+                    auth=("admin", "s3cret")).status_code == 200
+
+
+@pytest.mark.parametrize(("hosts", "error"), [
+    ("dash.example.com", TypeError), ([b"dash.example.com"], TypeError),
+    (["dash.example.com:8100"], ValueError), (["https://dash.example.com"], ValueError),
+    ([""], ValueError), (["dash example"], ValueError)])
+def test_allowed_hosts_must_be_host_names(make_engine, hosts, error):
+    """One str instead of a list, a port or a URL is a mistake, said at once."""
+    need_web()
+    from tempest.web import dashboard
+
+    with pytest.raises(error, match="allowed_hosts"):
+        dashboard(make_engine(), allowed_hosts=hosts)
+
+
+def test_an_action_from_another_site_is_refused_even_with_a_token(make_engine, client_for):
+    """A POST whose Origin is another site's (or null), or whose Sec-Fetch-Site says
+    cross-site, gets 403 and changes nothing; the dashboard's own origin is let through."""
+    engine = make_engine()
+    (task_id,) = fail_tasks(engine, [1])
+    client = client_for(engine)
+    good = token(client)
+    for headers in ({"origin": "http://attacker.example:8100"}, {"origin": "null"},
+                    {"origin": "http://127.0.0.1:8101"}, {"origin": "http://localhost:8100"},
+                    {"origin": "chrome-extension://abc"}, {"sec-fetch-site": "cross-site"},
+                    {"origin": "http://127.0.0.1:8100", "sec-fetch-site": "cross-site"}):
+        refused = client.post("/failed/retry", data={"task_id": task_id, "csrf": good},
+                              headers=headers)
+        assert refused.status_code == 403, headers
+        assert "another site" in refused.text
+    assert engine._options["queue"].failed_count() == 1
+    done = client.post("/failed/retry", data={"task_id": task_id, "csrf": good},
+                       headers={"origin": "http://127.0.0.1:8100",
+                                "sec-fetch-site": "same-origin"}, follow_redirects=False)
+    assert done.status_code == 303 and engine._options["queue"].failed_count() == 0
+
+
+def test_an_action_behind_an_https_proxy_is_its_own_origin(make_engine, client_for):
+    """Behind a proxy that speaks HTTPS, the browser's https Origin names the Host that the
+    proxy passes on: the same site, without a port on either side."""
+    engine = make_engine()
+    (task_id,) = fail_tasks(engine, [1])
+    client = client_for(engine, allowed_hosts=["dash.example.com"])
+    done = client.post("/failed/retry", data={"task_id": task_id, "csrf": token(client)},
+                       headers={"host": "dash.example.com",
+                                "origin": "https://dash.example.com"},
+                       follow_redirects=False)
+    assert done.status_code == 303
+
+
+def test_a_link_cannot_make_a_page_say_anything(make_engine, client_for):
+    """The notice of an action comes in a signed cookie from its redirect: a crafted link's
+    query, a forged cookie or another dashboard's cookie shows nothing."""
+    need_web()
+    from starlette.testclient import TestClient
+
+    from tempest.web import dashboard
+
+    engine = make_engine()
+    fail_tasks(engine, [1])
+    client = client_for(engine)
+    spoof = "Your session expired: call +1 555 0100"
+    for query in (f"done=missing&id={spoof}", f"done=retried_all&n=9&id={spoof}"):
+        html = client.get(f"/failed?{query}").text
+        assert 'class="notice"' not in html and "555" not in html and "Retried 9" not in html
+    for forged in ("eyJkb25lIjogIm1pc3NpbmcifQ==.00", "."):
+        client.cookies.set("tempest_notice", forged)
+        assert 'class="notice"' not in client.get("/failed").text, forged
+    utf8 = client_for(engine).get("/failed", headers={"cookie": "tempest_notice=x.é".encode()})
+    assert utf8.status_code == 200 and 'class="notice"' not in utf8.text
+    with TestClient(dashboard(engine), base_url=LOCAL) as other:
+        done = other.post("/failed/delete-all", data={"csrf": token(other)},
+                          follow_redirects=False)
+        sealed = other.cookies["tempest_notice"]
+    assert done.status_code == 303 and sealed
+    client.cookies.set("tempest_notice", sealed)
+    assert 'class="notice"' not in client.get("/failed").text
+
+
+class CountingQueue(MemoryQueue):
+    """A MemoryQueue that counts the calls of find(), the scan of the queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finds = 0
+
+    def find(self, task_id: str) -> Any:
+        self.finds += 1
+        return super().find(task_id)
+
+
+def test_the_task_page_refresh_scans_the_queue_once_a_minute(make_engine, client_for):
+    """The script's refreshes (?live=N) read the engines, the failed store and the result
+    every time but find() on every 30th only; the page and a plain JSON view always do."""
+    queue = CountingQueue()
+    engine = make_engine(queue=queue)
+    waiting = engine.submit(WebOk, 1)
+    client = client_for(engine)
+    assert "waiting" in client.get(f"/task/{waiting}").text and queue.finds == 1
+    for n in range(1, 30):
+        live = client.get(f"/api/task/{waiting}?live={n}").json()
+        assert "status" not in live["fields"] and "queue" not in live["sections"], n
+    assert queue.finds == 1
+    live = client.get(f"/api/task/{waiting}?live=30").json()
+    assert queue.finds == 2 and live["fields"]["status"] == "waiting"
+    assert dict(live["sections"]["queue"]["rows"])["status"] == "waiting"
+    assert client.get(f"/api/task/{waiting}").json()["fields"]["status"] == "waiting"
+    assert queue.finds == 3
+    # What is cheap to know still shows at once: the task running on an engine.
+    queue.announce("box:1:W:1", {"engine_id": "box:1:W:1", "name": "W", "host": "box",
+                                 "pid": 1, "announced_at": time.time(), "running": [
+                                     {"task_id": waiting, "task": "WebOk",
+                                      "started_at": time.time()}]}, 30)
+    live = client.get(f"/api/task/{waiting}?live=31").json()
+    assert live["fields"]["status"] == "running" and queue.finds == 3

@@ -12,7 +12,7 @@ from tempest import Task
 from tempest.queues import MemoryQueue, SQLiteQueue
 
 from ..conftest import wait_for
-from .conftest import announcing, need_web
+from .conftest import LOCAL, announcing, need_web
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -81,7 +81,7 @@ def test_every_page_shows_what_the_engines_stored(make_engine, queue):
     wait_for(lambda: queue.failed_count() == 1 and queue.rejected_count() == 1
              and engine.stats()["succeeded"] == 1)
     waiting = engine.submit(BackendOk, 1, delay=3600)
-    with TestClient(dashboard(engine)) as client:
+    with TestClient(dashboard(engine), base_url=LOCAL) as client:
 
         def announced() -> Any:
             view = client.get("/api/overview").json()

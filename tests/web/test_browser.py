@@ -111,8 +111,9 @@ def test_retrying_a_failed_task(make_engine, serve, page):
     row = page.locator('table[data-section="failed"] tbody tr', has_text=first)
     row.locator("summary").click()
     assert "ValueError: no good: a" in row.locator("pre").text_content()
-    row.get_by_role("button", name="Retry").click()
-    page.wait_for_url(f"**/failed?done=retried&id={first}")
+    with page.expect_navigation():
+        row.get_by_role("button", name="Retry").click()
+    assert page.url == base + "/failed"
     assert f"Retried {first}" in page.text_content(".notice")
     queue = engine._options["queue"]
     assert queue.find(first)["status"] == "waiting"
@@ -120,9 +121,10 @@ def test_retrying_a_failed_task(make_engine, serve, page):
     assert page.locator('table[data-section="failed"] tbody tr').count() == 1
     # The buttons the script builds on a refresh work too.
     refreshed(page)
-    page.locator('table[data-section="failed"] tbody tr', has_text=second).get_by_role(
-        "button", name="Retry").click()
-    page.wait_for_url(f"**/failed?done=retried&id={second}")
+    with page.expect_navigation():
+        page.locator('table[data-section="failed"] tbody tr', has_text=second).get_by_role(
+            "button", name="Retry").click()
+    assert f"Retried {second}" in page.text_content(".notice")
     assert queue.failed_count() == 0
     assert page.errors == []
 
@@ -232,3 +234,54 @@ def test_metrics_of_a_running_engine(make_engine, serve, page):
     assert tasks[("BrowserOk", "succeeded")] == 1
     assert {s.labels["engine"] for s in families["tempest_running"].samples} == {
         engine._options["name"]}
+
+
+def test_the_task_page_refresh_leaves_the_queue_scan_alone(make_engine, serve, page):
+    """The task page's live refresh asks with ?live=N and does not call find() again:
+    the page keeps the queue's answer of its load."""
+    from tempest.queues import MemoryQueue
+
+    class CountingQueue(MemoryQueue):
+        finds = 0
+
+        def find(self, task_id: str) -> Any:
+            CountingQueue.finds += 1
+            return super().find(task_id)
+
+    engine = make_engine(queue=CountingQueue())
+    waiting = engine.submit(BrowserOk, 1)
+    base = serve(dashboard_of(engine))
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    page.goto(f"{base}/task/{waiting}")
+    refreshed(page)
+    refreshed(page)
+    assert CountingQueue.finds == 1
+    assert [u for u in asked if "/api/" in u][:2] == [
+        f"{base}/api/task/{waiting}?live=1", f"{base}/api/task/{waiting}?live=2"]
+    assert page.text_content('[data-field="status"]') == "waiting"
+    assert "waiting" in page.text_content('table[data-section="queue"]')
+    assert page.errors == []
+
+
+def test_links_from_the_json_stay_on_the_dashboard(make_engine, serve, page):
+    """A link cell whose href could leave the site (//host, /\\host, a tab or line break
+    that browsers drop, javascript:) is written as text, not as a link."""
+    import json
+
+    base = serve(dashboard_of(make_engine()))
+    hrefs = ["/\\evil.example", "/\t/evil.example", "/\n/evil.example", "//evil.example",
+             "javascript:alert(1)", "https://evil.example/", "/task/ok"]
+    view = {"fields": {"total": str(len(hrefs))}, "sections": {"running": {
+        "rows": [[{"text": f"link {n}", "href": href}, "", "", "", ""]
+                 for n, href in enumerate(hrefs)],
+        "empty": "", "unavailable": None, "error": None}}}
+    page.route("**/api/running?*", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(view)))
+    page.goto(base + "/running")
+    refreshed(page)
+    cells = page.locator('table[data-section="running"] tbody td:first-child')
+    assert cells.all_text_contents() == [f"link {n}" for n in range(len(hrefs))]
+    links = page.locator('table[data-section="running"] tbody a')
+    assert [links.nth(n).get_attribute("href") for n in range(links.count())] == ["/task/ok"]
+    assert page.errors == []

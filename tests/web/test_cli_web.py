@@ -140,3 +140,22 @@ def test_read_only_and_auth_from_the_environment(app_dir):
         assert "read-only" in page and "Retry all" not in page
     finally:
         assert stop(process, signal.SIGTERM) == 0
+
+
+def test_allowed_host_lets_a_proxys_name_in(app_dir):
+    """Without --auth only loopback Host names are answered; --allowed-host adds one."""
+    need_web()
+    process, base = serving(app_dir, "--allowed-host", "dash.example")
+    try:
+        def status(host: str) -> int:
+            request = urllib.request.Request(base + "/", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+
+        assert status("dash.example") == 200
+        assert status("other.example") == 400
+    finally:
+        assert stop(process, signal.SIGTERM) == 0

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from .conftest import need_web
+from .conftest import LOCAL, need_web
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,7 +48,7 @@ def test_overview_answers_in_100_ms_on_a_big_postgres_queue(make_engine, postgre
             conn.execute(f"ANALYZE {table}")
             conn.execute(f"ANALYZE {table}_failed")
         engine = make_engine(queue=queue)
-        with TestClient(dashboard(engine)) as client:
+        with TestClient(dashboard(engine), base_url=LOCAL) as client:
             view = client.get("/api/overview").json()
             assert (view["fields"]["ready"], view["fields"]["failed"]) == (
                 str(READY), str(FAILED))

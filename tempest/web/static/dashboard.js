@@ -1,4 +1,5 @@
-// tempest dashboard: refresh the page's live parts from its JSON twin every 2 s.
+// tempest dashboard: refresh the page's live parts from its JSON twin every 2 s
+// (?live=N on the Nth refresh: the task page looks in the queue on some only).
 // Everything from the server is written with textContent or setAttribute, never
 // as markup, so a task's id, arguments or error can never run as script.
 (function () {
@@ -15,15 +16,18 @@
   var api = meta("tempest-api");
   var token = meta("tempest-csrf");
   var status = document.getElementById("live-status");
+  var refreshes = 0;
 
   function text(value) {
     return value === null || value === undefined ? "" : String(value);
   }
 
-  // Links stay within this site: a path, never a scheme such as javascript:.
+  // Links stay within this site: a path, never a scheme such as javascript:, nor
+  // another host: browsers read "/\evil.com" as "//evil.com" and drop tabs and
+  // line breaks ("/\t/evil.com"), so neither may appear at all.
   function localHref(href) {
-    return typeof href === "string" && href.charAt(0) === "/" && href.charAt(1) !== "/"
-      ? href : null;
+    return typeof href === "string" && href.charAt(0) === "/" && href.charAt(1) !== "/" &&
+      !/[\\\t\n\r]/.test(href) ? href : null;
   }
 
   function actionForm(action) {
@@ -186,7 +190,9 @@
       window.setTimeout(refresh, EVERY);
       return;
     }
-    fetch(api + window.location.search, {
+    refreshes += 1;
+    var search = window.location.search;
+    fetch(api + (search ? search + "&" : "?") + "live=" + refreshes, {
       credentials: "same-origin", cache: "no-store", headers: { Accept: "application/json" }
     }).then(function (response) {
       if (!response.ok) { throw new Error("HTTP " + response.status); }
