@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -142,3 +144,59 @@ def _read(engine: type[Engine], suffix: str) -> str:
     log_dir = opts["log_dir"]() if callable(opts["log_dir"]) else opts["log_dir"]
     path = Path(os.fspath(log_dir)) / f"{opts['name']}.{suffix}"
     return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+BUILT_IN_KINDS = ["memory", "sqlite", "redis", "postgres"]
+"""The built-in queues, as ``built_in_queue`` makes them."""
+
+
+@contextlib.contextmanager
+def built_in_queue(kind: str, request: pytest.FixtureRequest, tmp_path: Path, name: str
+                   ) -> Iterator[Any]:
+    """A fresh queue of the built-in *kind*, its storage removed afterwards.
+
+    *name* (letters, digits, underscores) names the Redis queue or the PostgreSQL
+    table; SQLite's file is ``tmp_path / "queue.db"``. Redis and PostgreSQL come
+    through their fixtures: skipped where the server is absent, failed under CI.
+    """
+    if kind == "memory":
+        yield MemoryQueue()
+    elif kind == "sqlite":
+        from tempest.queues import SQLiteQueue
+
+        made: Any = SQLiteQueue(tmp_path / "queue.db")
+        try:
+            yield made
+        finally:
+            made.close()
+    elif kind == "redis":
+        from tempest.queues import RedisQueue
+
+        from .queues.test_redis import delete_queue
+
+        url = request.getfixturevalue("redis_url")
+        made = RedisQueue(url, name=name)
+        try:
+            yield made
+        finally:
+            made.close()
+            delete_queue(url, name)
+    else:
+        from tempest.queues import PostgresQueue
+
+        from .queues.test_postgres import drop_tables
+
+        dsn = request.getfixturevalue("postgres_dsn")
+        made = PostgresQueue(dsn, table=name)
+        try:
+            yield made
+        finally:
+            made.close()
+            drop_tables(dsn, name)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

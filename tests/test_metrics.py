@@ -15,7 +15,7 @@ import pytest
 
 from tempest import ConfigurationError, Task
 
-from .conftest import main_log, wait_for
+from .conftest import free_port, main_log, wait_for
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
@@ -179,10 +179,6 @@ def test_registers_in_a_describing_registry(make_engine):
     assert "tempest_queue_depth" in generate_latest(registry).decode()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, str, str]:

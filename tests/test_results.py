@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 
 from tempest import Engine, Task, TaskFailed, Unsupported
-from tempest.queues import MemoryQueue
 
-from .conftest import main_log, wait_for
+from .conftest import BUILT_IN_KINDS, built_in_queue, main_log, wait_for
 
-KINDS = ["memory", "sqlite", "redis", "postgres"]
+KINDS = BUILT_IN_KINDS
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
@@ -38,51 +37,20 @@ def queue_and_where(request: pytest.FixtureRequest, tmp_path: Path
     """A fresh queue of each built-in kind, and where it lives; removed afterwards,
     once the engines made on it have stopped (not while they still use it)."""
     made = request.getfixturevalue("make_engine").made
-    for queue, where in _queue_and_where(request, tmp_path):
+    kind = request.param
+    name = f"results_{uuid.uuid4().hex[:10]}"
+    with built_in_queue(kind, request, tmp_path, name) as queue:
+        if kind == "memory":
+            where = Where(kind)
+        elif kind == "sqlite":
+            where = Where(kind, str(tmp_path / "queue.db"))
+        else:
+            fixture = "redis_url" if kind == "redis" else "postgres_dsn"
+            where = Where(kind, request.getfixturevalue(fixture), name)
         yield queue, where
         for engine in made:
             with contextlib.suppress(Exception):  # its own test reports what went wrong
                 engine.stop(timeout=10)
-
-
-def _queue_and_where(request: pytest.FixtureRequest, tmp_path: Path
-                     ) -> Iterator[tuple[Any, Where]]:
-    kind = request.param
-    name = f"results_{uuid.uuid4().hex[:10]}"
-    if kind == "memory":
-        yield MemoryQueue(), Where(kind)
-        return
-    if kind == "sqlite":
-        from tempest.queues import SQLiteQueue
-
-        path = tmp_path / "queue.db"
-        made: Any = SQLiteQueue(path)
-        yield made, Where(kind, str(path))
-        made.close()
-        return
-    if kind == "redis":
-        from tempest.queues import RedisQueue
-
-        url = request.getfixturevalue("redis_url")
-        made = RedisQueue(url, name=name)
-        yield made, Where(kind, url, name)
-        from .queues.test_redis import delete_queue
-
-        made.close()
-        delete_queue(url, name)
-        return
-    from tempest.queues import PostgresQueue
-
-    dsn = request.getfixturevalue("postgres_dsn")
-    made = PostgresQueue(dsn, table=name)
-    yield made, Where(kind, dsn, name)
-    made.close()
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        tables = ", ".join(name + suffix for suffix in
-                           ("", "_rejected", "_scheduled", "_fired", "_failed", "_results"))
-        conn.execute(f"DROP TABLE IF EXISTS {tables}")
 
 
 @pytest.fixture

@@ -14,52 +14,19 @@ from typing import Any
 import pytest
 
 from tempest import ConfigurationError, Engine, Retry, Task, TaskTimeout, Unsupported
-from tempest.queues import MemoryQueue
 from tempest.retries import JITTER, backoff
 
-from .conftest import main_log, task_log, wait_for
+from .conftest import BUILT_IN_KINDS, built_in_queue, main_log, task_log, wait_for
 
-KINDS = ["memory", "sqlite", "redis", "postgres"]
+KINDS = BUILT_IN_KINDS
 
 
 @pytest.fixture(params=KINDS)
 def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """A fresh queue of each built-in kind; its storage is removed afterwards."""
-    kind = request.param
-    name = f"retries_{uuid.uuid4().hex[:10]}"
-    if kind == "memory":
-        yield MemoryQueue()
-        return
-    if kind == "sqlite":
-        from tempest.queues import SQLiteQueue
-
-        made: Any = SQLiteQueue(tmp_path / "queue.db")
+    with built_in_queue(request.param, request, tmp_path,
+                        f"retries_{uuid.uuid4().hex[:10]}") as made:
         yield made
-        made.close()
-        return
-    if kind == "redis":
-        from tempest.queues import RedisQueue
-
-        url = request.getfixturevalue("redis_url")
-        made = RedisQueue(url, name=name)
-        yield made
-        from .queues.test_redis import delete_queue
-
-        made.close()
-        delete_queue(url, name)
-        return
-    from tempest.queues import PostgresQueue
-
-    dsn = request.getfixturevalue("postgres_dsn")
-    made = PostgresQueue(dsn, table=name)
-    yield made
-    made.close()
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        tables = ", ".join(name + suffix for suffix in
-                           ("", "_rejected", "_scheduled", "_fired", "_failed"))
-        conn.execute(f"DROP TABLE IF EXISTS {tables}")
 
 
 class Journal:

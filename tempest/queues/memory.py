@@ -395,9 +395,7 @@ class MemoryQueue:
 
     def forget_engine(self, engine_id: str) -> None:
         """Drop *engine_id*'s record now."""
-        if not isinstance(engine_id, str):
-            raise TypeError(f"MemoryQueue.forget_engine: engine_id must be a str, "
-                            f"not {engine_id!r}")
+        protocol.engine_id_of("MemoryQueue.forget_engine", engine_id)
         with self._watch_lock:
             self._engines.pop(engine_id, None)
 

@@ -1770,9 +1770,7 @@ class PostgresQueue:
 
     def forget_engine(self, engine_id: str) -> None:
         """Drop *engine_id*'s record now."""
-        if not isinstance(engine_id, str):
-            raise TypeError(f"PostgresQueue.forget_engine: engine_id must be a str, "
-                            f"not {engine_id!r}")
+        protocol.engine_id_of("PostgresQueue.forget_engine", engine_id)
         with self._connection() as conn:
             conn.execute(self._sql["forget_engine"],
                          {"queue": self.name, "engine_id": engine_id})

@@ -313,6 +313,7 @@ __all__ = [
     "announcement",
     "decode",
     "encode",
+    "engine_id_of",
     "failed_entry",
     "forks",
     "inspected",
@@ -514,8 +515,7 @@ def _count(where: str, argument: str, value: object) -> int:
 def announcement(where: str, engine_id: object, record: object, ttl: object
                  ) -> tuple[str, str, float]:
     """(engine id, the record as JSON text, ttl in seconds) of ``announce``, checked."""
-    if not isinstance(engine_id, str):
-        raise TypeError(f"{where}: engine_id must be a str, not {engine_id!r}")
+    engine_id = engine_id_of(where, engine_id)
     if not engine_id:
         raise ValueError(f"{where}: engine_id must not be empty")
     if not isinstance(record, dict):
@@ -523,6 +523,14 @@ def announcement(where: str, engine_id: object, record: object, ttl: object
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
         raise ValueError(f"{where}: ttl must be a number of seconds > 0, not {ttl!r}")
     return engine_id, json.dumps(record, separators=(",", ":"), allow_nan=False), float(ttl)
+
+
+def engine_id_of(where: str, engine_id: object) -> str:
+    """*engine_id* of ``announce`` or ``forget_engine``, checked: a str (TypeError
+    otherwise)."""
+    if not isinstance(engine_id, str):
+        raise TypeError(f"{where}: engine_id must be a str, not {engine_id!r}")
+    return engine_id
 
 
 def outcome_counts(where: str, minute: object, counts: object) -> dict[str, int]:

@@ -1980,9 +1980,7 @@ class RedisQueue:
 
     def forget_engine(self, engine_id: str) -> None:
         """Drop *engine_id*'s record now."""
-        if not isinstance(engine_id, str):
-            raise TypeError(f"RedisQueue.forget_engine: engine_id must be a str, "
-                            f"not {engine_id!r}")
+        protocol.engine_id_of("RedisQueue.forget_engine", engine_id)
         self._check_fork()
         pipe = self._client.pipeline(transaction=True)
         pipe.delete(f"{self.prefix}engine:{engine_id}")

@@ -1436,9 +1436,7 @@ class SQLiteQueue:
 
     def forget_engine(self, engine_id: str) -> None:
         """Drop *engine_id*'s record now."""
-        if not isinstance(engine_id, str):
-            raise TypeError(f"SQLiteQueue.forget_engine: engine_id must be a str, "
-                            f"not {engine_id!r}")
+        protocol.engine_id_of("SQLiteQueue.forget_engine", engine_id)
         with self._connection() as conn:
             conn.execute(self._sql["forget_engine"],
                          {"queue": self.name, "engine_id": engine_id})

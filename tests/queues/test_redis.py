@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from tempest.queues.protocol import POISON_REASON
 from tempest.queues.redis import RedisQueue
 from tempest.testing import QueueContract
 
-from ..conftest import main_log, service_unavailable, wait_for
+from ..conftest import free_port, main_log, service_unavailable, wait_for
 from .engines import (
     EngineProcessChecks,
     EngineProcesses,
@@ -586,10 +585,6 @@ def test_engine_with_four_threads_drains_500_messages(queues, client, name, make
 # -- a private Redis server, to stop and restart ------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

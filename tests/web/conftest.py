@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tempest import Engine
+from tempest import Engine, Task
 
 from ..conftest import service_unavailable, wait_for
 
@@ -104,3 +104,13 @@ def start_and_wait_announced(engine: type[Engine]) -> dict[str, Any]:
                                   if r["name"] == engine._options["name"]), None))
 
 
+def run_to_failed_store(engine: type[Engine], task: type[Task], *args_list: Any
+                        ) -> list[str]:
+    """Run one *task* (one that raises) per argument list into the failed store, the
+    engine started and stopped around it; their ids."""
+    ids = [engine.submit(task, *args) for args in args_list]
+    engine.start()
+    queue = engine._options["queue"]
+    wait_for(lambda: all(queue.find_failed(i) for i in ids) and not len(queue))
+    engine.stop(timeout=10)
+    return ids

@@ -13,7 +13,7 @@ from tempest import Engine, Task, every
 from tempest.queues import MemoryQueue
 
 from ..conftest import wait_for
-from .conftest import LOCAL, need_web
+from .conftest import LOCAL, need_web, run_to_failed_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,12 +60,7 @@ def client_for() -> Any:
 
 def fail_tasks(engine: type[Engine], *args_list: Any) -> list[str]:
     """Run one failing task per argument list to the failed store; their ids."""
-    ids = [engine.submit(WebBoom, *args) for args in args_list]
-    engine.start()
-    queue = engine._options["queue"]
-    wait_for(lambda: all(queue.find_failed(i) for i in ids) and not len(queue))
-    engine.stop(timeout=10)
-    return ids
+    return run_to_failed_store(engine, WebBoom, *args_list)
 
 
 def token(client: Any) -> str:

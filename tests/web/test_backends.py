@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from tempest import Task
-from tempest.queues import MemoryQueue, SQLiteQueue
 
-from ..conftest import wait_for
+from ..conftest import BUILT_IN_KINDS, built_in_queue, wait_for
 from .conftest import LOCAL, announcing, need_web
 
 pytestmark = pytest.mark.timeout(90)
@@ -30,39 +29,12 @@ class BackendOk(Task):
         return n * 2
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
+@pytest.fixture(params=BUILT_IN_KINDS)
 def queue(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
     """A fresh queue of each built-in kind (Redis and PostgreSQL: skipped without them)."""
-    name = f"web-{uuid.uuid4().hex[:8]}"
-    if request.param == "memory":
-        yield MemoryQueue()
-        return
-    if request.param == "sqlite":
-        made: Any = SQLiteQueue(tmp_path / "queue.db")
+    with built_in_queue(request.param, request, tmp_path,
+                        f"web_{uuid.uuid4().hex[:8]}") as made:
         yield made
-        made.close()
-        return
-    if request.param == "redis":
-        from tempest.queues import RedisQueue
-
-        from ..queues.test_redis import delete_queue
-
-        url = request.getfixturevalue("redis_url")
-        made = RedisQueue(url, name=name)
-        yield made
-        made.close()
-        delete_queue(url, name)
-        return
-    from tempest.queues import PostgresQueue
-
-    from ..queues.test_postgres import drop_tables
-
-    dsn = request.getfixturevalue("postgres_dsn")
-    table = name.replace("-", "_")
-    made = PostgresQueue(dsn, table=table)
-    yield made
-    made.close()
-    drop_tables(dsn, table)
 
 
 def test_every_page_shows_what_the_engines_stored(make_engine, queue):

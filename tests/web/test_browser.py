@@ -14,7 +14,7 @@ import pytest
 from tempest import Engine, Task
 
 from ..conftest import wait_for
-from .conftest import announcing, start_and_wait_announced
+from .conftest import announcing, run_to_failed_store, start_and_wait_announced
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -54,12 +54,7 @@ def dashboard_of(engine: type[Engine], **options: Any) -> Any:
 
 def failed_ids(engine: type[Engine], *args_list: Any) -> list[str]:
     """Run one failing task per argument list into the failed store; their ids."""
-    ids = [engine.submit(BrowserBoom, *args) for args in args_list]
-    engine.start()
-    queue = engine._options["queue"]
-    wait_for(lambda: all(queue.find_failed(i) for i in ids) and not len(queue))
-    engine.stop(timeout=10)
-    return ids
+    return run_to_failed_store(engine, BrowserBoom, *args_list)
 
 
 def refreshed(page: Any) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import free_port
 from ..test_cli import one_error_line
 from ..test_signals import clean_env
 from .conftest import need_web
@@ -42,10 +43,6 @@ def tempest(app_dir: Path, *args: str, **env: str) -> subprocess.CompletedProces
                           check=False)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "example.com"])
