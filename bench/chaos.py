@@ -6,7 +6,7 @@ processes are killed with SIGKILL and the queue's server goes away:
 
 1. *engines*: four processes (``--engines``), each ``python -m tempest run
    bench.apps.chaos_engine:ChaosEngine`` with four threads (``--threads``) on
-   one queue with a 5 s lease (``--lease``);
+   one queue with a 5 s lease (``--lease``), ``prefetch`` 0 (``--prefetch``);
 2. *submit*: four producer threads here (``--producers``), sharing one queue
    object, enqueue 50,000 tasks (``--tasks``), each sleeping 5 ms
    (``--pause``), with task ids of our own, while the engines run them
@@ -550,7 +550,7 @@ class Soak:
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(args.code), *filter(None, [os.environ.get("PYTHONPATH")])]),
             CHAOS_RECORDS=str(self.records_dir), CHAOS_THREADS=str(args.threads),
-            CHAOS_LEASE=str(args.lease), **backend.env())
+            CHAOS_LEASE=str(args.lease), CHAOS_PREFETCH=str(args.prefetch), **backend.env())
         self.unexpected: list[dict[str, Any]] = []
 
     def start_engine(self) -> EngineProc:
@@ -740,6 +740,7 @@ class Soak:
         result = {
             "queue": self.backend.kind, "complete": complete, "tasks": len(ids),
             "pause_s": args.pause, "engines_at_once": args.engines, "threads": args.threads,
+            "prefetch": args.prefetch,
             "lease_s": args.lease, "engines_started": len(self.engines),
             "kills": len(kill_times), "kill_every_s": list(args.kill_every),
             "outages": 0 if outage is None else 1, "outage": outage, "durability": durable,
@@ -867,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", type=int, default=4, help="engine processes at a time")
     parser.add_argument("--threads", type=int, default=4, help="threads per engine")
     parser.add_argument("--lease", type=float, default=5.0, help="the queue's lease (s)")
+    parser.add_argument("--prefetch", type=int, default=0,
+                        help="the engines' prefetch option (messages held ahead)")
     parser.add_argument("--producers", type=int, default=4,
                         help="threads submitting here (one queue object)")
     parser.add_argument("--upfront", action="store_true",

@@ -284,6 +284,7 @@ class Coroutines:
         with self._free:
             self.busy -= 1
             self._free.notify()
+        self.runtime.room_opened()
         if self.runtime.stopping:
             self.runtime.wake()
 

@@ -46,6 +46,7 @@ class Engine:
             config.Option("name", None, config.name, inherited=False),
             config.Option("threads", 10, config.positive_int),
             config.Option("coroutines", 100, config.positive_int),
+            config.Option("prefetch", 0, config.non_negative_int),
             config.Option("loop_block_warning", 0.1, config.positive_seconds),
             config.Option("queue", None, config.queue),
             config.Option("timeout", None, config.seconds_or_none),
@@ -356,7 +357,9 @@ class Engine:
         ``timed_out`` (final attempts), ``retried`` (attempts that failed or
         timed out with another one scheduled), ``rejected`` (bad input),
         ``running`` (messages a worker or a coroutine has in hand: not those
-        taken in a batch for workers still on their way), ``threads``,
+        taken in a batch for workers still on their way), ``prefetched``
+        (messages held ahead of a free worker: see the ``prefetch`` option),
+        ``threads``,
         ``abandoned`` (cumulative), ``coroutines`` (the option),
         ``swallowed`` (coroutines that swallowed their timeout), ``loop_blocked``
         (spells in which a coroutine blocked the event loop), ``failed_dropped``
@@ -372,7 +375,7 @@ class Engine:
         if runtime is None:
             stats: dict[str, Any] = dict.fromkeys(
                 ("processed", "succeeded", "failed", "timed_out", "rejected", "running",
-                 "abandoned", "retried", "failed_dropped"), 0)
+                 "prefetched", "abandoned", "retried", "failed_dropped"), 0)
             stats.update(threads=cls._options["threads"], uptime=0.0,
                          coroutines=cls._options["coroutines"], swallowed=0, loop_blocked=0)
             stats.update(queue_counts(cls._options["queue"]))

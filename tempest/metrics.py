@@ -27,6 +27,8 @@ metric                                   what
 ``tempest_task_duration_seconds``        histogram ``{engine, task}``: every attempt that
                                          ran, retried ones included
 ``tempest_running``                      gauge ``{engine}``: messages in hand now
+``tempest_prefetched``                   gauge ``{engine}``: messages held ahead of a
+                                         free worker (the ``prefetch`` option)
 ``tempest_threads``                      gauge ``{engine}``: the ``threads`` option
 ``tempest_abandoned_threads``            gauge ``{engine}``: threads abandoned this run
 ``tempest_queue_depth``                  gauge ``{engine, state}``: ``ready``,
@@ -121,6 +123,9 @@ class EngineCollector:
             labels=["engine", "task"])
         running = GaugeMetricFamily("tempest_running", "Messages in hand now.",
                                     labels=["engine"])
+        prefetched = GaugeMetricFamily("tempest_prefetched",
+                                       "Messages held ahead of a free worker.",
+                                       labels=["engine"])
         threads = GaugeMetricFamily("tempest_threads", "Worker threads (the option).",
                                     labels=["engine"])
         abandoned = GaugeMetricFamily("tempest_abandoned_threads",
@@ -143,11 +148,12 @@ class EngineCollector:
                         buckets.append((bound, total))
                     durations.add_metric([name, task], buckets, row[SUM])
             running.add_metric([name], counts["running"])
+            prefetched.add_metric([name], counts["prefetched"])
             threads.add_metric([name], counts["threads"])
             abandoned.add_metric([name], counts["abandoned"])
-            yield from (tasks, retries, durations, running, threads, abandoned)
+            yield from (tasks, retries, durations, running, prefetched, threads, abandoned)
         elif describing:
-            yield from (tasks, retries, durations, running, threads, abandoned)
+            yield from (tasks, retries, durations, running, prefetched, threads, abandoned)
         if not describing:
             found = queue_counts(self.engine._options["queue"])
             for key, state in _DEPTHS:

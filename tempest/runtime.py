@@ -8,7 +8,8 @@ the lock, releases it and runs the message itself; the free workers wait for
 the lock. So
 
 - a message is dequeued only when a worker is free to run it (no prefetch:
-  waiting messages stay where other engines can take them);
+  waiting messages stay where other engines can take them), unless the
+  ``prefetch`` option asks otherwise (see "Prefetch");
 - there is no hand-off between a dispatcher and a worker;
 - one dequeue at a time reaches the queue, so an outage is retried with one
   shared backoff, and a queue without a blocking ``dequeue`` is polled by one
@@ -59,6 +60,37 @@ runs again after its lease, as after a crash just before a separate ack.
 What the take leased and a crash then strands comes back the same way. So
 between two tasks a worker pays at most one round trip instead of two, and no
 message is ever taken before a worker is free for it.
+
+Prefetch
+--------
+With ``prefetch = N`` (default 0) the engine also holds up to N messages
+beyond its free workers, so that a worker that finishes a task starts the
+next one without a round trip to the queue:
+
+- Every take asks for the free workers' messages plus N minus what is held
+  (``_free``); the extra ones wait in ``_taken``, leased and counted as
+  running (stats() shows them as ``prefetched``), and a worker that finishes
+  pops the oldest before it would queue for the lock.
+- That worker hands its ack to the next holder of the lock (``_hand``) and
+  wakes the prefetcher thread (``_prefetch_loop``), which takes the lock,
+  sends every handed ack and takes what makes the held count whole again:
+  one round trip, with ``ack_and_dequeue`` where the queue has it, off every
+  worker's path. With ``_taken`` empty a worker leads as without prefetch.
+- Only worker threads' messages are held. Where coroutine tasks are
+  registered too, a take is also bounded by the free coroutine slots, as
+  without prefetch, and what it brings for a coroutine task starts on the
+  loop at once: the next message may be of either kind. With coroutine
+  tasks alone nothing is held.
+- What is held is leased like a running message: the heartbeat renews it, a
+  crash leaves it to come back after its lease (it never ran, so it runs
+  once), and a stop makes the prefetcher give it back (``requeue``) at once,
+  while the running tasks drain.
+
+So N messages per engine are taken before a worker is free for them: other
+engines on the queue cannot take those meanwhile, and a held message waits
+for this engine's next free worker (at most one task's time) instead. An ack
+waits for the prefetcher's call in progress, a round trip at most, as a
+handed ack does; it is counted processed once sent.
 
 Where a message can be lost or run twice
 ----------------------------------------
@@ -205,6 +237,7 @@ class Runtime:
         self.options = options
         self.name: str = options["name"]
         self.threads: int = options["threads"]
+        self.prefetch: int = options["prefetch"]
         self.coroutines = Coroutines(self, options["coroutines"],
                                      options["loop_block_warning"], ABANDON_GRACE)
         self.queue = options["queue"]
@@ -231,6 +264,20 @@ class Runtime:
         # between polls, holding the lock, where handed acks would wait.
         self._ack_and_dequeue = (both if callable(both) and callable(self._ack)
                                  and self._dequeue_many is not None else None)
+        if self.prefetch and self._dequeue_many is None:
+            raise ConfigurationError(
+                f"{engine.__name__}.configure.prefetch = {self.prefetch}: the queue "
+                f"{type(self.queue).__name__} has no dequeue_many(count, timeout=) method, "
+                f"so messages cannot be taken ahead; use a built-in queue, or add it to "
+                f"yours (see tempest.queues.protocol)")
+        # A success's ack waits for the next call (Slot.settling): one that carries
+        # it together with a take, or the prefetcher's (see "Prefetch").
+        self._settles_later = callable(self._ack) and (
+            self._ack_and_dequeue is not None or bool(self.prefetch))
+        self._refill = threading.Event()
+        """Set when a worker handed an ack or popped a held message: see "Prefetch"."""
+        self._prefetch_done = False
+        self._prefetch_thread: threading.Thread | None = None
         self._reject_to = getattr(self.queue, "reject", None)
         self.guarantee = "at-least-once" if callable(self._ack) else "at-most-once"
         lacking = missing(self.queue, RETRY_METHODS)
@@ -319,7 +366,7 @@ class Runtime:
         try:
             self.logs.always.info(
                 "starting", engine=self.name, pid=os.getpid(), threads=self.threads,
-                coroutines=self.coroutines.limit,
+                coroutines=self.coroutines.limit, prefetch=self.prefetch,
                 queue=type(self.queue).__name__, guarantee=self.guarantee,
                 timeout=self.default_timeout, burst=self.burst,
                 log_dir=str(Path(os.fspath(log_dir)).resolve()), log_level=level)
@@ -395,6 +442,10 @@ class Runtime:
             self._scheduler.start()
         if self._announcer is not None:
             self._announcer.start()
+        if self.prefetch:
+            self._prefetch_thread = threading.Thread(
+                target=self._prefetch_loop, daemon=True, name=f"tempest-prefetch:{self.name}")
+            self._prefetch_thread.start()
         for _ in range(self.threads):
             self._spawn(Slot())
 
@@ -410,6 +461,7 @@ class Runtime:
             if immediate:
                 self.immediate = True
         self._stop_event.set()
+        self._refill.set()  # the prefetcher gives back what it holds at once
         if self._announcer is not None:
             self._announcer.wake()  # the record says "stopping" at once
         self.wake()
@@ -424,6 +476,7 @@ class Runtime:
 
     def finish(self) -> None:
         """End of the drain: interrupt what still runs, write the last lines, close."""
+        self._stop_prefetching()  # before the looks below: it takes and hands no more
         self._give_back_taken()  # by a worker normally; here if none came back for them
         handed = self._take_handed()  # sent by the next leader normally: never left behind
         if handed:
@@ -536,12 +589,18 @@ class Runtime:
                 if self._hand(slot):
                     with self._dequeue_lock:  # the next holder sends it: maybe this one
                         return self._lead(slot)
-            if slot.settling is not None:
+            # A held message waits for this worker (see "Prefetch"): the
+            # prefetcher sends the ack, unless a leader waits on an empty queue,
+            # which then has nothing held.
+            if slot.settling is not None and not (
+                    self.prefetch and not self.stopping and self._hand(slot)):
                 self._settle(slot)
         if not self.stopping:
             # One taken for a free worker in a batch: no need to queue for the lock.
             message = self._pop_taken()
             if message is not None:
+                if self.prefetch:
+                    self._refill.set()  # room for one more, and perhaps an ack to send
                 return message
         with self._dequeue_lock:
             return self._lead(slot)
@@ -577,8 +636,8 @@ class Runtime:
             slot.settling = None
             settling = mine + handed
             free = self._free(threads, coroutines, self.running - len(settling))
-            taken = self._settle_all(settling, 0 if self.stopping or self._taken else free,
-                                     slot)
+            served = self._taken and not self.prefetch  # its workers pop what is there
+            taken = self._settle_all(settling, 0 if self.stopping or served else free, slot)
             message = self._hand_out(taken, coroutines) if taken else None
             if message is not None:
                 return message
@@ -687,8 +746,10 @@ class Runtime:
         return taken
 
     def _free(self, threads: bool, coroutines: bool, running: int) -> int:
-        """How many messages can start right now (see _take), *running* counted running."""
-        free = self.threads - (running - self.coroutines.busy)
+        """How many messages can start right now (see _take), *running* counted running;
+        for worker threads, ``prefetch`` more (see "Prefetch": *running* counts what
+        is held, so this tops it up)."""
+        free = self.threads + self.prefetch - (running - self.coroutines.busy)
         if coroutines:
             free = min(free, self.coroutines.free()) if threads else self.coroutines.free()
         return free
@@ -708,6 +769,9 @@ class Runtime:
         else:
             with self._lock:  # stats() sees them counted and queued together
                 self.running += len(messages)
+                if self._taken:  # held ahead (see "Prefetch"): the oldest first
+                    self._taken.extend(messages)
+                    return self._taken.popleft()
                 self._taken.extend(messages[1:])
         return messages[0]
 
@@ -740,6 +804,80 @@ class Runtime:
                                     how=self._give_back(message))
                 self._done()
         return rest
+
+    def _take_now(self, count: int) -> list[Any]:
+        """Up to *count* messages waiting now (``dequeue_many``, no wait); none if the
+        queue fails, logged: the leader's next take retries with its backoff."""
+        try:
+            taken: list[Any] = self._dequeue_many(count, timeout=0)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - any queue error is retried
+            self.logs.main.error("dequeue failed", error=_describe(exc))
+            return []
+        return taken
+
+    def _prefetch_loop(self) -> None:
+        """The prefetcher thread (see "Prefetch"): woken by a worker that handed an ack
+        or popped a held message, it sends the handed acks and tops up what is held,
+        holding the dispatcher lock like a leader, until _stop_prefetching."""
+        try:
+            while True:
+                self._refill.wait()
+                self._refill.clear()  # before the look: a later wake is kept
+                if self._prefetch_done:
+                    return
+                if not self._dequeue_lock.acquire(timeout=DEQUEUE_WAIT):
+                    self._refill.set()  # a leader waits on the queue: look again
+                    continue
+                try:
+                    if self.stopping:
+                        # At once, not when the drain ends: other engines can take
+                        # them while this one's running tasks finish.
+                        self._give_back_taken()
+                    self._top_up()
+                finally:
+                    self._dequeue_lock.release()
+        except BaseException as exc:  # noqa: BLE001 - a bug of ours must not pass silently
+            self.logs.always.critical("prefetcher crashed", error=_describe(exc),
+                                      exc_info=exc)
+            self.request_stop("the prefetcher crashed", error=exc)
+
+    def _top_up(self) -> None:
+        """One call of the prefetcher, the dispatcher lock held: the handed acks, and
+        a take that holds ``prefetch`` messages beyond the free workers again (none
+        while stopping, while the leader backs off after errors, or with coroutine
+        tasks alone); a coroutine task's message starts on the loop at once."""
+        handed = self._take_handed()
+        threads, coroutines = registered_kinds()
+        room = 0
+        if threads and not (self.stopping or self._errors):
+            room = self._free(threads, coroutines, self.running - len(handed))
+        if handed:
+            taken = self._settle_all(handed, room)
+        elif room > 0:
+            taken = self._take_now(room)
+        else:
+            return
+        if taken:
+            with self._lock:  # counted before any of them can end
+                self.running += len(taken)
+            rest = self._start_coroutines(taken) if coroutines else taken
+            with self._lock:
+                self._taken.extend(rest)
+
+    def room_opened(self) -> None:
+        """A coroutine slot is free again: with ``prefetch``, wake the prefetcher, for
+        the take it bounds (see "Prefetch")."""
+        if self.prefetch:
+            self._refill.set()
+
+    def _stop_prefetching(self) -> None:
+        """Stop the prefetcher and wait for its call in progress (bounded like a
+        heartbeat): what it took is in ``_taken`` then, given back by finish()."""
+        self._prefetch_done = True
+        self._refill.set()
+        thread = self._prefetch_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(HEARTBEAT_JOIN)
 
     def _pop_taken(self) -> Any:
         """A message taken in a batch (counted as running already), or None.
@@ -842,7 +980,7 @@ class Runtime:
             self.logs.success_line(task.task_id, name, duration, task.attempt)
             self._callback(task, "after_success", result)
             if keep is None or self._keep_result(task, success(task, value), keep):
-                if slot is not None and self._ack_and_dequeue is not None:
+                if slot is not None and self._settles_later:
                     slot.settling = (task.task_id, message, name, duration)
                     return
                 self._acknowledge(task.task_id, message)
@@ -912,12 +1050,14 @@ class Runtime:
         running: see _hand_out). Counted in the tally of *slot*, the caller's: a
         thread writes only its own (acks handed to it are counted by it)."""
         taken: list[Any] = []
-        if take <= 0 and len(settling) == 1:
-            task_id, message, _, _ = settling[0]
-            self._acknowledge(task_id, message)
+        if self._ack_and_dequeue is None or (take <= 0 and len(settling) == 1):
+            for task_id, message, _, _ in settling:
+                self._acknowledge(task_id, message)
+            if take > 0:  # settling later without ack_and_dequeue: prefetch
+                taken = self._take_now(take)
         else:
             try:
-                taken = self._ack_and_dequeue(  # type: ignore[misc]
+                taken = self._ack_and_dequeue(
                     [message for _, message, _, _ in settling], max(take, 0))
             except Exception as exc:  # noqa: BLE001
                 # Left leased: they run again after their lease (what a take leased too).
@@ -1189,14 +1329,15 @@ class Runtime:
         with self._lock:
             # Taken in a batch but not yet popped by a worker: not running
             # yet (a stop gives them back), so not shown as running.
-            running = self.running - len(self._taken)
+            prefetched = len(self._taken)
+            running = self.running - prefetched
             abandoned, failed_dropped = self.abandoned, self.failed_dropped
             # Under the lock the settled messages are counted in: a snapshot.
             totals = self.tallies.totals()
         return {
             "processed": totals["processed"], "succeeded": totals["succeeded"],
             "failed": totals["failed"], "timed_out": totals["timed_out"],
-            "rejected": totals["rejected"], "running": running,
+            "rejected": totals["rejected"], "running": running, "prefetched": prefetched,
             "retried": totals["retried"], "failed_dropped": failed_dropped,
             "threads": self.threads, "abandoned": abandoned,
             **self.coroutines.stats(),

@@ -47,6 +47,7 @@ EXPECTED_DEFAULTS = {
     "threads": 10,
     "coroutines": 100,
     "loop_block_warning": 0.1,
+    "prefetch": 0,
     "timeout": None,
     "log_dir": ".",
     "log_level": "INFO",

@@ -313,7 +313,8 @@ def test_stop_from_inside_a_run_task_ends_run(make_engine):
 
 # -- stats -------------------------------------------------------------------------------
 
-_KEYS = {"processed", "succeeded", "failed", "timed_out", "running", "threads", "abandoned",
+_KEYS = {"processed", "succeeded", "failed", "timed_out", "running", "prefetched", "threads",
+         "abandoned",
          "uptime", "queued", "rejected"}
 
 

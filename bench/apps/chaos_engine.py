@@ -12,7 +12,9 @@ the checkout, with its queue in the environment:
 ``CHAOS_RECORDS``
     the folder of the record files (below);
 ``CHAOS_THREADS``, ``CHAOS_LEASE``
-    worker threads (default 4) and the queue's lease in seconds (default 5).
+    worker threads (default 4) and the queue's lease in seconds (default 5);
+``CHAOS_PREFETCH``
+    the engine's ``prefetch`` option (default 0).
 
 Each :class:`ChaosTask` sleeps the seconds its message says, then appends
 ``<task_id> <time.time()>`` to ``records-<pid>.txt`` in ``CHAOS_RECORDS``: a run
@@ -39,6 +41,7 @@ TARGET = os.environ.get("CHAOS_TARGET", "chaos.db")
 NAME = os.environ.get("CHAOS_NAME", "bench_chaos")
 LEASE = float(os.environ.get("CHAOS_LEASE", "5"))
 THREADS = int(os.environ.get("CHAOS_THREADS", "4"))
+PREFETCH = int(os.environ.get("CHAOS_PREFETCH", "0"))
 RECORDS = Path(os.environ.get("CHAOS_RECORDS", "."))
 
 
@@ -68,6 +71,7 @@ _fd = os.open(RECORDS / f"records-{os.getpid()}.txt",
 class ChaosEngine(Engine):
     class configure:  # noqa: N801 - the configure block's spelling
         threads = THREADS
+        prefetch = PREFETCH
         queue = make_queue()
         report_every = None
         shutdown_timeout = 5

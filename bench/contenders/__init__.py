@@ -96,6 +96,10 @@ class Contender:
         return {}
 
 
+PREFETCH = 8
+"""The ``prefetch`` of the ``tempest-*-prefetch`` contenders: one message held per worker."""
+
+
 def all_contenders() -> list[Contender]:
     """Every contender, floor first, in the harness's base order."""
     from bench.contenders.inprocess import HueyContender, TempestContender, ThreadPool
@@ -108,6 +112,9 @@ def all_contenders() -> list[Contender]:
         TempestContender("sqlite"),
         TempestContender("redis"),
         TempestContender("postgres"),
+        TempestContender("sqlite", prefetch=PREFETCH),
+        TempestContender("redis", prefetch=PREFETCH),
+        TempestContender("postgres", prefetch=PREFETCH),
         HueyContender("memory"),
         HueyContender("sqlite"),
         HueyContender("redis"),

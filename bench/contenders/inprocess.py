@@ -111,15 +111,19 @@ def queue_class(backend: str) -> Any:
 
 
 class TempestContender(Contender):
-    """A tempest engine with *threads* workers on one of the built-in queues."""
+    """A tempest engine with *threads* workers on one of the built-in queues; with
+    *prefetch*, its ``prefetch`` option set to that many (key ``...-prefetch``)."""
 
     family = "tempest"
 
-    def __init__(self, backend: str, level: str = "WARNING") -> None:
+    def __init__(self, backend: str, level: str = "WARNING", prefetch: int = 0) -> None:
         self.backend = backend
         self.level = level
-        self.key = f"tempest-{backend}" + ("-info" if level == "INFO" else "")
-        self.label = f"tempest {QUEUE_CLASSES[backend]}" + (" INFO" if level == "INFO" else "")
+        self.prefetch = prefetch
+        self.key = (f"tempest-{backend}" + ("-info" if level == "INFO" else "")
+                    + ("-prefetch" if prefetch else ""))
+        self.label = (f"tempest {QUEUE_CLASSES[backend]}" + (" INFO" if level == "INFO" else "")
+                      + (f" prefetch {prefetch}" if prefetch else ""))
         self.uses_redis = backend == "redis"
 
     def unavailable(self) -> str | None:
@@ -149,7 +153,8 @@ class TempestContender(Contender):
         super().setup(ctx)
         self.queue = self.make_queue(ctx)
         options = {"name": self.key, "threads": ctx.threads, "queue": self.queue,
-                   "log_dir": str(ctx.tmp / "logs"), "log_level": self.level}
+                   "log_dir": str(ctx.tmp / "logs"), "log_level": self.level,
+                   "prefetch": self.prefetch}
         self.engine: type[Engine] = type(
             f"Bench_{self.key.replace('-', '_')}", (Engine,),
             {"configure": type("configure", (), options), "__module__": __name__})

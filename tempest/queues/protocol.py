@@ -16,8 +16,9 @@ method                what it buys
 ``dequeue_many(n)``   ``dequeue_many(n, timeout=)``: up to *n* messages, a list
                       (empty when none came within *timeout*), waiting only for
                       the first. The engine asks for one per worker that is free
-                      right now, so one round trip serves several workers (never
-                      a prefetch). Only used where ``dequeue`` takes a timeout
+                      right now, so one round trip serves several workers (more
+                      only with the engine's ``prefetch``, which needs it). Only
+                      used where ``dequeue`` takes a timeout
 ``ack(m)``            *m*'s outcome is final (success, failure or timeout): delete
                       it. A queue with ack *leases* what it hands out and gives a
                       message whose lease ran out to another consumer: the engine

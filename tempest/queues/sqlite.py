@@ -1011,7 +1011,42 @@ class SQLiteQueue:
         self._check_fork()  # a child must not settle (nor delete) its parent's messages
         # Forgotten first: if the delete fails, heartbeats stop renewing the
         # lease and the message runs again once it expires (never lost).
-        ticket = _Ack(self._settle(message, "ack"))
+        self._ack_row(self._settle(message, "ack"))
+
+    def ack_and_dequeue(self, messages: list[Any], count: int) -> list[Any]:
+        """``ack`` every message of *messages*, then ``dequeue_many(count)`` without
+        waiting, in one transaction (*count* 0: the acks alone, in one commit).
+
+        The engine calls it as a worker that has just finished a message takes
+        its next ones, with the acks other workers handed it meanwhile: one
+        commit instead of several. The deletes and the leases are committed
+        together or not at all; acks pending from other threads join the same
+        commit (see "Group commit"). If the transaction fails, it raises and
+        leases nothing; the messages are forgotten first, as ``ack`` forgets
+        them, so they run again once their lease runs out (never lost).
+        """
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"SQLiteQueue.ack_and_dequeue: count must be an int, not {count!r}")
+        if not isinstance(messages, list) or not messages:
+            raise TypeError("SQLiteQueue.ack_and_dequeue: messages must be a non-empty list "
+                            f"of messages, not {type(messages).__name__} {messages!r:.60}")
+        self._check_fork()
+        rows: list[int] = []
+        try:
+            for message in messages:
+                rows.append(self._settle(message, "ack"))
+        except BaseException:
+            for row in rows:  # the ones before the message it does not hold
+                self._ack_row(row)
+            raise
+        taken = self._claim(max(count, 0), [_Ack(row) for row in rows])
+        if self._commits >= _CHECKPOINT_EVERY:
+            self._checkpoint()
+        return taken
+
+    def _ack_row(self, row: int) -> None:
+        """Delete *row*, settled already, as ``ack`` does: in the first commit that can."""
+        ticket = _Ack(row)
         patience = self._claims_expected()
         acks = self._acks
         acks.acquire()
@@ -1531,15 +1566,17 @@ class SQLiteQueue:
                 self._pause = _POLL_MIN
                 return messages
 
-    def _claim(self, count: int) -> list[Any]:
+    def _claim(self, count: int, own: list[_Ack] | None = None) -> list[Any]:
         """Lease the next *count* messages at most, setting poison aside; [] if there is none.
 
         One transaction (unless poison alone fills one), which also deletes the
-        acks pending when it is about to commit (see "Group commit").
+        acks pending when it is about to commit (see "Group commit"), and the
+        rows of *own* (ack_and_dequeue's, which nobody waits for).
         """
         params: dict[str, Any] = {"queue": self.name, "consumer": self.consumer}
         found: list[tuple[_Key, bytes]] = []  # ((row id, attempts, result ttl), body)
-        peek = self._peek_first  # read once: another thread's claim may change it
+        # Read once: another thread's claim may change it. Never with rows to delete.
+        peek = self._peek_first and not own
         # Announced before waiting for the connection, so that acks arriving
         # meanwhile wait for this transaction instead of making one of their own;
         # not while the queue looks empty (a read only, no transaction to share).
@@ -1570,6 +1607,9 @@ class SQLiteQueue:
                             params["now"] = time.time()
                             self._promote(conn, params)
                             poisoned = self._lease_next(conn, count, params, found)
+                            if own:
+                                self._delete_acked(conn, own)
+                                own = None  # deleted by the first commit only
                             if absorbing:
                                 # Taken last, so that the most share this commit.
                                 batch = self._take_acks()

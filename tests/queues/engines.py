@@ -47,22 +47,23 @@ class EngineProcesses:
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
     def start(self, threads: int, lease: float, periodic: float | None = None,
-              skew: float = 0.0) -> tuple[subprocess.Popen[bytes], Path]:
+              skew: float = 0.0, prefetch: int = 0) -> tuple[subprocess.Popen[bytes], Path]:
         """Start one engine; return the process and its stdout file.
 
         *periodic*: it declares every(*periodic*) ticks, its scheduler's clock
-        *skew* seconds off.
+        *skew* seconds off. *prefetch*: its ``prefetch`` option.
         """
         folder = self.tmp_path / f"engine{len(self.procs)}"
         folder.mkdir()
         out = folder / "out.txt"
+        env = dict(self.env, TEMPEST_TEST_PREFETCH=str(prefetch))
+        if periodic:
+            env.update(TEMPEST_TEST_PERIODIC=str(periodic), TEMPEST_TEST_CLOCK_SKEW=str(skew))
         with open(out, "wb") as stdout, open(folder / "err.txt", "wb") as stderr:
             proc = subprocess.Popen(
                 [sys.executable, str(SCRIPT), self.kind, str(self.results), str(folder),
                  str(threads), str(lease), *self.queue_args],
-                stdout=stdout, stderr=stderr, cwd=folder,
-                env=dict(self.env, TEMPEST_TEST_PERIODIC=str(periodic),
-                         TEMPEST_TEST_CLOCK_SKEW=str(skew)) if periodic else self.env)
+                stdout=stdout, stderr=stderr, cwd=folder, env=env)
         self.procs.append(proc)
         return proc, out
 
@@ -142,6 +143,29 @@ def check_kill_9_loses_nothing(engines: EngineProcesses, queue: Any) -> None:
     # Each rerun is one the dead engine had started.
     first_runs = {task_id: pid for task_id, pid in reversed(done)}
     assert all(first_runs[task_id] == victim.pid for task_id in twice)
+
+
+def check_kill_9_with_prefetch_loses_nothing(engines: EngineProcesses, queue: Any) -> None:
+    """An engine with ``prefetch = 3`` killed with SIGKILL while it holds three messages
+    ahead of its two busy workers: after their lease another engine runs every
+    message, the two that were running again, the three held exactly once (they
+    never started), and nothing is lost."""
+    ids = enqueue(queue, 10, 1.5)  # long enough to kill before the first two end
+    victim, out = engines.start(threads=2, lease=1, prefetch=3)
+    engines.wait_ready(victim, out)
+    wait_for(lambda: len(engines.done()) == 2 and len(queue) == 5, 15)  # 2 run, 3 held
+    started = {task_id for task_id, _ in engines.done()}
+    victim.kill()
+    victim.wait(10)
+    assert len(engines.done()) == 2 and len(queue) == 5  # none ran or came back yet
+    restarted, out = engines.start(threads=10, lease=1)
+    engines.wait_ready(restarted, out)
+    engines.wait_all_processed(ids, 30)
+    engines.stop_all()
+    counts = collections.Counter(task_id for task_id, _ in engines.done())
+    assert sorted(counts) == ids  # none lost
+    assert {task_id for task_id, count in counts.items() if count == 2} == started
+    assert set(counts.values()) <= {1, 2}
 
 
 def check_engines_share_the_work(engines: EngineProcesses, queue: Any) -> None:
@@ -354,6 +378,11 @@ class EngineProcessChecks:
     def test_coroutines_survive_kill_9(self, engines: EngineProcesses, queues: Any) -> None:
         """Coroutine tasks of an engine killed with SIGKILL run again in the next one."""
         check_coroutines_survive_kill_9(engines, queues())
+
+    def test_kill_9_with_prefetch_loses_nothing(self, engines: EngineProcesses,
+                                                queues: Any) -> None:
+        """Messages held ahead by a killed engine come back after their lease, run once."""
+        check_kill_9_with_prefetch_loses_nothing(engines, queues())
 
     def test_engines_share_the_work(self, engines: EngineProcesses, queues: Any) -> None:
         """Three engine processes on one queue run each of 300 messages exactly once."""

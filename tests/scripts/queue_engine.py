@@ -17,6 +17,7 @@ warnings (a Redis ack kept for later, say) go to stderr. With
 ``every(SECONDS, QueueRecord, 0.0, name="tick")``, and with
 ``TEMPEST_TEST_CLOCK_SKEW=SECONDS`` its scheduler's clock is that far off (the
 queue's is not): an engine on a machine whose clock is wrong.
+``TEMPEST_TEST_PREFETCH=N`` sets the engine's ``prefetch`` option.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class QueueEngine(Engine):
         report_every = None
         shutdown_timeout = 5
         after_initialize = _ready
+        prefetch = int(os.environ.get("TEMPEST_TEST_PREFETCH") or 0)
 
 
 def record(run: str) -> None:
