@@ -153,8 +153,9 @@ class TempestContender(Contender):
         super().setup(ctx)
         self.queue = self.make_queue(ctx)
         options = {"name": self.key, "threads": ctx.threads, "queue": self.queue,
-                   "log_dir": str(ctx.tmp / "logs"), "log_level": self.level,
-                   "prefetch": self.prefetch}
+                   "log_dir": str(ctx.tmp / "logs"), "log_level": self.level}
+        if self.prefetch:  # only then: bench.ab runs versions of tempest without it
+            options["prefetch"] = self.prefetch
         self.engine: type[Engine] = type(
             f"Bench_{self.key.replace('-', '_')}", (Engine,),
             {"configure": type("configure", (), options), "__module__": __name__})
