@@ -295,6 +295,19 @@ class CommandCounter:
             return original(client, *args, **options)
 
         monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
+        # The queue's own commands on a connection of their own (one round trip each).
+        command, commands = redis_module._command, redis_module._commands
+
+        def counted(connection: Any, *args: Any) -> Any:
+            self.sent.append(str(args[0]))
+            return command(connection, *args)
+
+        def counted_together(connection: Any, *sent: tuple[Any, ...]) -> list[Any]:
+            self.sent.append(str(sent[0][0]))  # one round trip: named by its first
+            return commands(connection, *sent)
+
+        monkeypatch.setattr(redis_module, "_command", counted)
+        monkeypatch.setattr(redis_module, "_commands", counted_together)
 
 
 def test_a_batch_is_one_round_trip_into_the_in_flight_list(queues, client, monkeypatch):
