@@ -100,6 +100,11 @@ method                              what it buys
                                     seconds (None: no limit; 0: look once); None
                                     if none came in time. ``Engine.result`` and
                                     ``Engine.call`` need these
+``store_result_and_ack(m,``         optional: ``store_result`` then ``ack(m)`` in one
+``task_id, record, *, ttl)``        atomic step (both or neither); the engine uses
+                                    it for a success whose result is kept, instead
+                                    of the two. On an error *m* stays leased, as
+                                    after a failed ``store_result``
 ==================================  ===============================================
 
 Engines and outcomes (all five, or none: ``ENGINE_METHODS``): what a dashboard

@@ -218,6 +218,10 @@ once (``LINDEX``). A waiting ``result`` holds a connection of the pool for
 the wait (not the dequeue's nor the acks' own). Redis drops an expired
 record itself: none past its ``expires_at`` is returned, and nothing needs
 cleaning up. Results are one per queue name, like the failed store.
+``store_result_and_ack(m, task_id, record, ttl=T)``, which the engine uses
+for a success, is the same script followed by ``ack``'s removal of *m*'s
+in-flight entry, in one script: the record and the ack happen together, in
+one round trip.
 
 Engines, outcomes and inspection
 --------------------------------
@@ -308,8 +312,9 @@ running a message twice.
   it is remembered: *keep* seconds at least). A due message moves from
   ``scheduled`` to its ready list inside a script, never through a client,
   so no engine's death loses it; from then on it travels as any other.
-* A result is stored (``store_result``) before its message is settled: a
-  crash between the two leaves the message leased, and it runs again and
+* A result is stored (``store_result``) before its message is settled, or
+  with its ack in one script (``store_result_and_ack``): a crash between the
+  two leaves the message leased, and it runs again and
   stores its result again, replacing the first (at-least-once: a waiter may
   see the first record, then ``result`` returns the second). A result is
   never lost where its message is not. A message that goes through the
@@ -989,20 +994,37 @@ forget(gone)
 return {moved, #ids}
 """
 
-_STORE_RESULT = """\
+_STORING = """\
+local function store_result(key, head, comma, ttl, ttl_ms)
+    -- Replaces the record of list *key*: the JSON *head* without its closing
+    -- brace, *comma* (',', or '' for an empty record), expires_at (the server's
+    -- clock + *ttl* seconds) and the brace; the list expires in *ttl_ms*. Its one
+    -- element is what each waiter's BLMOVE rotates onto the same list for the next.
+    local time = redis.call('TIME')
+    local expires_at = tonumber(time[1]) + tonumber(time[2]) / 1000000 + tonumber(ttl)
+    redis.call('DEL', key)
+    redis.call('RPUSH', key, head .. comma .. '"expires_at":'
+        .. string.format('%.17g', expires_at) .. '}')
+    redis.call('PEXPIRE', key, ttl_ms)
+end
+"""
+
+_STORE_RESULT = _STORING + """\
 -- KEYS: result:<id>
 -- ARGV: the record's JSON without its closing brace, ',' (or '' for an empty
 --       record), ttl (seconds), ttl (whole ms, at least 1)
--- Replaces the record, expires_at added (the server's clock + ttl): the one
--- element of the list, which each waiter's BLMOVE rotates onto the same list
--- for the next. No shared prelude: nothing else.
-local time = redis.call('TIME')
-local expires_at = tonumber(time[1]) + tonumber(time[2]) / 1000000 + tonumber(ARGV[3])
-redis.call('DEL', KEYS[1])
-redis.call('RPUSH', KEYS[1], ARGV[1] .. ARGV[2] .. '"expires_at":'
-    .. string.format('%.17g', expires_at) .. '}')
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+-- No shared prelude: nothing else.
+store_result(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 return 1
+"""
+
+_STORE_RESULT_ACK = _HEADERS + _ACKING + _STORING + """\
+-- KEYS: result:<id>, inflight, waiting, deliveries
+-- ARGV: as _STORE_RESULT's, then the in-flight entry of the task's message
+-- The result stored, then the message acked as _ACK does, atomically: never
+-- one without the other. Returns how many entries the ack settled (0 or 1).
+store_result(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return ack(KEYS[2], KEYS[3], KEYS[4], 5)
 """
 
 _DELETE_FAILED = _COMMON + _FAILED + """\
@@ -1403,6 +1425,7 @@ class RedisQueue:
         self._retry_failed_script = client.register_script(_RETRY_FAILED)
         self._delete_failed_script = client.register_script(_DELETE_FAILED)
         self._store_result_script = client.register_script(_STORE_RESULT)
+        self._store_result_ack_script = client.register_script(_STORE_RESULT_ACK)
         self._peek_script = client.register_script(_PEEK)
         self._peek_scheduled_script = client.register_script(_PEEK_SCHEDULED)
         self._find_script = client.register_script(_FIND)
@@ -1789,22 +1812,48 @@ class RedisQueue:
         yet, so nothing is lost (see "Where a message can be lost or run
         twice").
         """
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError(f"RedisQueue.store_result: task_id must be a non-empty str, "
-                             f"not {task_id!r}")
-        if not isinstance(record, dict):
-            raise TypeError(f"RedisQueue.store_result: record must be a dict, not "
-                            f"{type(record).__name__}")
-        seconds = _ttl_seconds("store_result", "ttl", ttl)
-        fields = {key: value for key, value in record.items() if key != "expires_at"}
-        body = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+        args = _result_args("store_result", task_id, record, ttl)
         client = self._borrow()
         try:
-            _run_script(client, self._store_result_script, [self._result_key(task_id)],
-                        [body[:-1], "," if fields else "", repr(seconds),
-                         max(1, math.floor(seconds * 1000))])
+            _run_script(client, self._store_result_script, [self._result_key(task_id)], args)
         finally:
             self._lend_back(client)
+
+    def store_result_and_ack(self, message: Any, task_id: str, record: dict[str, Any], *,
+                             ttl: float) -> None:
+        """``store_result(task_id, record, ttl=ttl)``, then ``ack(message)``, in one script.
+
+        Atomic in Redis: the record is stored and the message leaves the
+        in-flight list together, or neither happens, so no outcome is ever
+        acked before its result is stored (see "Where a message can be lost or
+        run twice"). The engine uses it for a success whose result is kept:
+        one round trip for both. Raises as ``store_result`` does, and
+        ValueError for a message this queue object does not hold, storing
+        nothing. On any error the message stays leased here, as after a
+        failed ``store_result``; it is not deferred as an ack is (a deferred
+        ack might go without its result). A reply lost after the script ran
+        leaves the message acked in Redis and still leased here: nothing runs
+        twice for it.
+        """
+        args = _result_args("store_result_and_ack", task_id, record, ttl)
+        entry = self._take(message, "store_result_and_ack")
+        try:
+            client = self._borrow()
+            try:
+                _run_script(client, self._store_result_ack_script,
+                            [self._result_key(task_id), self._inflight, self._waiting,
+                             self._deliveries], [*args, entry])
+            finally:
+                self._lend_back(client)
+        except BaseException:
+            with self._cond:
+                # Leased again before it stops being settled, under one lock: a
+                # reconciliation never sees the entry unknown (see _reconcile).
+                self._leases.add(message, entry)
+                self._release([entry])
+            raise
+        with self._cond:
+            self._release([entry])
 
     def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
         """The result record of *task_id* once stored and not expired; None if none came.
@@ -2569,6 +2618,21 @@ def _ttl_seconds(action: str, argument: str, value: object) -> float:
         raise ValueError(f"RedisQueue.{action}: {argument} must be a number of seconds > 0, "
                          f"not {value!r}")
     return float(value)
+
+
+def _result_args(action: str, task_id: object, record: object, ttl: object) -> list[Any]:
+    """The store-result script's ARGV for *record*; ValueError or TypeError naming
+    *action* for a bad *task_id*, *record* (a dict, JSON-serializable) or *ttl*."""
+    if not isinstance(task_id, str) or not task_id:
+        raise ValueError(f"RedisQueue.{action}: task_id must be a non-empty str, "
+                         f"not {task_id!r}")
+    if not isinstance(record, dict):
+        raise TypeError(f"RedisQueue.{action}: record must be a dict, not "
+                        f"{type(record).__name__}")
+    seconds = _ttl_seconds(action, "ttl", ttl)
+    fields = {key: value for key, value in record.items() if key != "expires_at"}
+    body = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+    return [body[:-1], "," if fields else "", repr(seconds), max(1, math.floor(seconds * 1000))]
 
 
 def _result_head(result_ttl: object) -> bytes:
