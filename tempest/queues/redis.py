@@ -331,6 +331,7 @@ from __future__ import annotations
 
 import collections
 import decimal
+import functools
 import itertools
 import json
 import logging
@@ -1939,10 +1940,7 @@ class RedisQueue:
     def _peek(self, message: Any, action: str) -> bytes:
         """*message*'s in-flight entry, still leased; ValueError if it is not held."""
         self._check_fork()
-        with self._cond:
-            # Taken and put back under the lock: a reconciliation never sees it unleased.
-            entry: bytes = self._leases.settle(message, f"RedisQueue.{action}")
-            self._leases.add(message, entry)
+        entry: bytes = self._leases.get(message, f"RedisQueue.{action}")  # it stays leased
         return entry
 
     def heartbeat(self) -> None:
@@ -2641,7 +2639,12 @@ def _result_head(result_ttl: object) -> bytes:
     The ms are the exact decimal shift of the seconds' ``repr`` (``0.3`` ->
     ``300``, ``1e-05`` -> ``0.01``), so reading them back gives the same float.
     """
-    seconds = _ttl_seconds("schedule", "result_ttl", result_ttl)
+    return _result_head_of(_ttl_seconds("schedule", "result_ttl", result_ttl))
+
+
+@functools.lru_cache(maxsize=256)
+def _result_head_of(seconds: float) -> bytes:
+    """_result_head of a checked ttl, cached: every call of a caller asks for the same."""
     ms = format(decimal.Decimal(repr(seconds)).scaleb(3), "f")
     return b"%s%s\n" % (_RESULT_MARK, ms.encode("ascii"))
 
@@ -2664,11 +2667,18 @@ def _split_result(entry: bytes) -> tuple[float | None, bytes]:
     head = _result_part(entry)
     if not head:
         return None, entry
+    return _result_ttl_of(head), entry[len(head):]
+
+
+@functools.lru_cache(maxsize=256)
+def _result_ttl_of(head: bytes) -> float | None:
+    """The ttl (seconds) a result header ``\\xffr<ms>\\n`` holds, or None if it does not
+    parse; cached: the messages of a caller all carry the same."""
     try:
         seconds = float(decimal.Decimal(head[2:-1].decode("ascii")).scaleb(-3))
     except (ArithmeticError, ValueError):  # decimal.InvalidOperation, UnicodeDecodeError
-        return None, entry[len(head):]
-    return (seconds if 0 < seconds < math.inf else None), entry[len(head):]
+        return None
+    return seconds if 0 < seconds < math.inf else None
 
 
 def _header(entry: bytes) -> tuple[int, float | None, int, bytes]:
