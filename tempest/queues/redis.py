@@ -339,6 +339,7 @@ import math
 import os
 import re
 import secrets
+import select
 import socket
 import threading
 import time
@@ -2618,6 +2619,10 @@ def _ttl_seconds(action: str, argument: str, value: object) -> float:
     return float(value)
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""``json.dumps(..., separators=(",", ":"), allow_nan=False)``, its encoder made once."""
+
+
 def _result_args(action: str, task_id: object, record: object, ttl: object) -> list[Any]:
     """The store-result script's ARGV for *record*; ValueError or TypeError naming
     *action* for a bad *task_id*, *record* (a dict, JSON-serializable) or *ttl*."""
@@ -2629,7 +2634,7 @@ def _result_args(action: str, task_id: object, record: object, ttl: object) -> l
                         f"{type(record).__name__}")
     seconds = _ttl_seconds(action, "ttl", ttl)
     fields = {key: value for key, value in record.items() if key != "expires_at"}
-    body = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+    body = _COMPACT.encode(fields)
     return [body[:-1], "," if fields else "", repr(seconds), max(1, math.floor(seconds * 1000))]
 
 
@@ -2735,8 +2740,19 @@ def _checked(client: Any) -> Any:
     """
     connection = client.connection
     connection.connect()  # a no-op when connected
+    sock = getattr(connection, "_sock", None)
     try:
-        stale = connection.can_read()
+        if type(sock) is socket.socket:
+            # A plain TCP or Unix socket (not TLS, whose records may be pending
+            # without any reply): readable between commands means data nobody
+            # asked for, or EOF. One poll, where can_read costs several calls.
+            # No reply is ever left half read in the parser: every command here
+            # reads its replies in full or closes the connection (_command).
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            stale = bool(poller.poll(0))
+        else:
+            stale = connection.can_read()
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         stale = True
     if stale:
