@@ -405,7 +405,7 @@ def _facts() -> dict[str, Any]:
                     "python": platform.python_version(),
                     "load_average": os.getloadavg()}}
     versions: dict[str, str] = {}
-    for name in ("celery", "kombu", "dramatiq", "redis", "psycopg"):
+    for name in ("celery", "kombu", "dramatiq", "redis", "hiredis", "psycopg"):
         try:
             versions[name] = __import__(name).__version__
         except (ImportError, AttributeError):
@@ -428,7 +428,19 @@ def _facts() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         pass
     facts["versions"] = versions
+    facts["redis_parser"] = redis_parser()
     return facts
+
+
+def redis_parser() -> str:
+    """The reply parser redis-py uses in this venv, for every contender alike (tempest's
+    RedisQueue, kombu's Redis transport and Celery's result backend, Dramatiq):
+    ``hiredis`` where it is importable, else redis-py's own ``python`` one."""
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:
+        return "none"
+    return "hiredis" if HIREDIS_AVAILABLE else "python"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     base = _median(results.get(BASELINE, []), seq("p50_ms"))
     print(f"\nmedians of {args.rounds} rounds; sequential: {args.calls} calls (peers "
           f"{args.peer_calls}) after {args.warmup} warm-up calls; concurrent: "
-          f"{args.concurrent} calls over {CALLERS} caller threads")
+          f"{args.concurrent} calls over {CALLERS} caller threads; redis-py's reply parser: "
+          f"{redis_parser()}")
     print("| contender | p50 (ms) | p90 (ms) | p99 (ms) | p50 ÷ tempest-redis p50 "
           f"| {CALLERS} callers: calls/s | {CALLERS} callers: p50 / p99 (ms) |")
     print("|---" * 7 + "|")

@@ -76,6 +76,10 @@ def check_timeout(timeout: object) -> float | None:
 
 def json_value(task: Task, value: Any) -> Any:
     """*value* as JSON gives it back; TypeError naming the task and type if it is not JSON."""
+    kind = type(value)
+    if kind is int or kind is str or kind is bool or value is None or (
+            kind is float and math.isfinite(value)):
+        return value  # JSON gives these back as they are: no round trip
     try:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError, RecursionError):

@@ -294,6 +294,9 @@ class Runtime:
         stores = not missing(self.queue, RESULT_METHODS)
         self._result_ttl = self.queue.result_ttl if stores else None
         self._store_result = self.queue.store_result if stores else None
+        both = getattr(self.queue, "store_result_and_ack", None)
+        # A success's result and its ack in one step, where the queue has it.
+        self._store_result_and_ack = both if stores and callable(both) else None
         self._policies: dict[type[Task], Policy] = {}
         self._heartbeat = getattr(self.queue, "heartbeat", None)
         self.heartbeat_interval = _heartbeat_interval(self.queue)
@@ -964,9 +967,12 @@ class Runtime:
                 duration: float, *, slot: Slot | None = None) -> None:
         """Log, call back, store and settle one outcome; count it once settled.
 
-        With *slot* (a worker thread's) and a queue with ``ack_and_dequeue``,
-        a success's ack is left in ``slot.settling`` for the next dequeue, and
-        counted there once sent (see "Acks with the next dequeue").
+        With *slot* (a worker thread's) and a queue with ``ack_and_dequeue`` (or
+        ``prefetch`` on), a success's ack is left in ``slot.settling`` for the
+        next call, and
+        counted there once sent (see "Acks with the next dequeue"); a success
+        whose result is kept goes with its ack instead, where the queue has
+        ``store_result_and_ack``.
         """
         name = task.task_name
         outcome = SUCCEEDED
@@ -979,7 +985,9 @@ class Runtime:
         if error is None:
             self.logs.success_line(task.task_id, name, duration, task.attempt)
             self._callback(task, "after_success", result)
-            if keep is None or self._keep_result(task, success(task, value), keep):
+            if keep is not None and self._store_result_and_ack is not None:
+                self._keep_result_and_ack(task, message, success(task, value), keep)
+            elif keep is None or self._keep_result(task, success(task, value), keep):
                 if slot is not None and self._settles_later:
                     slot.settling = (task.task_id, message, name, duration)
                     return
@@ -1099,6 +1107,21 @@ class Runtime:
                                  redelivery=self.guarantee)
             return False
         return True
+
+    def _keep_result_and_ack(self, task: Task, message: Any, record: dict[str, Any],
+                             ttl: float) -> None:
+        """_keep_result, then the ack, in one step: the queue's ``store_result_and_ack``
+        stores the result and settles *message* atomically (one round trip for a
+        success of ``call``). If it raised, the message stays leased here, as after a
+        failed _keep_result (a reply lost after the step leaves it acked in the queue,
+        its result stored: nothing runs twice for it)."""
+        try:
+            self._store_result_and_ack(  # type: ignore[misc]
+                message, task.task_id, record, ttl=ttl)
+        except Exception as exc:  # noqa: BLE001
+            self.logs.main.error("result store failed", task_id=task.task_id,
+                                 task=task.task_name, error=_describe(exc),
+                                 redelivery=self.guarantee)
 
     # -- retries and the failed store ------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tempest import Engine, Task, TaskFailed, Unsupported
+from tempest.queues import MemoryQueue
 
 from .conftest import BUILT_IN_KINDS, built_in_queue, main_log, wait_for
 
@@ -285,6 +286,44 @@ def test_a_second_process_calls_through_the_queue(engine, queue_and_where):
         capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == 42
+
+
+class StoringAndAcking(MemoryQueue):
+    """A MemoryQueue with ``store_result_and_ack``: its calls recorded; raises while
+    ``failing``, storing nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self.failing = False
+
+    def store_result_and_ack(self, message: Any, task_id: str, record: dict[str, Any], *,
+                             ttl: float) -> None:
+        self.calls.append((task_id, record["state"]))
+        assert message[0] == task_id
+        if self.failing:
+            raise ConnectionError("the store went away")
+        self.store_result(task_id, record, ttl=ttl)
+
+
+def test_a_success_is_stored_with_its_ack_where_the_queue_can(make_engine):
+    """A success whose result is kept goes through store_result_and_ack, a final
+    failure through store_result; a failed store_result_and_ack is logged and
+    stores nothing (the call times out)."""
+    queue = StoringAndAcking()
+    engine = make_engine(queue=queue)
+    engine.start()
+    assert engine.call(ResultsAdd, 2, 3, timeout=10) == 5
+    assert [state for _, state in queue.calls] == ["succeeded"]
+    with pytest.raises(TaskFailed):
+        engine.call(ResultsBoom, "no", timeout=10)
+    assert len(queue.calls) == 1
+    queue.failing = True
+    with pytest.raises(TimeoutError):
+        engine.call(ResultsAdd, 1, 1, timeout=0.5)
+    wait_for(lambda: "result store failed" in main_log(engine), 10)
+    assert len(queue.calls) == 2
+    wait_for(lambda: engine.stats()["processed"] == 3, 10)
 
 
 class PlainQueue:

@@ -1583,14 +1583,8 @@ class PostgresQueue:
         nothing. A connection error propagates: the caller has not settled the
         message yet, so the task runs again and stores its result then.
         """
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError(f"PostgresQueue.store_result: task_id must be a non-empty str, "
-                             f"not {task_id!r}")
-        if not isinstance(record, dict):
-            raise TypeError(f"PostgresQueue.store_result: record must be a dict, not "
-                            f"{type(record).__name__}")
+        fields = protocol.result_fields("PostgresQueue.store_result", task_id, record)
         seconds = min(_positive("store_result", "ttl", ttl), _RESULT_TTL_MAX)
-        fields = {key: value for key, value in record.items() if key != "expires_at"}
         text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
         with self._connection() as conn:
             conn.execute(self._sql["store_result"], {

@@ -101,6 +101,11 @@ method                              what it buys
                                     seconds (None: no limit; 0: look once); None
                                     if none came in time. ``Engine.result`` and
                                     ``Engine.call`` need these
+``store_result_and_ack(m,``         optional: ``store_result`` then ``ack(m)`` in one
+``task_id, record, *, ttl)``        atomic step (both or neither); the engine uses
+                                    it for a success whose result is kept, instead
+                                    of the two. On an error *m* stays leased, as
+                                    after a failed ``store_result``
 ==================================  ===============================================
 
 Engines and outcomes (all five, or none: ``ENGINE_METHODS``): what a dashboard
@@ -524,6 +529,17 @@ def announcement(where: str, engine_id: object, record: object, ttl: object
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
         raise ValueError(f"{where}: ttl must be a number of seconds > 0, not {ttl!r}")
     return engine_id, json.dumps(record, separators=(",", ":"), allow_nan=False), float(ttl)
+
+
+def result_fields(where: str, task_id: object, record: object) -> dict[str, Any]:
+    """The fields of a ``store_result`` *record* to store: every one but ``expires_at``
+    (the queue sets it). ValueError for a *task_id* that is not a non-empty str,
+    TypeError for a *record* that is not a dict; *where* names the method."""
+    if not isinstance(task_id, str) or not task_id:
+        raise ValueError(f"{where}: task_id must be a non-empty str, not {task_id!r}")
+    if not isinstance(record, dict):
+        raise TypeError(f"{where}: record must be a dict, not {type(record).__name__}")
+    return {key: value for key, value in record.items() if key != "expires_at"}
 
 
 def engine_id_of(where: str, engine_id: object) -> str:

@@ -218,6 +218,10 @@ once (``LINDEX``). A waiting ``result`` holds a connection of the pool for
 the wait (not the dequeue's nor the acks' own). Redis drops an expired
 record itself: none past its ``expires_at`` is returned, and nothing needs
 cleaning up. Results are one per queue name, like the failed store.
+``store_result_and_ack(m, task_id, record, ttl=T)``, which the engine uses
+for a success, is the same script followed by ``ack``'s removal of *m*'s
+in-flight entry, in one script: the record and the ack happen together, in
+one round trip.
 
 Engines, outcomes and inspection
 --------------------------------
@@ -308,8 +312,9 @@ running a message twice.
   it is remembered: *keep* seconds at least). A due message moves from
   ``scheduled`` to its ready list inside a script, never through a client,
   so no engine's death loses it; from then on it travels as any other.
-* A result is stored (``store_result``) before its message is settled: a
-  crash between the two leaves the message leased, and it runs again and
+* A result is stored (``store_result``) before its message is settled, or
+  with its ack in one script (``store_result_and_ack``): a crash between the
+  two leaves the message leased, and it runs again and
   stores its result again, replacing the first (at-least-once: a waiter may
   see the first record, then ``result`` returns the second). A result is
   never lost where its message is not. A message that goes through the
@@ -326,6 +331,7 @@ from __future__ import annotations
 
 import collections
 import decimal
+import functools
 import itertools
 import json
 import logging
@@ -333,6 +339,7 @@ import math
 import os
 import re
 import secrets
+import select
 import socket
 import threading
 import time
@@ -346,6 +353,8 @@ from tempest.queues import protocol
 try:
     import redis
     from redis.backoff import NoBackoff
+    from redis.commands.core import Script as _Script
+    from redis.exceptions import NoScriptError
     from redis.retry import Retry
 except ImportError:  # the extra is not installed: RedisQueue() says how to fix it
     _DRIVER_MISSING = True
@@ -400,6 +409,9 @@ _OUTCOMES_KEPT = 3900
 
 _POLL = 0.01
 """Seconds between two polls in that last stretch (an enqueue waits that long at most)."""
+
+_SPARES = 64
+"""Idle connections kept for the callers' commands (see _borrow); more are closed."""
 
 _CONNECTION_ERRORS: tuple[type[Exception], ...] = ()
 if not _DRIVER_MISSING:
@@ -984,20 +996,37 @@ forget(gone)
 return {moved, #ids}
 """
 
-_STORE_RESULT = """\
+_STORING = """\
+local function store_result(key, head, comma, ttl, ttl_ms)
+    -- Replaces the record of list *key*: the JSON *head* without its closing
+    -- brace, *comma* (',', or '' for an empty record), expires_at (the server's
+    -- clock + *ttl* seconds) and the brace; the list expires in *ttl_ms*. Its one
+    -- element is what each waiter's BLMOVE rotates onto the same list for the next.
+    local time = redis.call('TIME')
+    local expires_at = tonumber(time[1]) + tonumber(time[2]) / 1000000 + tonumber(ttl)
+    redis.call('DEL', key)
+    redis.call('RPUSH', key, head .. comma .. '"expires_at":'
+        .. string.format('%.17g', expires_at) .. '}')
+    redis.call('PEXPIRE', key, ttl_ms)
+end
+"""
+
+_STORE_RESULT = _STORING + """\
 -- KEYS: result:<id>
 -- ARGV: the record's JSON without its closing brace, ',' (or '' for an empty
 --       record), ttl (seconds), ttl (whole ms, at least 1)
--- Replaces the record, expires_at added (the server's clock + ttl): the one
--- element of the list, which each waiter's BLMOVE rotates onto the same list
--- for the next. No shared prelude: nothing else.
-local time = redis.call('TIME')
-local expires_at = tonumber(time[1]) + tonumber(time[2]) / 1000000 + tonumber(ARGV[3])
-redis.call('DEL', KEYS[1])
-redis.call('RPUSH', KEYS[1], ARGV[1] .. ARGV[2] .. '"expires_at":'
-    .. string.format('%.17g', expires_at) .. '}')
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+-- No shared prelude: nothing else.
+store_result(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 return 1
+"""
+
+_STORE_RESULT_ACK = _HEADERS + _ACKING + _STORING + """\
+-- KEYS: result:<id>, inflight, waiting, deliveries
+-- ARGV: as _STORE_RESULT's, then the in-flight entry of the task's message
+-- The result stored, then the message acked as _ACK does, atomically: never
+-- one without the other. Returns how many entries the ack settled (0 or 1).
+store_result(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return ack(KEYS[2], KEYS[3], KEYS[4], 5)
 """
 
 _DELETE_FAILED = _COMMON + _FAILED + """\
@@ -1398,6 +1427,7 @@ class RedisQueue:
         self._retry_failed_script = client.register_script(_RETRY_FAILED)
         self._delete_failed_script = client.register_script(_DELETE_FAILED)
         self._store_result_script = client.register_script(_STORE_RESULT)
+        self._store_result_ack_script = client.register_script(_STORE_RESULT_ACK)
         self._peek_script = client.register_script(_PEEK)
         self._peek_scheduled_script = client.register_script(_PEEK_SCHEDULED)
         self._find_script = client.register_script(_FIND)
@@ -1446,6 +1476,8 @@ class RedisQueue:
         self._mover_lock = threading.Lock()
         self._mover_client: Any = None
         self._acker: Any = None
+        self._spares: list[Any] = []
+        """Idle single-connection clients for the commands of any thread (see _borrow)."""
 
     # -- the queue protocol ---------------------------------------------------------
 
@@ -1460,8 +1492,7 @@ class RedisQueue:
         in one command (see "Delayed and prioritised messages").
         """
         if time.monotonic() < self._plain_until:
-            self._check_fork()
-            self._client.lpush(self._waiting, protocol.encode(message))
+            self._lpush(protocol.encode(message))
             return
         self._store(message, "now", 0, 0)
 
@@ -1485,8 +1516,7 @@ class RedisQueue:
                 and time.monotonic() < self._plain_until):
             # Only its result header differs from a plain enqueue: the same
             # bare LPUSH (see enqueue) while nothing is scheduled or prioritised.
-            self._check_fork()
-            self._client.lpush(self._waiting, head + _entry(message, 0))
+            self._lpush(head + _entry(message, 0))
             return
         if delay is not None:
             self._store(message, "delay", delay * 1000, priority, head)
@@ -1600,15 +1630,17 @@ class RedisQueue:
         try:
             with self._mover() as client:
                 sent = time.monotonic()
-                reply = self._ack_take_script(
-                    client=client,
-                    keys=[self._waiting, self._inflight, self._consumers, self._scheduled,
-                          self._priorities, self._deliveries],
-                    args=[self.prefix, self.consumer, min(count, _BATCH_LIMIT),
-                          _PROMOTE_LIMIT, *entries])
+                reply = _run_script(
+                    client, self._ack_take_script,
+                    [self._waiting, self._inflight, self._consumers, self._scheduled,
+                     self._priorities, self._deliveries],
+                    [self.prefix, self.consumer, min(count, _BATCH_LIMIT), _PROMOTE_LIMIT,
+                     *entries])
             taken = bool(int(reply[0]))
             if taken:
-                self._found_none = False
+                # Nothing taken: nothing was waiting a moment ago, so the next
+                # waiting dequeue may go straight to BLMOVE (see _fetch).
+                self._found_none = len(reply) == 2
                 self._note_hint(int(reply[1]), sent)
             held = self._hold(list(reply[2:]))  # before the move ends (see _reconcile)
             failed = False
@@ -1782,20 +1814,48 @@ class RedisQueue:
         yet, so nothing is lost (see "Where a message can be lost or run
         twice").
         """
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError(f"RedisQueue.store_result: task_id must be a non-empty str, "
-                             f"not {task_id!r}")
-        if not isinstance(record, dict):
-            raise TypeError(f"RedisQueue.store_result: record must be a dict, not "
-                            f"{type(record).__name__}")
-        seconds = _ttl_seconds("store_result", "ttl", ttl)
-        fields = {key: value for key, value in record.items() if key != "expires_at"}
-        body = json.dumps(fields, separators=(",", ":"), allow_nan=False)
-        self._check_fork()
-        self._store_result_script(
-            keys=[self._result_key(task_id)],
-            args=[body[:-1], "," if fields else "", repr(seconds),
-                  max(1, math.floor(seconds * 1000))])
+        args = _result_args("store_result", task_id, record, ttl)
+        client = self._borrow()
+        try:
+            _run_script(client, self._store_result_script, [self._result_key(task_id)], args)
+        finally:
+            self._lend_back(client)
+
+    def store_result_and_ack(self, message: Any, task_id: str, record: dict[str, Any], *,
+                             ttl: float) -> None:
+        """``store_result(task_id, record, ttl=ttl)``, then ``ack(message)``, in one script.
+
+        Atomic in Redis: the record is stored and the message leaves the
+        in-flight list together, or neither happens, so no outcome is ever
+        acked before its result is stored (see "Where a message can be lost or
+        run twice"). The engine uses it for a success whose result is kept:
+        one round trip for both. Raises as ``store_result`` does, and
+        ValueError for a message this queue object does not hold, storing
+        nothing. On any error the message stays leased here, as after a
+        failed ``store_result``; it is not deferred as an ack is (a deferred
+        ack might go without its result). A reply lost after the script ran
+        leaves the message acked in Redis and still leased here: nothing runs
+        twice for it.
+        """
+        args = _result_args("store_result_and_ack", task_id, record, ttl)
+        entry = self._take(message, "store_result_and_ack")
+        try:
+            client = self._borrow()
+            try:
+                _run_script(client, self._store_result_ack_script,
+                            [self._result_key(task_id), self._inflight, self._waiting,
+                             self._deliveries], [*args, entry])
+            finally:
+                self._lend_back(client)
+        except BaseException:
+            with self._cond:
+                # Leased again before it stops being settled, under one lock: a
+                # reconciliation never sees the entry unknown (see _reconcile).
+                self._leases.add(message, entry)
+                self._release([entry])
+            raise
+        with self._cond:
+            self._release([entry])
 
     def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
         """The result record of *task_id* once stored and not expired; None if none came.
@@ -1811,22 +1871,64 @@ class RedisQueue:
         if not isinstance(task_id, str) or not task_id:
             return None
         key = self._result_key(task_id)
-        client = self._client  # the pool: a wait holds a connection of its own
-        if timeout is not None and timeout <= 0:
-            value = client.lindex(key, 0)
-            return None if value is None else _result_record(value)
-        deadline = None if timeout is None else time.monotonic() + float(timeout)
-        while True:
-            wait = self._result_wait
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                wait = min(wait, remaining)
-            # The element stays in the list (moved onto itself), for every waiter.
-            value = client.blmove(key, key, max(wait, _MIN_WAIT), "RIGHT", "LEFT")
-            if value is not None:
-                return _result_record(value)
+        client = self._borrow()  # a wait holds a connection of its own
+        try:
+            if timeout is not None and timeout <= 0:
+                value = _run(client, "LINDEX", key, 0)
+                return None if value is None else _result_record(value)
+            deadline = None if timeout is None else time.monotonic() + float(timeout)
+            while True:
+                wait = self._result_wait
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    wait = min(wait, remaining)
+                # The element stays in the list (moved onto itself), for every waiter.
+                value = _run(client, "BLMOVE", key, key, "RIGHT", "LEFT", max(wait, _MIN_WAIT))
+                if value is not None:
+                    return _result_record(value)
+        finally:
+            self._lend_back(client)
+
+    # -- connections of the callers' commands -------------------------------------------
+
+    def _borrow(self) -> Any:
+        """A single-connection client for the calling thread alone, until ``_lend_back``.
+
+        For the commands on the path of a call (the bare ``LPUSH``, a result's
+        ``BLMOVE``, ``store_result``'s script), which any thread may send:
+        they skip redis-py's client layer (see _command). An idle one is
+        reused (``list.pop`` and ``append`` are atomic, so no two threads ever
+        hold the same one), checked as the pool checks its own first; else a
+        new one holds a connection of the pool.
+        """
+        self._check_fork()
+        try:
+            client = self._spares.pop()
+        except IndexError:
+            client = self._single_connection()
+        try:
+            return _checked(client)
+        except BaseException:
+            self._lend_back(client)  # disconnected: it connects again when next used
+            raise
+
+    def _lend_back(self, client: Any) -> None:
+        """Keep *client*, which ``_borrow`` lent, for the next command (a broken connection
+        was closed by the command and connects anew), or close it beyond ``_SPARES``."""
+        if len(self._spares) < _SPARES:
+            self._spares.append(client)
+        else:
+            client.close()
+
+    def _lpush(self, entry: bytes | str) -> None:
+        """The bare ``LPUSH`` of *entry* onto ``waiting`` (see enqueue)."""
+        client = self._borrow()
+        try:
+            _run(client, "LPUSH", self._waiting, entry)
+        finally:
+            self._lend_back(client)
 
     def _result_key(self, task_id: str) -> str:
         """The key of *task_id*'s result list."""
@@ -1839,10 +1941,7 @@ class RedisQueue:
     def _peek(self, message: Any, action: str) -> bytes:
         """*message*'s in-flight entry, still leased; ValueError if it is not held."""
         self._check_fork()
-        with self._cond:
-            # Taken and put back under the lock: a reconciliation never sees it unleased.
-            entry: bytes = self._leases.settle(message, f"RedisQueue.{action}")
-            self._leases.add(message, entry)
+        entry: bytes = self._leases.get(message, f"RedisQueue.{action}")  # it stays leased
         return entry
 
     def heartbeat(self) -> None:
@@ -2025,11 +2124,16 @@ class RedisQueue:
         """Store *message* by the store script; *head*: its result header, if any."""
         self._check_fork()
         self._plain_until = -math.inf  # a thread's enqueue meanwhile runs the script too
-        sent = time.monotonic()
-        only_waiting = self._store_script(
-            keys=[self._waiting, self._scheduled, self._priorities, self._sequence],
-            args=[self.prefix, head + _entry(message, priority), kind, repr(float(value)),
-                  _PROMOTE_LIMIT])
+        entry = head + _entry(message, priority)
+        client = self._borrow()
+        try:
+            sent = time.monotonic()
+            only_waiting = _run_script(
+                client, self._store_script,
+                [self._waiting, self._scheduled, self._priorities, self._sequence],
+                [self.prefix, entry, kind, repr(float(value)), _PROMOTE_LIMIT])
+        finally:
+            self._lend_back(client)
         if only_waiting == 1:
             self._plain_until = sent + _RECHECK
 
@@ -2063,7 +2167,10 @@ class RedisQueue:
         claim script renews the lease, recovers dead consumers' messages and
         takes. A waiting dequeue that follows one that found nothing, with the
         lease still fresh, goes straight to BLMOVE: one round trip per wait
-        while the engine idles.
+        while the engine idles. So does one that follows a BLMOVE whose message
+        was the last one waiting (``LLEN`` sent with it says so): a message
+        that comes alone, as a synchronous call's does, costs the engine no
+        take and no claim before its next wait.
         """
         self._check_fork()
         if self._deferred:
@@ -2080,7 +2187,8 @@ class RedisQueue:
                 if not (fresh and waits and self._found_none and now < self._due_at):
                     if (fresh and count == 1 and now < self._due_at
                             and now - self._checked_at < _RECHECK):
-                        body = client.lmove(self._waiting, self._inflight, "RIGHT", "LEFT")
+                        body = _run(client, "LMOVE", self._waiting, self._inflight, "RIGHT",
+                                    "LEFT")
                         if body == _TOKEN:
                             # Something else than 'waiting' is ready, or due earlier.
                             bodies = self._take_ready(client, count, drop=True)
@@ -2090,10 +2198,11 @@ class RedisQueue:
                         bodies = self._take_ready(client, count)
                     if not bodies:
                         bodies = self._claim(client, take=count)
+                emptied = False
                 if not bodies and waits:
-                    bodies = self._wait(client, time.monotonic() + wait_for, count)
+                    bodies, emptied = self._wait(client, time.monotonic() + wait_for, count)
                 # A hint for the next dequeue, shared by threads: any path is correct.
-                self._found_none = waits and not bodies
+                self._found_none = waits and (not bodies or emptied)
             messages = self._hold(bodies)
             failed = False
         finally:
@@ -2130,11 +2239,11 @@ class RedisQueue:
         [] if nothing is ready, or this consumer's lease ran out.
         """
         sent = time.monotonic()
-        reply = self._take_script(
-            client=client,
-            keys=[self._waiting, self._inflight, self._consumers, self._scheduled,
-                  self._priorities],
-            args=[self.prefix, self.consumer, count, int(drop), _PROMOTE_LIMIT])
+        reply = _run_script(
+            client, self._take_script,
+            [self._waiting, self._inflight, self._consumers, self._scheduled,
+             self._priorities],
+            [self.prefix, self.consumer, count, int(drop), _PROMOTE_LIMIT])
         if not int(reply[0]):
             return []
         self._note_hint(int(reply[1]), sent)
@@ -2159,12 +2268,12 @@ class RedisQueue:
             # one whose reply comes second may be the one that registered.
             registered = self._registered
         sent = time.monotonic()
-        reply = self._claim_script(
-            client=client,
-            keys=[self._waiting, self._inflight, self._consumers, self._deliveries,
-                  self._rejected, self._scheduled, self._priorities],
-            args=[self.prefix, self.consumer, round(self.lease * 1000), self.max_deliveries,
-                  protocol.POISON_REASON, take, _SWEEP_LIMIT, int(drop), _PROMOTE_LIMIT])
+        reply = _run_script(
+            client, self._claim_script,
+            [self._waiting, self._inflight, self._consumers, self._deliveries,
+             self._rejected, self._scheduled, self._priorities],
+            [self.prefix, self.consumer, round(self.lease * 1000), self.max_deliveries,
+             protocol.POISON_REASON, take, _SWEEP_LIMIT, int(drop), _PROMOTE_LIMIT])
         # Renewed no earlier than *sent*: Redis ran the script after it was sent.
         self._renewed_at = max(self._renewed_at, sent)
         self._note_registration(int(reply[0]), registered)
@@ -2179,7 +2288,7 @@ class RedisQueue:
         """Whether this consumer's lease was renewed within the last ``_FRESH`` of a lease."""
         return time.monotonic() - self._renewed_at < self.lease * _FRESH
 
-    def _wait(self, client: Any, deadline: float, count: int) -> list[bytes]:
+    def _wait(self, client: Any, deadline: float, count: int) -> tuple[list[bytes], bool]:
         """BLMOVE in slices until a message comes or *deadline* (monotonic) passes.
 
         Each slice is at most half a lease, and the lease was renewed less
@@ -2188,13 +2297,14 @@ class RedisQueue:
         it waits, so what BLMOVE moves into its in-flight list is always
         recoverable. Between slices the lease is renewed once it is no longer
         fresh. Returns the message BLMOVE moved and up to *count* - 1 more,
-        taken by the renewal that follows it.
+        taken by the renewal that follows it; and whether ``waiting`` was left
+        empty by that BLMOVE (then the next wait may go straight to BLMOVE).
         """
         while True:
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
-                return []
+                return [], False
             due_in = self._due_at - now
             if due_in <= _PRECISE:
                 # The last stretch before a delayed message's time: poll, to
@@ -2204,17 +2314,26 @@ class RedisQueue:
                 if not bodies:
                     bodies = self._claim(client, take=count)
                 if bodies:
-                    return bodies
+                    return bodies, False
                 continue
             wait = max(min(remaining, self._max_wait, due_in - _PRECISE), _MIN_WAIT)
-            body: bytes | None = client.blmove(
-                self._waiting, self._inflight, wait, "RIGHT", "LEFT")
+            left = 1
+            connection = client.connection
+            if connection is None:  # the pool's client: no hint
+                body: bytes | None = client.execute_command(
+                    "BLMOVE", self._waiting, self._inflight, "RIGHT", "LEFT", wait)
+            else:
+                # LLEN runs once BLMOVE returns, in the same round trip: what is
+                # left behind the message it moved.
+                body, left = _commands(
+                    connection, ("BLMOVE", self._waiting, self._inflight, "RIGHT", "LEFT", wait),
+                    ("LLEN", self._waiting))
             if body == _TOKEN:
                 # Woken: a prioritised message is ready, or a delayed one is due
                 # earlier than known. The claim drops the token and looks.
                 bodies = self._claim(client, take=count, drop=True)
                 if bodies:
-                    return bodies
+                    return bodies, False
                 continue
             if body is not None:
                 if self._fresh():
@@ -2222,16 +2341,16 @@ class RedisQueue:
                     # quarters of one more: the consumer is registered and the
                     # message recoverable, with no round trip between the move
                     # and the task. The rest of a batch is the next dequeue's.
-                    return [body]
+                    return [body], left == 0
                 # Renew at once: had the lease run out anyway (a stall longer than
                 # half a lease), this registers the consumer again, so the
                 # message just moved cannot be stranded. The same script takes
                 # the rest of a batch.
-                return [body, *self._claim(client, take=count - 1)]
+                return [body, *self._claim(client, take=count - 1)], False
             if not self._fresh():
                 bodies = self._claim(client, take=count)
                 if bodies:
-                    return bodies
+                    return bodies, False
 
     def _hold(self, bodies: list[bytes]) -> list[Any]:
         """Lease each of *bodies* to the message object handed out for it."""
@@ -2386,9 +2505,8 @@ class RedisQueue:
                     # Only the thread sending acks uses this connection of its own.
                     if self._acker is None:
                         self._acker = self._single_connection()
-                    self._settle_scripts["ack"](
-                        client=_checked(self._acker),
-                        keys=[self._inflight, self._waiting, self._deliveries], args=batch)
+                    _run_script(_checked(self._acker), self._settle_scripts["ack"],
+                                [self._inflight, self._waiting, self._deliveries], batch)
                 except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it is
                     self._defer([("ack", entry, ()) for entry in batch], exc)
                     if failure is None and not isinstance(exc, _CONNECTION_ERRORS):
@@ -2501,13 +2619,31 @@ def _ttl_seconds(action: str, argument: str, value: object) -> float:
     return float(value)
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""``json.dumps(..., separators=(",", ":"), allow_nan=False)``, its encoder made once."""
+
+
+def _result_args(action: str, task_id: object, record: object, ttl: object) -> list[Any]:
+    """The store-result script's ARGV for *record*; ValueError or TypeError naming
+    *action* for a bad *task_id*, *record* (a dict, JSON-serializable) or *ttl*."""
+    fields = protocol.result_fields(f"RedisQueue.{action}", task_id, record)
+    seconds = _ttl_seconds(action, "ttl", ttl)
+    body = _COMPACT.encode(fields)
+    return [body[:-1], "," if fields else "", repr(seconds), max(1, math.floor(seconds * 1000))]
+
+
 def _result_head(result_ttl: object) -> bytes:
     """The result header ``\\xffr<ttl ms>\\n`` for *result_ttl* seconds.
 
     The ms are the exact decimal shift of the seconds' ``repr`` (``0.3`` ->
     ``300``, ``1e-05`` -> ``0.01``), so reading them back gives the same float.
     """
-    seconds = _ttl_seconds("schedule", "result_ttl", result_ttl)
+    return _result_head_of(_ttl_seconds("schedule", "result_ttl", result_ttl))
+
+
+@functools.lru_cache(maxsize=256)
+def _result_head_of(seconds: float) -> bytes:
+    """_result_head of a checked ttl, cached: every call of a caller asks for the same."""
     ms = format(decimal.Decimal(repr(seconds)).scaleb(3), "f")
     return b"%s%s\n" % (_RESULT_MARK, ms.encode("ascii"))
 
@@ -2530,11 +2666,18 @@ def _split_result(entry: bytes) -> tuple[float | None, bytes]:
     head = _result_part(entry)
     if not head:
         return None, entry
+    return _result_ttl_of(head), entry[len(head):]
+
+
+@functools.lru_cache(maxsize=256)
+def _result_ttl_of(head: bytes) -> float | None:
+    """The ttl (seconds) a result header ``\\xffr<ms>\\n`` holds, or None if it does not
+    parse; cached: the messages of a caller all carry the same."""
     try:
         seconds = float(decimal.Decimal(head[2:-1].decode("ascii")).scaleb(-3))
     except (ArithmeticError, ValueError):  # decimal.InvalidOperation, UnicodeDecodeError
-        return None, entry[len(head):]
-    return (seconds if 0 < seconds < math.inf else None), entry[len(head):]
+        return None
+    return seconds if 0 < seconds < math.inf else None
 
 
 def _header(entry: bytes) -> tuple[int, float | None, int, bytes]:
@@ -2591,11 +2734,96 @@ def _checked(client: Any) -> Any:
     """
     connection = client.connection
     connection.connect()  # a no-op when connected
+    sock = getattr(connection, "_sock", None)
     try:
-        stale = connection.can_read()
+        if type(sock) is socket.socket:
+            # A plain TCP or Unix socket (not TLS, whose records may be pending
+            # without any reply): readable between commands means data nobody
+            # asked for, or EOF. One poll, where can_read costs several calls.
+            # No reply is ever left half read in the parser: every command here
+            # reads its replies in full or closes the connection (_command).
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            stale = bool(poller.poll(0))
+        else:
+            stale = connection.can_read()
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         stale = True
     if stale:
         connection.disconnect()
         connection.connect()
     return client
+
+
+def _command(connection: Any, *args: Any) -> Any:
+    """Send one command on *connection* (used by the calling thread alone meanwhile) and
+    return its reply as Redis sent it (bytes, int, list, None).
+
+    redis-py's ``execute_command`` costs several times the CPU of the round trip
+    itself (the pool's checkout and release, the retry wrapper, its metrics
+    hooks); a connection's own ``send_packed_command`` and ``read_response``
+    are all that a command of the message path needs, and replies stay raw
+    (the queue asks for no decoding). An error reply raises its
+    ``redis.ResponseError``, the connection still in step; any other error
+    closes the connection, as redis-py does (a reply may be left unread),
+    and the next command connects anew. Nothing is retried.
+    """
+    try:
+        connection.send_packed_command(connection.pack_command(*args), check_health=False)
+        return connection.read_response()
+    except redis.ResponseError:
+        raise
+    except BaseException:
+        connection.disconnect()
+        raise
+
+
+def _commands(connection: Any, *commands: tuple[Any, ...]) -> list[Any]:
+    """*commands* sent together on *connection* (one round trip), their replies in order.
+
+    Redis runs them one after the other, each once the one before it is done
+    (a blocking command first: once it returns). Errors as in _command; an
+    error reply is raised after every reply is read.
+    """
+    try:
+        connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        replies: list[Any] = []
+        error: Exception | None = None
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as exc:
+                error = error or exc
+                replies.append(None)
+    except BaseException:
+        connection.disconnect()
+        raise
+    if error is not None:
+        raise error
+    return replies
+
+
+def _run(client: Any, *args: Any) -> Any:
+    """Command *args* by *client*: by _command on a single-connection client, else by
+    redis-py (the pool); the reply raw."""
+    connection = client.connection
+    if connection is None:
+        return client.execute_command(*args)
+    return _command(connection, *args)
+
+
+def _run_script(client: Any, script: Any, keys: list[Any], args: list[Any]) -> Any:
+    """*script* (registered by ``register_script``) run by *client* as ``script(keys=,
+    args=, client=)`` would: by ``EVALSHA`` on _command for a single-connection client.
+
+    A server that does not know the script (restarted, or ``SCRIPT FLUSH``) ran
+    nothing: it is loaded and run again, as redis-py does.
+    """
+    connection = client.connection
+    if connection is None or type(script) is not _Script:
+        return script(keys=keys, args=args, client=client)
+    try:
+        return _command(connection, "EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        _command(connection, "SCRIPT", "LOAD", script.script)
+        return _command(connection, "EVALSHA", script.sha, len(keys), *keys, *args)

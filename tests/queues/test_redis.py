@@ -295,6 +295,19 @@ class CommandCounter:
             return original(client, *args, **options)
 
         monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
+        # The queue's own commands on a connection of their own (one round trip each).
+        command, commands = redis_module._command, redis_module._commands
+
+        def counted(connection: Any, *args: Any) -> Any:
+            self.sent.append(str(args[0]))
+            return command(connection, *args)
+
+        def counted_together(connection: Any, *sent: tuple[Any, ...]) -> list[Any]:
+            self.sent.append(str(sent[0][0]))  # one round trip: named by its first
+            return commands(connection, *sent)
+
+        monkeypatch.setattr(redis_module, "_command", counted)
+        monkeypatch.setattr(redis_module, "_commands", counted_together)
 
 
 def test_a_batch_is_one_round_trip_into_the_in_flight_list(queues, client, monkeypatch):
@@ -1221,6 +1234,70 @@ def test_store_result_refuses_what_it_cannot_store(queues):
     assert queue.result("id-r", timeout=0) is None
     queue.store_result("id-empty", {}, ttl=5)
     assert set(queue.result("id-empty", timeout=0)) == {"expires_at"}
+
+
+def test_store_result_and_ack_is_one_script_storing_then_acking(queues, client, name,
+                                                                 monkeypatch):
+    """The record stored and the message out of the in-flight list, in one command; the
+    message is no longer held; a recovered one still waiting is removed there."""
+    queue = queues()
+    queue.schedule(["id-a", "Task"], result_ttl=60)
+    message = queue.dequeue(timeout=1)
+    counter = CommandCounter(monkeypatch)
+    queue.store_result_and_ack(message, "id-a", record_of("id-a", 7), ttl=60)
+    monkeypatch.undo()
+    assert counter.sent == ["EVALSHA"]
+    assert queue.result("id-a", timeout=0)["value"] == 7
+    assert in_flight(client, name) == 0 and len(queue) == 0
+    with pytest.raises(ValueError, match="not a message this queue object dequeued"):
+        queue.ack(message)
+    # Recovered after its lease (back in waiting): the ack removes it there.
+    queue.schedule(["id-b", "Task"], result_ttl=60)
+    held = queue.dequeue(timeout=1)
+    client.rpush(f"{queue.prefix}waiting",
+                 client.rpop(f"{queue.prefix}inflight:{queue.consumer}"))
+    queue.store_result_and_ack(held, "id-b", record_of("id-b"), ttl=60)
+    assert len(queue) == 0 and in_flight(client, name) == 0
+    assert queue.result("id-b", timeout=0)["value"] == 42
+
+
+def test_store_result_and_ack_refuses_before_storing(queues, client, name):
+    """A message not held, or a record that cannot be stored: nothing stored, nothing
+    acked (the held message stays leased and can be acked after)."""
+    queue = queues()
+    with pytest.raises(ValueError, match="not a message this queue object dequeued"):
+        queue.store_result_and_ack(["id-x", "Task"], "id-x", record_of("id-x"), ttl=5)
+    assert queue.result("id-x", timeout=0) is None
+    queue.enqueue(["id-y", "Task"])
+    message = queue.dequeue(timeout=1)
+    with pytest.raises(TypeError):
+        queue.store_result_and_ack(message, "id-y", {"value": object()}, ttl=5)
+    with pytest.raises(ValueError, match="ttl"):
+        queue.store_result_and_ack(message, "id-y", record_of("id-y"), ttl=0)
+    assert queue.result("id-y", timeout=0) is None and in_flight(client, name) == 1
+    queue.ack(message)
+    assert in_flight(client, name) == 0
+
+
+def test_store_result_and_ack_that_fails_leaves_the_message_leased(queues, client, name,
+                                                                   monkeypatch):
+    """A connection error: raised, never deferred as an ack (it would go without its
+    result); the message stays leased and in flight, and can be settled after."""
+    queue = queues()
+    queue.enqueue(["id-z", "Task"])
+    message = queue.dequeue(timeout=1)
+
+    def broken(**kwargs: Any) -> Any:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(queue, "_store_result_ack_script", broken)
+    with pytest.raises(redis.ConnectionError):
+        queue.store_result_and_ack(message, "id-z", record_of("id-z"), ttl=5)
+    assert not queue._deferred and in_flight(client, name) == 1
+    assert queue.result("id-z", timeout=0) is None
+    monkeypatch.undo()
+    queue.store_result_and_ack(message, "id-z", record_of("id-z"), ttl=5)
+    assert in_flight(client, name) == 0 and queue.result("id-z", timeout=0)["value"] == 42
 
 
 def test_result_of_an_unknown_id(queues):
