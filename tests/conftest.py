@@ -161,14 +161,12 @@ def built_in_queue(kind: str, request: pytest.FixtureRequest, tmp_path: Path, na
     """
     if kind == "memory":
         yield MemoryQueue()
-    elif kind == "sqlite":
+        return
+    remove: Callable[[], Any] = lambda: None  # noqa: E731 - the storage's own clean-up
+    if kind == "sqlite":
         from tempest.queues import SQLiteQueue
 
         made: Any = SQLiteQueue(tmp_path / "queue.db")
-        try:
-            yield made
-        finally:
-            made.close()
     elif kind == "redis":
         from tempest.queues import RedisQueue
 
@@ -176,11 +174,7 @@ def built_in_queue(kind: str, request: pytest.FixtureRequest, tmp_path: Path, na
 
         url = request.getfixturevalue("redis_url")
         made = RedisQueue(url, name=name)
-        try:
-            yield made
-        finally:
-            made.close()
-            delete_queue(url, name)
+        remove = lambda: delete_queue(url, name)  # noqa: E731
     else:
         from tempest.queues import PostgresQueue
 
@@ -188,11 +182,12 @@ def built_in_queue(kind: str, request: pytest.FixtureRequest, tmp_path: Path, na
 
         dsn = request.getfixturevalue("postgres_dsn")
         made = PostgresQueue(dsn, table=name)
-        try:
-            yield made
-        finally:
-            made.close()
-            drop_tables(dsn, name)
+        remove = lambda: drop_tables(dsn, name)  # noqa: E731
+    try:
+        yield made
+    finally:
+        made.close()
+        remove()
 
 
 def free_port() -> int:

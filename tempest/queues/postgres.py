@@ -1394,10 +1394,7 @@ class PostgresQueue:
         back, as when ``ack`` raises.
         """
         count = operator.index(count)
-        if not isinstance(messages, list) or not messages:
-            raise TypeError("PostgresQueue.ack_and_dequeue: messages must be a non-empty "
-                            f"list of messages, not {type(messages).__name__} "
-                            f"{messages!r:.60}")
+        messages = protocol.settling("PostgresQueue.ack_and_dequeue", messages)
         rows: list[int] = []
         try:
             for message in messages:

@@ -531,6 +531,22 @@ def announcement(where: str, engine_id: object, record: object, ttl: object
     return engine_id, json.dumps(record, separators=(",", ":"), allow_nan=False), float(ttl)
 
 
+def settling(where: str, messages: object) -> list[Any]:
+    """The *messages* of ``ack_and_dequeue``, checked: a non-empty list (TypeError
+    otherwise, naming *where*)."""
+    if not isinstance(messages, list) or not messages:
+        raise TypeError(f"{where}: messages must be a non-empty list of messages, not "
+                        f"{type(messages).__name__} {messages!r:.60}")
+    return messages
+
+
+def whole_count(where: str, count: object) -> int:
+    """A *count* of messages, checked: an int, not a bool (TypeError otherwise)."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"{where}: count must be an int, not {count!r}")
+    return count
+
+
 def result_fields(where: str, task_id: object, record: object) -> dict[str, Any]:
     """The fields of a ``store_result`` *record* to store: every one but ``expires_at``
     (the queue sets it). ValueError for a *task_id* that is not a non-empty str,

@@ -1572,8 +1572,7 @@ class RedisQueue:
         ``dequeue`` had returned it. A connection error propagates (the engine
         retries).
         """
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(f"RedisQueue.dequeue_many: count must be an int, not {count!r}")
+        count = protocol.whole_count("RedisQueue.dequeue_many", count)
         if count < 1:
             return []
         return self._fetch(min(count, _BATCH_LIMIT), timeout)
@@ -1610,11 +1609,8 @@ class RedisQueue:
         does) and returns no message: what Redis may have moved for a reply
         that never came is given back by the next dequeue.
         """
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(f"RedisQueue.ack_and_dequeue: count must be an int, not {count!r}")
-        if not isinstance(messages, list) or not messages:
-            raise TypeError("RedisQueue.ack_and_dequeue: messages must be a non-empty list "
-                            f"of messages, not {type(messages).__name__} {messages!r:.60}")
+        count = protocol.whole_count("RedisQueue.ack_and_dequeue", count)
+        messages = protocol.settling("RedisQueue.ack_and_dequeue", messages)
         entries: list[bytes] = []
         try:
             for message in messages:

@@ -1025,11 +1025,8 @@ class SQLiteQueue:
         leases nothing; the messages are forgotten first, as ``ack`` forgets
         them, so they run again once their lease runs out (never lost).
         """
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(f"SQLiteQueue.ack_and_dequeue: count must be an int, not {count!r}")
-        if not isinstance(messages, list) or not messages:
-            raise TypeError("SQLiteQueue.ack_and_dequeue: messages must be a non-empty list "
-                            f"of messages, not {type(messages).__name__} {messages!r:.60}")
+        count = protocol.whole_count("SQLiteQueue.ack_and_dequeue", count)
+        messages = protocol.settling("SQLiteQueue.ack_and_dequeue", messages)
         self._check_fork()
         rows: list[int] = []
         try:
