@@ -169,9 +169,14 @@ NULL column more.
 row (queue, task_id) of ``<table>_results`` -- the record as JSON, with
 ``expires_at`` (the database's ``now()`` + *T*) in the JSON and in its column
 -- and sends ``pg_notify`` on the queue's result channel (``<table>/results:
-<name>``, or a digest of it when longer than 63 bytes) with the task id as
-payload, delivered at the commit. The same statement deletes up to 100
-expired results of the queue, oldest first, down the (queue, expires_at)
+<name>``, or a digest of it when longer than 63 bytes), delivered at the
+commit. Its payload is the JSON array ``[task_id, record]``, the record as
+stored: a waiter woken by it returns the record without a SELECT. A record
+too long for a notification (8000 bytes) sends ``[task_id]``, and the waiter
+reads the row; ``[]`` when even the id does not fit, and every waiter of the
+queue object looks. A payload that is not such an array is taken as a bare
+task id (what earlier code of this module sent): its waiters look. The same
+statement deletes up to 100 expired results of the queue, oldest first, down the (queue, expires_at)
 index, skipping rows that another store holds: only tasks that store results
 pay for the cleanup, and it never waits. An expired row is never returned,
 deleted yet or not.
@@ -298,6 +303,17 @@ The engine's next wait comes within a fraction of a second; one that does not
 come (the engine stopped, the application only enqueues now) must not leave a
 connection listening unread, which would hold back the server's notification
 queue. A thread of the queue object's (see ``_reap``) or ``close()`` closes it.
+"""
+
+_HANDOFF = 0.1
+"""Seconds a listener whose wait ended with messages is kept for the next wait.
+
+The engine's next leader waits at once while it has free workers, or when a
+worker frees up: it takes the listener over, LISTENing already (no UNLISTEN
+after the claim, no claim and LISTEN before the next wait: a call's message
+starts a round trip sooner). An engine busy for longer must not receive every
+enqueue's notification unread: the reaper (``_reap``) then UNLISTENs it and
+gives the connection back to the pool.
 """
 
 _RESULT_RECHECK = 5.0
@@ -807,9 +823,13 @@ WITH kept AS MATERIALIZED (
     FROM kept
     ON CONFLICT (queue, task_id) DO UPDATE SET
         record = excluded.record, expires_at = excluded.expires_at
-    RETURNING 1
+    RETURNING json_build_array(task_id, record)::text AS note
 )
-SELECT pg_notify(%(channel)s, %(task_id)s) FROM stored"""
+SELECT pg_notify(%(channel)s, CASE
+    WHEN octet_length(note) < 8000 THEN note
+    WHEN octet_length(%(task_id)s) < 7990 THEN json_build_array(%(task_id)s::text)::text
+    ELSE '[]' END)
+FROM stored"""
 # One statement, so one transaction: the record (replacing an earlier one of
 # the id) and its notification commit together, and a reader sees the old
 # record or the new one, never half of either. The notification is sent at the
@@ -820,10 +840,22 @@ SELECT pg_notify(%(channel)s, %(task_id)s) FROM stored"""
 # statement is rendered), with six decimals, so it reads back as a float and equals the
 # column to the microsecond.
 #
+# The notification's payload (under 8000 bytes, PostgreSQL's limit) is the
+# JSON array [task_id, record] -- the record as stored, so a waiter woken by it
+# needs no SELECT -- or [task_id] when the record does not fit (the waiter
+# reads it), or [] when even that does not (every waiter of the queue looks).
+#
 # The sweep: up to *sweep* expired rows of this queue go, oldest first, down
 # the (queue, expires_at) index; SKIP LOCKED, so it never waits for a row
 # another store holds. It leaves the row stored here alone: one statement
 # must not modify a row twice.
+
+_STORE_RESULT_ACK = ("WITH acked AS (\n    DELETE FROM {table} WHERE id = %(id)s\n), "
+                     + _STORE_RESULT.removeprefix("WITH "))
+# store_result and the ack of the message that produced it, in one statement:
+# one round trip, one commit, both or neither. The DELETE keeps the server's
+# synchronous_commit (not _NO_FLUSH_WAIT): it commits with the result, which
+# must survive a PostgreSQL crash once a waiter may have read it.
 
 _RESULT = """\
 SELECT record::text FROM {results}
@@ -942,34 +974,68 @@ def _wait_readable(conn: psycopg.Connection[Any], timeout: float) -> None:
 class _Kept:
     """A connection left LISTENing between two waits of the same queue object."""
 
-    __slots__ = ("claimed_at", "conn", "generation", "used_at")
+    __slots__ = ("claimed_at", "conn", "generation", "hold", "used_at")
 
     def __init__(self, conn: psycopg.Connection[Any], generation: int,
-                 claimed_at: float) -> None:
+                 claimed_at: float | None, hold: float) -> None:
         self.conn = conn
         self.generation = generation
-        self.claimed_at = claimed_at  # the last claim made while it listened
+        # The last claim made while it listened; None: the next wait claims at once.
+        self.claimed_at = claimed_at
+        self.hold = hold  # seconds it may go unused: _KEEP after an empty wait, else _HANDOFF
         self.used_at = time.monotonic()
+
+
+class _Waiter:
+    """One waiting ``result()``: the event its listener sets, and the record the
+    notification carried (None: it carried none, the waiter reads the row)."""
+
+    __slots__ = ("event", "record")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.record: dict[str, Any] | None = None
+
+
+def _noted(payload: str) -> tuple[str | None, dict[str, Any] | None]:
+    """(task id, record) of a result notification's *payload* (see _STORE_RESULT).
+
+    The id is None for ``[]`` (every waiter looks); the record is None when the
+    payload carries none. A payload that is no such array is a bare task id.
+    """
+    if payload.startswith("["):
+        try:
+            note = json.loads(payload)
+        except ValueError:
+            note = None
+        if isinstance(note, list) and len(note) <= 2 \
+                and all(isinstance(each, str) for each in note[:1]):
+            if not note:
+                return None, None
+            record = note[1] if len(note) == 2 else None
+            return note[0], record if isinstance(record, dict) else None
+    return payload, None
 
 
 class _ResultListener:
     """A connection LISTENing for one queue object's results, read by a thread of its own.
 
-    Every waiting ``result()`` of the queue object registers an event under its
+    Every waiting ``result()`` of the queue object registers a waiter under its
     task id (``add``) before it looks at the table; the thread reads each
-    notification (its payload: the task id stored) and sets every event of
-    that id, so any number of threads wait on one connection. Once no call has
+    notification (the task id stored and, where it fits, the record) and wakes
+    every waiter of that id, handing it the record, so any number of threads
+    wait on one connection. Once no call has
     waited for ``_KEEP`` seconds, or at ``stop()`` (the queue's ``close()``),
     or when the connection fails, the thread closes the connection and ends;
-    then ``alive`` is False and every event still registered is set, so its
-    waiter looks again and listens on a new listener: no wake-up is lost.
+    then ``alive`` is False and every waiter still registered is woken, so it
+    looks again and listens on a new listener: no wake-up is lost.
     """
 
     def __init__(self, conn: psycopg.Connection[Any], name: str) -> None:
         self.conn = conn
         self.alive = True  # False once the thread ended or is ending: add() refuses
         self.lock = threading.Lock()  # guards alive, waiters, idle_since, stopping
-        self.waiters: dict[str, set[threading.Event]] = {}
+        self.waiters: dict[str, set[_Waiter]] = {}
         self.idle_since = time.monotonic()
         self.stopping = False
         self._bell, self._ringer = socket.socketpair()  # stop() wakes the thread's select
@@ -977,21 +1043,21 @@ class _ResultListener:
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"tempest-postgres-results:{name}")
 
-    def add(self, task_id: str, event: threading.Event) -> bool:
-        """Set *event* on the next notification of *task_id*; False if this listener ended."""
+    def add(self, task_id: str, waiter: _Waiter) -> bool:
+        """Wake *waiter* on the next notification of *task_id*; False if this listener ended."""
         with self.lock:
             if not self.alive:
                 return False
-            self.waiters.setdefault(task_id, set()).add(event)
+            self.waiters.setdefault(task_id, set()).add(waiter)
             return True
 
-    def remove(self, task_id: str, event: threading.Event) -> None:
-        """Forget *event* (a wait that ends)."""
+    def remove(self, task_id: str, waiter: _Waiter) -> None:
+        """Forget *waiter* (a wait that ends)."""
         with self.lock:
-            events = self.waiters.get(task_id)
-            if events is not None:
-                events.discard(event)
-                if not events:
+            waiters = self.waiters.get(task_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
                     del self.waiters[task_id]
             if not self.waiters:
                 self.idle_since = time.monotonic()
@@ -1013,20 +1079,29 @@ class _ResultListener:
             selector.register(self._bell, selectors.EVENT_READ)
             while True:
                 # What arrived (those read with the LISTEN's reply too), then sleep
-                # until more comes. A notification read here wakes its waiters, and
-                # one of a record stored before a waiter registered only makes it
-                # look again: never a wrong result, only a spare SELECT.
-                woken = [notice.payload for notice in conn.notifies(timeout=0)]
-                ring: list[threading.Event] = []
+                # until more comes. A notification read here wakes its waiters with
+                # the record it carries: one stored before a waiter registered is
+                # a record of its id all the same (the one its look would find, or
+                # an earlier run's, which a rerun replaces -- see "Where a result
+                # can be lost or seen twice").
+                woken = [_noted(notice.payload) for notice in conn.notifies(timeout=0)]
+                ring: list[tuple[_Waiter, dict[str, Any] | None]] = []
                 with self.lock:
-                    for task_id in woken:
-                        ring.extend(self.waiters.get(task_id, ()))
+                    for task_id, record in woken:
+                        if task_id is None:  # too long to say: every waiter looks
+                            ring.extend((waiter, None) for waiters in self.waiters.values()
+                                        for waiter in waiters)
+                        else:
+                            ring.extend((waiter, record)
+                                        for waiter in self.waiters.get(task_id, ()))
                     idle = 0.0 if self.waiters else time.monotonic() - self.idle_since
                     if self.stopping or idle >= _KEEP:
                         self.alive = False  # under the lock: no add() after this succeeds
                         return
-                for event in ring:
-                    event.set()
+                for waiter, record in ring:
+                    if record is not None:
+                        waiter.record = record  # before the event: the waiter reads it after
+                    waiter.event.set()
                 selector.select(_KEEP - idle)
                 try:
                     while self._bell.recv(64):
@@ -1038,10 +1113,10 @@ class _ResultListener:
         finally:
             with self.lock:
                 self.alive = False
-                left = [event for events in self.waiters.values() for event in events]
+                left = [waiter for waiters in self.waiters.values() for waiter in waiters]
                 self.waiters = {}
-            for event in left:
-                event.set()
+            for waiter in left:
+                waiter.event.set()
             selector.close()
             conn.close()
             self._bell.close()
@@ -1203,7 +1278,8 @@ class PostgresQueue:
             ("retry_failed_all", _RETRY_FAILED.replace("{which}", _EVERY)),
             ("delete_failed", _DELETE_FAILED.replace("{which}", _ONE)),
             ("purge_failed", _DELETE_FAILED.replace("{which}", _EVERY)),
-            ("store_result", _STORE_RESULT), ("result", _RESULT),
+            ("store_result", _STORE_RESULT), ("store_result_ack", _STORE_RESULT_ACK),
+            ("result", _RESULT),
             ("rejected_count", _REJECTED_COUNT), ("peek", _PEEK),
             ("peek_scheduled", _PEEK_SCHEDULED), ("find", _FIND), ("announce", _ANNOUNCE),
             ("engines", _ENGINES), ("forget_engine", _FORGET_ENGINE),
@@ -1246,12 +1322,12 @@ class PostgresQueue:
         self._pending: list[_Ack] = []
         self._acking = False
         # The listener kept between waits (see _wait): _kept changes under _pool_lock;
-        # _listening lets one waiter at a time use it; the reaper thread closes it
-        # once waits stop coming (_reap).
+        # _listening lets one waiter at a time use it; the reaper thread ends its
+        # LISTEN once waits stop coming (_reap), woken by _reaper_bell.
         self._listening = threading.Lock()
         self._kept: _Kept | None = None
         self._reaper: threading.Thread | None = None
-        self._reaper_stop = threading.Event()
+        self._reaper_bell = threading.Condition(self._pool_lock)
         # Waiting result() calls share one listener (see _ResultListener): the
         # current one changes under _pool_lock; _result_connecting lets one thread
         # at a time open a new one (the others wait for it, then use it).
@@ -1580,15 +1656,44 @@ class PostgresQueue:
         nothing. A connection error propagates: the caller has not settled the
         message yet, so the task runs again and stores its result then.
         """
-        fields = protocol.result_fields("PostgresQueue.store_result", task_id, record)
-        seconds = min(_positive("store_result", "ttl", ttl), _RESULT_TTL_MAX)
-        text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+        params = self._result_params("store_result", task_id, record, ttl)
         with self._connection() as conn:
-            conn.execute(self._sql["store_result"], {
-                "queue": self.name, "task_id": task_id, "ttl": seconds,
+            conn.execute(self._sql["store_result"], params)
+
+    def store_result_and_ack(self, message: Any, task_id: str, record: dict[str, Any], *,
+                             ttl: float) -> None:
+        """``store_result(task_id, record, ttl=ttl)``, then ``ack(message)``, in one statement.
+
+        One transaction: the record is stored (its waiters notified at the
+        commit) and the message's row deleted together, or neither happens, so
+        no outcome is acked before its result is stored. The engine uses it for
+        a success whose result is kept: one round trip and one commit instead
+        of two. The DELETE commits as the result does, flushed to the WAL
+        (an ``ack``'s alone does not wait for the flush). Raises as
+        ``store_result`` does, and ValueError for a message this queue object
+        does not hold, storing nothing. On any error the message stays leased,
+        as after a failed ``store_result``: it is not batched with other acks
+        (that DELETE would go without its result). A reply lost after the
+        commit leaves the row deleted and the message still leased here (its
+        heartbeat renews nothing): it runs no more.
+        """
+        params = self._result_params("store_result_and_ack", task_id, record, ttl)
+        self._check_fork()
+        row = self._leases.get(message, "PostgresQueue.store_result_and_ack")[0]
+        with self._connection() as conn:
+            conn.execute(self._sql["store_result_ack"], {**params, "id": row})
+        self._settle(message, "store_result_and_ack")
+
+    def _result_params(self, action: str, task_id: str, record: dict[str, Any],
+                       ttl: float) -> dict[str, Any]:
+        """The parameters of _STORE_RESULT for *record*, checked: TypeError or ValueError
+        for what cannot be stored (a record that is not JSON, a bad *ttl*)."""
+        fields = protocol.result_fields(f"PostgresQueue.{action}", task_id, record)
+        seconds = min(_positive(action, "ttl", ttl), _RESULT_TTL_MAX)
+        text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+        return {"queue": self.name, "task_id": task_id, "ttl": seconds,
                 "head": text[:-1] + ("," if fields else "") + '"expires_at":',
-                "sweep": _RESULT_SWEEP,
-                "channel": self._result_channel})
+                "sweep": _RESULT_SWEEP, "channel": self._result_channel}
 
     def result(self, task_id: str, timeout: float | None = None) -> dict[str, Any] | None:
         """*task_id*'s result record once stored and not expired; None if none came in time.
@@ -1598,7 +1703,8 @@ class PostgresQueue:
         (one connection LISTENing on the queue's result channel, shared by
         every waiting thread, opened by the first), then looks, then sleeps
         until the notification of its id comes: a store at any moment after
-        the look wakes it, within milliseconds. It looks again every 5 s
+        the look wakes it, within milliseconds, and hands it the record (no
+        SELECT; a record over 8000 bytes is read). It looks again every 5 s
         regardless (a safety net, not a poll). The record is returned as JSON
         gives it back, ``expires_at`` included. A connection error propagates
         as ``psycopg.OperationalError``.
@@ -1619,14 +1725,14 @@ class PostgresQueue:
             found = self._find_result(task_id)
             if found is not None:
                 return found
-        event = threading.Event()
-        listener = self._listen_for(task_id, event)
+        waiter = _Waiter()
+        listener = self._listen_for(task_id, waiter)
         try:
             while True:
                 # Cleared before the look: a notification from now on sets it, and
                 # one that came after the registration but before this look is
                 # harmless (the look below finds what it announced).
-                event.clear()
+                waiter.event.clear()
                 found = self._find_result(task_id)
                 if found is not None:
                     return found
@@ -1636,14 +1742,16 @@ class PostgresQueue:
                     if remaining <= 0:
                         return None
                     pause = min(pause, remaining)
-                event.wait(pause)
+                waiter.event.wait(pause)
+                if waiter.record is not None:  # the notification carried it: no SELECT
+                    return waiter.record
                 if not listener.alive:
                     # Closed or lost: a notification may have gone with it. Listen on
                     # a new one before the next look, so none is missed from then on.
-                    listener.remove(task_id, event)
-                    listener = self._listen_for(task_id, event)
+                    listener.remove(task_id, waiter)
+                    listener = self._listen_for(task_id, waiter)
         finally:
-            listener.remove(task_id, event)
+            listener.remove(task_id, waiter)
 
     def _find_result(self, task_id: str) -> dict[str, Any] | None:
         """One SELECT: *task_id*'s record unless it expired, or None."""
@@ -1655,8 +1763,8 @@ class PostgresQueue:
         found: dict[str, Any] = json.loads(row[0])
         return found
 
-    def _listen_for(self, task_id: str, event: threading.Event) -> _ResultListener:
-        """Register *event* for *task_id*'s notification, with a listener that is LISTENing.
+    def _listen_for(self, task_id: str, waiter: _Waiter) -> _ResultListener:
+        """Register *waiter* for *task_id*'s notification, with a listener that is LISTENing.
 
         The LISTEN is committed before this returns: whatever is stored after
         the caller's next look is announced to it.
@@ -1664,7 +1772,7 @@ class PostgresQueue:
         while True:
             with self._pool_lock:
                 listener = self._result_listener
-            if listener is not None and listener.add(task_id, event):
+            if listener is not None and listener.add(task_id, waiter):
                 return listener
             with self._result_connecting:  # one thread connects; the others wait, then add
                 with self._pool_lock:
@@ -1680,7 +1788,7 @@ class PostgresQueue:
                     with self._pool_lock:
                         self._result_listener = listener
                     listener.thread.start()
-            if listener.add(task_id, event):
+            if listener.add(task_id, waiter):
                 return listener
 
     def rejected(self, limit: int | None = None, offset: int = 0) -> list[tuple[Any, str]]:
@@ -1813,8 +1921,8 @@ class PostgresQueue:
             idle, self._idle = self._idle, []
             self._generation += 1  # a wait under way stops listening as it ends
             kept, self._kept = self._kept, None
-            self._reaper_stop.set()
-            self._reaper = None
+            self._reaper = None  # the reaper sees it is not the queue's any more, and ends
+            self._reaper_bell.notify_all()
             listener, self._result_listener = self._result_listener, None
         if listener is not None:
             listener.stop()  # its waiters are woken, and listen on a new one
@@ -1881,7 +1989,9 @@ class PostgresQueue:
         at any moment of the wait wakes it. With *keep*, the connection stays
         listening when the wait ends empty, for the next wait: an idle engine
         then costs a claim per ``_RECLAIM`` seconds and nothing more (no claim,
-        LISTEN, claim, UNLISTEN each time its leader's wait returns).
+        LISTEN, claim, UNLISTEN each time its leader's wait returns). A wait
+        that claimed messages keeps it too, for _HANDOFF seconds: the next
+        leader's wait comes sooner than that while the engine has free workers.
         """
         kept = self._take_kept() if keep else None
         claimed_at: float | None = None  # the claim before a new LISTEN does not count
@@ -1923,10 +2033,17 @@ class PostgresQueue:
             if lost:
                 self.close()  # the server went away, most likely for every connection
             raise
-        if not messages and keep and self._keep(_Kept(conn, generation, claimed_at)):
-            return messages
-        # Busy again (or closed meanwhile): a connection left listening and
-        # unread would hold back the server's notification queue.
+        if keep:
+            # The claim that found fewer than *count* saw every message available
+            # (those after it are announced to this connection, LISTENing still):
+            # the next wait claims on a notification, or after _RECLAIM. One that
+            # filled *count* may have left more: the next wait claims at once.
+            full = len(messages) >= count
+            if self._keep(_Kept(conn, generation, None if full else claimed_at,
+                                _HANDOFF if messages else _KEEP)):
+                return messages
+        # Closed meanwhile, or not the kept listener's wait: a connection left
+        # listening and unread would hold back the server's notification queue.
         self._stop_listening(conn, generation)
         return messages
 
@@ -1937,38 +2054,48 @@ class PostgresQueue:
                 return False
             self._kept = kept
             if self._reaper is None:
-                self._reaper_stop = threading.Event()
                 self._reaper = threading.Thread(
-                    target=self._reap, args=(self._reaper_stop,), daemon=True,
+                    target=self._reap, daemon=True,
                     name=f"tempest-postgres-listener:{self.name}")
                 self._reaper.start()
+            elif kept.hold < _KEEP:
+                self._reaper_bell.notify()  # it may sleep for longer than this hold
         return True
 
-    def _reap(self, stop: threading.Event) -> None:
-        """Reaper thread: close the kept listener once no wait has used it for _KEEP s.
+    def _reap(self) -> None:
+        """Reaper thread: end the kept listener's LISTEN once no wait used it for its hold.
 
         An engine's leader waits again within a fraction of a second; when waits
-        stop coming (the engine stopped, the application only enqueues now), a
-        connection left listening unread would hold back the server's
-        notification queue. Ends with the kept listener, or at close().
+        stop coming (the engine stopped or is busy, the application only
+        enqueues now), a connection left listening unread would hold back the
+        server's notification queue. A listener kept after an empty wait is
+        closed after _KEEP seconds (no round trip: closing ends the LISTEN);
+        one kept after a claim, after _HANDOFF seconds, UNLISTENs and goes back
+        to the pool (a busy engine uses it again soon). Ends when no listener
+        is kept nor in use, or at close().
         """
-        pause = _KEEP
-        while not stop.wait(pause):
+        me = threading.current_thread()
+        while True:
             with self._pool_lock:
-                kept = self._kept
-                if kept is None:
-                    if self._listening.locked():  # a wait has it in hand
-                        pause = _KEEP
+                while True:
+                    if self._reaper is not me:  # close() came
+                        return
+                    kept = self._kept
+                    if kept is None:
+                        if not self._listening.locked():  # no wait has it in hand
+                            self._reaper = None
+                            return
+                        self._reaper_bell.wait(_KEEP)
                         continue
-                    self._reaper = None
-                    return
-                idle = time.monotonic() - kept.used_at
-                if idle < _KEEP:
-                    pause = _KEEP - idle
-                    continue
-                self._kept = self._reaper = None
-            kept.conn.close()  # no round trip: closing ends the LISTEN
-            return
+                    idle = time.monotonic() - kept.used_at
+                    if idle >= kept.hold:
+                        self._kept = None
+                        break
+                    self._reaper_bell.wait(kept.hold - idle)
+            if kept.hold < _KEEP:
+                self._stop_listening(kept.conn, kept.generation)
+            else:
+                kept.conn.close()
 
     def _take_kept(self) -> _Kept | None:
         """The kept listener, if it is still good; the caller holds ``_listening``."""

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tempest import ConfigurationError, Task
@@ -177,9 +178,50 @@ def test_idle_waits_keep_one_listener_and_claim_once_a_second(postgres_dsn, queu
     thread.join(15)
     message, received = got[0]
     assert list(message) == ["id-k", "Task"] and received - sent < 1.0
-    # Busy again: the listener stops listening and returns to the pool.
-    assert queue._kept is None
+    # Busy again: the listener is kept for the next wait for _HANDOFF seconds, then
+    # stops listening and returns to the pool.
+    wait_for(lambda: queue._kept is None, 5)
     wait_for(lambda: not listening(postgres_dsn, app), 5)
+
+
+def test_a_wait_that_claimed_hands_its_listener_to_the_next(postgres_dsn, queues,
+                                                           monkeypatch):
+    """A wait that got messages keeps its LISTENing connection for the next wait: no
+    UNLISTEN, no LISTEN between them. One whose claim filled its count makes the next
+    claim at once (more may wait, announced before its claim); unused for _HANDOFF
+    seconds, it stops listening and goes back to the pool."""
+    monkeypatch.setattr(postgres_module, "_RECLAIM", 60.0)  # no claim but the rule's
+    monkeypatch.setattr(postgres_module, "_HANDOFF", 30.0)
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue, producer = queues(with_app_name(postgres_dsn, app)), queues()
+    assert queue.dequeue_many(2, timeout=0.1) == []  # listening now, kept
+    listener = queue._kept
+    assert listener is not None and listener.hold == postgres_module._KEEP
+    for i in range(3):
+        producer.enqueue([f"id-h{i}", "T"])
+    assert len(queue.dequeue_many(2, timeout=5)) == 2  # the notifications: a claim
+    kept = queue._kept
+    assert kept is not None and kept.conn is listener.conn
+    assert kept.hold == postgres_module._HANDOFF and kept.claimed_at is None
+    began = time.monotonic()
+    assert len(queue.dequeue_many(2, timeout=5)) == 1  # the third, claimed at once
+    assert time.monotonic() - began < 2.0
+    kept = queue._kept
+    assert kept is not None and kept.conn is listener.conn and kept.claimed_at is not None
+    (pid,), = listening(postgres_dsn, app)  # one LISTEN in all, on the same backend
+    producer.enqueue(["id-h3", "T"])
+    assert list(queue.dequeue(timeout=5)) == ["id-h3", "T"]
+    assert queue._kept is not None and queue._kept.conn is listener.conn
+    assert listening(postgres_dsn, app) == [(pid,)]
+
+    monkeypatch.setattr(postgres_module, "_HANDOFF", 0.1)
+    producer.enqueue(["id-h4", "T"])
+    assert list(queue.dequeue(timeout=5)) == ["id-h4", "T"]
+    wait_for(lambda: queue._kept is None, 5)  # the reaper's UNLISTEN, off the wait
+    wait_for(lambda: not listening(postgres_dsn, app), 5)
+    assert not listener.conn.closed
+    assert any(conn is listener.conn for conn, _ in queue._idle)
+    wait_for(lambda: queue._reaper is None, 5)
 
 
 def test_a_kept_listener_finds_an_expired_lease_without_a_notification(postgres_dsn, queues):
@@ -1286,6 +1328,94 @@ def test_waiters_share_one_listener_and_wake_only_for_their_id(postgres_dsn, que
     for waiter in second:
         assert waiter.join()["value"] == "B"
         assert waiter.returned_at - stored < 2.0
+
+
+def test_a_woken_waiter_takes_the_record_from_the_notification(postgres_dsn, queues,
+                                                               monkeypatch):
+    """The notification carries the record: the woken waiter sends no SELECT after its
+    first look. A record too long for a notification, or an id too long even alone, is
+    announced without it, and the waiter reads the row."""
+    monkeypatch.setattr(postgres_module, "_RESULT_RECHECK", 60.0)
+    queue, producer = queues(), queues()
+    assert queue.result("id-warm", 0.05) is None  # the listener, kept for the next waits
+    cases = [("id-n1", "short"), ("id-n2", "x" * 9000), ("id-" + "n" * 8100, "long id")]
+    for task_id, value in cases:
+        statements = count_statements(queue)
+        waiter = Waiter(queue, task_id, 10)
+        wait_for(lambda task_id=task_id: waiting_on(queue, task_id), 5)
+        stored = time.monotonic()
+        producer.store_result(task_id, outcome(task_id, value), ttl=60.0)
+        record = waiter.join()
+        assert record is not None and record["value"] == value
+        assert waiter.returned_at - stored < 2.0
+        assert statements == [1 if value == "short" else 2], task_id
+        assert record == producer.result(task_id, 0)
+
+
+def test_a_result_notification_is_read_as_id_and_record():
+    """[id, record], [id], [] (every waiter looks), and a bare id, as earlier code sent."""
+    noted = postgres_module._noted
+    assert noted('["id-a", {"value": 1}]') == ("id-a", {"value": 1})
+    assert noted('["id-a"]') == ("id-a", None)
+    assert noted("[]") == (None, None)
+    assert noted("id-a") == ("id-a", None)
+    assert noted("[not json") == ("[not json", None)
+    assert noted('["id-a", 1, 2]') == ('["id-a", 1, 2]', None)
+
+
+def test_store_result_and_ack_is_one_statement_storing_then_acking(postgres_dsn, queues):
+    """The record stored, its waiters woken, and the message's row deleted, in one
+    statement; the message is no longer held."""
+    queue, producer = queues(), queues()
+    producer.schedule(["id-sa", "T"], result_ttl=60)
+    message = queue.dequeue(timeout=5)
+    assert message is not None
+    waiter = Waiter(producer, "id-sa", 10)
+    wait_for(lambda: waiting_on(producer, "id-sa"), 5)
+    statements = count_statements(queue)
+    queue.store_result_and_ack(message, "id-sa", outcome("id-sa", 7), ttl=60)
+    assert statements == [1]
+    assert waiter.join()["value"] == 7
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(0,)]
+    with pytest.raises(ValueError, match="not a message this queue object dequeued"):
+        queue.ack(message)
+
+
+def test_store_result_and_ack_refuses_before_storing(postgres_dsn, queues):
+    """A message not held, or a record that cannot be stored: nothing stored, nothing
+    acked (the held message stays leased and can be acked after)."""
+    queue = queues()
+    with pytest.raises(ValueError, match="not a message this queue object dequeued"):
+        queue.store_result_and_ack(["id-sx", "T"], "id-sx", outcome("id-sx", 1), ttl=5)
+    queue.enqueue(["id-sy", "T"])
+    message = queue.dequeue(timeout=5)
+    with pytest.raises(TypeError):
+        queue.store_result_and_ack(message, "id-sy", {"value": object()}, ttl=5)
+    with pytest.raises(ValueError, match="ttl"):
+        queue.store_result_and_ack(message, "id-sy", outcome("id-sy", 1), ttl=0)
+    assert queue.result("id-sx", 0) is None and queue.result("id-sy", 0) is None
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(1,)]
+    queue.ack(message)
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(0,)]
+
+
+def test_store_result_and_ack_cut_off_stores_and_acks_nothing(postgres_dsn, queues):
+    """Its backend terminated: OperationalError, neither the result nor the ack committed,
+    the message still leased here (its heartbeat renews it); the next try does both."""
+    app = f"tempest-test-{uuid.uuid4().hex[:8]}"
+    queue = queues(with_app_name(postgres_dsn, app))
+    queue.enqueue(["id-sc", "T"])
+    message = queue.dequeue(timeout=5)
+    assert message is not None
+    terminate(postgres_dsn, app)
+    with pytest.raises(psycopg.OperationalError):
+        queue.store_result_and_ack(message, "id-sc", outcome("id-sc", 3), ttl=5)
+    assert queue.result("id-sc", 0) is None
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(1,)]
+    queue.heartbeat()
+    queue.store_result_and_ack(message, "id-sc", outcome("id-sc", 3), ttl=5)
+    assert queue.result("id-sc", 0)["value"] == 3
+    assert rows(postgres_dsn, f"SELECT count(*) FROM {queue.table}") == [(0,)]
 
 
 def test_a_lost_listener_or_close_loses_no_wake_up(postgres_dsn, queues, monkeypatch):
