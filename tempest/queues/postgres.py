@@ -223,7 +223,9 @@ Where a result can be lost or seen twice
   again after its lease and stores its result again, replacing the first
   (one upsert: a reader sees the old record or the new one, never half). So
   a result is never lost where its message is not, and a waiter may see the
-  first run's record while ``result`` later returns the second's.
+  first run's record while ``result`` later returns the second's. A success
+  goes through ``store_result_and_ack``: the result and the DELETE commit
+  together, so there is no crash point between them at all.
 * ``store_result`` that fails (a connection error) raises before the message
   is settled: the message returns after its lease, and its next run stores
   the result. A store whose reply was lost may have committed: the rerun
