@@ -1339,10 +1339,22 @@ def test_a_woken_waiter_takes_the_record_from_the_notification(postgres_dsn, que
     queue, producer = queues(), queues()
     assert queue.result("id-warm", 0.05) is None  # the listener, kept for the next waits
     cases = [("id-n1", "short"), ("id-n2", "x" * 9000), ("id-" + "n" * 8100, "long id")]
+    looked = threading.Event()
+    find = queue._find_result
+
+    def finding(task_id: str) -> Any:
+        try:
+            return find(task_id)
+        finally:
+            looked.set()
+
+    monkeypatch.setattr(queue, "_find_result", finding)
     for task_id, value in cases:
         statements = count_statements(queue)
+        looked.clear()
         waiter = Waiter(queue, task_id, 10)
-        wait_for(lambda task_id=task_id: waiting_on(queue, task_id), 5)
+        assert looked.wait(5)  # its first look found nothing: the store comes after it
+        assert waiting_on(queue, task_id)
         stored = time.monotonic()
         producer.store_result(task_id, outcome(task_id, value), ttl=60.0)
         record = waiter.join()

@@ -582,7 +582,9 @@ def test_a_link_cannot_make_a_page_say_anything(make_engine, client_for):
     spoof = "Your session expired: call +1 555 0100"
     for query in (f"done=missing&id={spoof}", f"done=retried_all&n=9&id={spoof}"):
         html = client.get(f"/failed?{query}").text
-        assert 'class="notice"' not in html and "555" not in html and "Retried 9" not in html
+        # The spoof's words, not "555" alone: a page's random token may hold those digits.
+        assert 'class="notice"' not in html and "555 0100" not in html
+        assert "session expired" not in html and "Retried 9" not in html
     for forged in ("eyJkb25lIjogIm1pc3NpbmcifQ==.00", "."):
         client.cookies.set("tempest_notice", forged)
         assert 'class="notice"' not in client.get("/failed").text, forged
