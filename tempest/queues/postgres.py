@@ -176,9 +176,9 @@ too long for a notification (8000 bytes) sends ``[task_id]``, and the waiter
 reads the row; ``[]`` when even the id does not fit, and every waiter of the
 queue object looks. A payload that is not such an array is taken as a bare
 task id (what earlier code of this module sent): its waiters look. The same
-statement deletes up to 100 expired results of the queue, oldest first, down the (queue, expires_at)
-index, skipping rows that another store holds: only tasks that store results
-pay for the cleanup, and it never waits. An expired row is never returned,
+statement deletes up to 100 expired results of the queue, oldest first, down
+the (queue, expires_at) index, skipping rows that another store holds: only
+tasks that store results pay for the cleanup, and it never waits. An expired row is never returned,
 deleted yet or not.
 
 A waiting ``result(task_id, timeout)`` registers its id with the queue
@@ -1010,10 +1010,9 @@ def _noted(payload: str) -> tuple[str | None, dict[str, Any] | None]:
             note = json.loads(payload)
         except ValueError:
             note = None
-        if isinstance(note, list) and len(note) <= 2 \
-                and all(isinstance(each, str) for each in note[:1]):
-            if not note:
-                return None, None
+        if note == []:
+            return None, None
+        if isinstance(note, list) and len(note) <= 2 and isinstance(note[0], str):
             record = note[1] if len(note) == 2 else None
             return note[0], record if isinstance(record, dict) else None
     return payload, None
@@ -1064,6 +1063,10 @@ class _ResultListener:
             if not self.waiters:
                 self.idle_since = time.monotonic()
 
+    def _everyone(self) -> list[_Waiter]:
+        """Every registered waiter, of every id; the caller holds ``lock``."""
+        return [waiter for waiters in self.waiters.values() for waiter in waiters]
+
     def stop(self) -> None:
         """End the thread, which closes the connection (no round trip: closing ends the LISTEN)."""
         with self.lock:
@@ -1091,8 +1094,7 @@ class _ResultListener:
                 with self.lock:
                     for task_id, record in woken:
                         if task_id is None:  # too long to say: every waiter looks
-                            ring.extend((waiter, None) for waiters in self.waiters.values()
-                                        for waiter in waiters)
+                            ring.extend((waiter, None) for waiter in self._everyone())
                         else:
                             ring.extend((waiter, record)
                                         for waiter in self.waiters.get(task_id, ()))
@@ -1115,7 +1117,7 @@ class _ResultListener:
         finally:
             with self.lock:
                 self.alive = False
-                left = [waiter for waiters in self.waiters.values() for waiter in waiters]
+                left = self._everyone()
                 self.waiters = {}
             for waiter in left:
                 waiter.event.set()
@@ -2060,7 +2062,7 @@ class PostgresQueue:
                     target=self._reap, daemon=True,
                     name=f"tempest-postgres-listener:{self.name}")
                 self._reaper.start()
-            elif kept.hold < _KEEP:
+            else:
                 self._reaper_bell.notify()  # it may sleep for longer than this hold
         return True
 
